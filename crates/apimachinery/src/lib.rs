@@ -1,0 +1,13 @@
+//! apimachinery: the pure parts of the Kubernetes API machinery.
+//!
+//! Status errors, label and field selectors, name and label validation, and the helpers the
+//! server-side Table printer needs. No IO, no HTTP, no storage: everything here is a function
+//! of its arguments and is tested table-driven next to the code.
+
+pub mod duration;
+pub mod fields;
+pub mod labels;
+pub mod status;
+pub mod validation;
+
+pub use status::{ApiError, Cause};

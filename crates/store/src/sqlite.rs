@@ -1,0 +1,768 @@
+//! The embedded backend: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! Layout:
+//! - `log`: one row per write; its `id` (AUTOINCREMENT, never reused) *is* the revision.
+//!   A row carries the key, the value (empty for a delete), the key's create revision, and
+//!   `prev_revision`, the id of the row it superseded (for previous values in watches).
+//! - `kv`: the current value of every live key, so that reads and lists cost what they return,
+//!   not what the history holds.
+//! - `meta`: the compacted revision.
+//!
+//! Write path (ordering matters): one writer thread owns the only write connection. It takes every
+//! queued write, runs them all in one `BEGIN IMMEDIATE` transaction (each checks its compare
+//! against `kv` inside that transaction), commits once (one fsync for the whole batch), and only
+//! then answers the callers and publishes the events. So an acknowledged write is durable, and a
+//! watcher never sees a write that could still be rolled back.
+//!
+//! Read path: a small pool of read connections; WAL readers never block the writer.
+//! Watch path: subscribe to the live broadcast first, then replay `log` after the requested
+//! revision, then pass live events newer than the last replayed one. A watcher that falls behind
+//! the broadcast replays from the log again instead of losing events.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{
+    prefix_end, Event, EventKind, KeyValue, RangeRequest, RangeResponse, Result, Revision, Store,
+    StoreError, WatchStream, MAX_VALUE_BYTES,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    create_revision INTEGER NOT NULL,
+    prev_revision INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_key_id ON log (key, id);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    create_revision INTEGER NOT NULL,
+    mod_revision INTEGER NOT NULL,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// Events published to live watchers; a receiver that lags replays from the log.
+const BROADCAST_CAPACITY: usize = 8192;
+/// How many writes the writer takes into one transaction at most.
+const MAX_BATCH: usize = 1024;
+const READ_POOL: usize = 4;
+
+enum WriteOp {
+    Create {
+        key: String,
+        value: Bytes,
+    },
+    Update {
+        key: String,
+        value: Bytes,
+        expected: Revision,
+    },
+    Delete {
+        key: String,
+        expected: Option<Revision>,
+    },
+    Compact {
+        revision: Revision,
+    },
+}
+
+enum WriteReply {
+    Written(Event),
+    Compacted,
+}
+
+struct WriteRequest {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<WriteReply>>,
+}
+
+struct Shared {
+    path: PathBuf,
+    readers: Mutex<Vec<Connection>>,
+    current: AtomicI64,
+    compacted: AtomicI64,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+/// The embedded store. Cheap to clone; dropping the last clone stops the writer.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<WriteRequest>,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(backend)?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+fn read_revisions(conn: &Connection) -> Result<(i64, i64)> {
+    let current: i64 = conn
+        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'log'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(backend)?
+        .unwrap_or(0);
+    let compacted: i64 = conn
+        .query_row("SELECT value FROM meta WHERE name = 'compacted'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(backend)?
+        .unwrap_or(0);
+    Ok((current, compacted))
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let write_conn = open_connection(&path)?;
+        write_conn.execute_batch(SCHEMA).map_err(backend)?;
+        let (current, compacted) = read_revisions(&write_conn)?;
+        let mut readers = Vec::with_capacity(READ_POOL);
+        for _ in 0..READ_POOL {
+            readers.push(open_connection(&path)?);
+        }
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let shared = Arc::new(Shared {
+            path,
+            readers: Mutex::new(readers),
+            current: AtomicI64::new(current),
+            compacted: AtomicI64::new(compacted),
+            events,
+        });
+        let (tx, rx) = mpsc::channel::<WriteRequest>();
+        let writer_shared = shared.clone();
+        thread::Builder::new()
+            .name("rkube-store-writer".into())
+            .spawn(move || writer_loop(write_conn, rx, writer_shared))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(SqliteStore { shared, writer: tx })
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteReply> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriteRequest { op, reply })
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = shared.readers.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => open_connection(&shared.path)?,
+            };
+            let out = f(&conn);
+            if let Ok(mut pool) = shared.readers.lock() {
+                if pool.len() < READ_POOL {
+                    pool.push(conn);
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+fn check_size(value: &Bytes) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(StoreError::TooLarge {
+            size: value.len(),
+            limit: MAX_VALUE_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn current_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
+    conn.prepare_cached("SELECT create_revision, mod_revision, value FROM kv WHERE key = ?1")
+        .map_err(backend)?
+        .query_row(params![key], |r| {
+            Ok(KeyValue {
+                key: key.to_string(),
+                create_revision: Revision(r.get(0)?),
+                mod_revision: Revision(r.get(1)?),
+                value: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+            })
+        })
+        .optional()
+        .map_err(backend)
+}
+
+fn append_log(
+    conn: &Connection,
+    key: &str,
+    deleted: bool,
+    create_revision: i64,
+    prev_revision: i64,
+    value: &[u8],
+) -> Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO log (key, deleted, create_revision, prev_revision, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(backend)?
+    .execute(params![key, deleted as i64, create_revision, prev_revision, value])
+    .map_err(backend)?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Apply one write inside the open transaction. Errors that are answers (conflict, exists)
+/// leave the database untouched.
+fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply> {
+    match op {
+        WriteOp::Create { key, value } => {
+            check_size(value)?;
+            if current_kv(conn, key)?.is_some() {
+                return Err(StoreError::AlreadyExists { key: key.clone() });
+            }
+            let prev = conn
+                .prepare_cached("SELECT MAX(id) FROM log WHERE key = ?1")
+                .map_err(backend)?
+                .query_row(params![key], |r| r.get::<_, Option<i64>>(0))
+                .map_err(backend)?
+                .unwrap_or(0);
+            let rev = append_log(conn, key, false, 0, prev, value)?;
+            conn.prepare_cached("UPDATE log SET create_revision = ?1 WHERE id = ?1")
+                .map_err(backend)?
+                .execute(params![rev])
+                .map_err(backend)?;
+            conn.prepare_cached(
+                "INSERT INTO kv (key, create_revision, mod_revision, value) VALUES (?1, ?2, ?2, ?3)",
+            )
+            .map_err(backend)?
+            .execute(params![key, rev, value.as_ref()])
+            .map_err(backend)?;
+            Ok(WriteReply::Written(Event {
+                kind: EventKind::Put,
+                kv: KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: Revision(rev),
+                    mod_revision: Revision(rev),
+                },
+                prev: None,
+            }))
+        }
+        WriteOp::Update {
+            key,
+            value,
+            expected,
+        } => {
+            check_size(value)?;
+            let cur = current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+            if cur.mod_revision != *expected {
+                return Err(StoreError::Conflict {
+                    key: key.clone(),
+                    expected: *expected,
+                    actual: cur.mod_revision,
+                });
+            }
+            let rev = append_log(
+                conn,
+                key,
+                false,
+                cur.create_revision.0,
+                cur.mod_revision.0,
+                value,
+            )?;
+            conn.prepare_cached("UPDATE kv SET mod_revision = ?2, value = ?3 WHERE key = ?1")
+                .map_err(backend)?
+                .execute(params![key, rev, value.as_ref()])
+                .map_err(backend)?;
+            Ok(WriteReply::Written(Event {
+                kind: EventKind::Put,
+                kv: KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: cur.create_revision,
+                    mod_revision: Revision(rev),
+                },
+                prev: Some(cur),
+            }))
+        }
+        WriteOp::Delete { key, expected } => {
+            let cur = current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+            if let Some(expected) = expected {
+                if cur.mod_revision != *expected {
+                    return Err(StoreError::Conflict {
+                        key: key.clone(),
+                        expected: *expected,
+                        actual: cur.mod_revision,
+                    });
+                }
+            }
+            let rev = append_log(conn, key, true, cur.create_revision.0, cur.mod_revision.0, &[])?;
+            conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
+                .map_err(backend)?
+                .execute(params![key])
+                .map_err(backend)?;
+            Ok(WriteReply::Written(Event {
+                kind: EventKind::Delete,
+                kv: KeyValue {
+                    key: key.clone(),
+                    value: cur.value.clone(),
+                    create_revision: cur.create_revision,
+                    mod_revision: Revision(rev),
+                },
+                prev: Some(cur),
+            }))
+        }
+        WriteOp::Compact { revision } => {
+            let current = shared.current.load(Ordering::SeqCst);
+            let compacted = shared.compacted.load(Ordering::SeqCst);
+            if revision.0 > current {
+                return Err(StoreError::FutureRevision {
+                    requested: *revision,
+                    current: Revision(current),
+                });
+            }
+            if revision.0 <= compacted {
+                return Err(StoreError::Compacted {
+                    requested: *revision,
+                    compacted: Revision(compacted),
+                });
+            }
+            // Keep, for every key, its newest row at or before the compaction point unless that
+            // row is a delete; drop every older row.
+            conn.execute(
+                "DELETE FROM log WHERE id <= ?1 AND (deleted = 1 OR EXISTS (
+                    SELECT 1 FROM log newer WHERE newer.key = log.key AND newer.id > log.id AND newer.id <= ?1))",
+                params![revision.0],
+            )
+            .map_err(backend)?;
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('compacted', ?1)
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![revision.0],
+            )
+            .map_err(backend)?;
+            Ok(WriteReply::Compacted)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<Shared>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            for r in batch {
+                let _ = r.reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+            continue;
+        }
+        let results: Vec<Result<WriteReply>> = batch
+            .iter()
+            .map(|r| {
+                conn.execute_batch("SAVEPOINT op").map_err(backend)?;
+                let out = apply(&conn, &r.op, &shared);
+                let end = if out.is_ok() {
+                    "RELEASE op"
+                } else {
+                    "ROLLBACK TO op; RELEASE op"
+                };
+                conn.execute_batch(end).map_err(backend)?;
+                out
+            })
+            .collect();
+        if let Err(e) = conn.execute_batch("COMMIT") {
+            tracing::error!(error = %e, "store commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+            for r in batch {
+                let _ = r.reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+            continue;
+        }
+        // Durable now: publish in revision order, then answer.
+        for (req, res) in batch.into_iter().zip(results) {
+            match &res {
+                Ok(WriteReply::Written(ev)) => {
+                    shared.current.store(ev.revision().0, Ordering::SeqCst);
+                    let _ = shared.events.send(Arc::new(ev.clone()));
+                }
+                Ok(WriteReply::Compacted) => {
+                    if let WriteOp::Compact { revision } = &req.op {
+                        shared.compacted.store(revision.0, Ordering::SeqCst);
+                    }
+                }
+                Err(_) => {}
+            }
+            let _ = req.reply.send(res);
+        }
+    }
+    // All senders dropped: checkpoint so the WAL does not outlive us.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+fn row_to_event(
+    key: String,
+    deleted: bool,
+    id: i64,
+    create_revision: i64,
+    value: Vec<u8>,
+    prev: Option<(i64, Vec<u8>, i64)>,
+) -> Event {
+    let prev = prev.map(|(prev_id, prev_value, prev_create)| KeyValue {
+        key: key.clone(),
+        value: Bytes::from(prev_value),
+        create_revision: Revision(prev_create),
+        mod_revision: Revision(prev_id),
+    });
+    if deleted {
+        let last = prev.clone().map(|p| p.value).unwrap_or_default();
+        Event {
+            kind: EventKind::Delete,
+            kv: KeyValue {
+                key,
+                value: last,
+                create_revision: Revision(create_revision),
+                mod_revision: Revision(id),
+            },
+            prev,
+        }
+    } else {
+        Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key,
+                value: Bytes::from(value),
+                create_revision: Revision(create_revision),
+                mod_revision: Revision(id),
+            },
+            prev: prev.filter(|p| p.create_revision.0 == create_revision),
+        }
+    }
+}
+
+/// Up to `limit` events under `prefix` with revision in (after, ..], oldest first.
+fn replay(conn: &Connection, prefix: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT l.key, l.deleted, l.id, l.create_revision, l.value, p.id, p.value, p.create_revision, p.deleted
+             FROM log l LEFT JOIN log p ON p.id = l.prev_revision
+             WHERE l.id > ?1 AND l.key >= ?2 AND l.key < ?3 ORDER BY l.id LIMIT ?4",
+        )
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map(params![after, prefix, prefix_end(prefix), limit], |r| {
+            let prev_id: Option<i64> = r.get(5)?;
+            let prev_deleted: Option<i64> = r.get(8)?;
+            let prev = match (prev_id, prev_deleted) {
+                (Some(id), Some(0)) => Some((id, r.get::<_, Vec<u8>>(6)?, r.get::<_, i64>(7)?)),
+                _ => None,
+            };
+            Ok(row_to_event(
+                r.get(0)?,
+                r.get::<_, i64>(1)? != 0,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                prev,
+            ))
+        })
+        .map_err(backend)?;
+    rows.collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(backend)
+}
+
+fn check_not_compacted(conn: &Connection, rev: i64) -> Result<()> {
+    let (_, compacted) = read_revisions(conn)?;
+    if rev < compacted {
+        return Err(StoreError::Compacted {
+            requested: Revision(rev),
+            compacted: Revision(compacted),
+        });
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let key = key.to_string();
+        self.read(move |conn| current_kv(conn, &key)).await
+    }
+
+    async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
+        self.read(move |conn| {
+            conn.execute_batch("BEGIN").map_err(backend)?;
+            let out = range_in_txn(conn, &req);
+            let _ = conn.execute_batch("COMMIT");
+            out
+        })
+        .await
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<Revision> {
+        match self
+            .write(WriteOp::Create {
+                key: key.to_string(),
+                value,
+            })
+            .await?
+        {
+            WriteReply::Written(ev) => Ok(ev.revision()),
+            WriteReply::Compacted => Err(StoreError::Backend("unexpected reply".into())),
+        }
+    }
+
+    async fn update(&self, key: &str, value: Bytes, expected: Revision) -> Result<Revision> {
+        match self
+            .write(WriteOp::Update {
+                key: key.to_string(),
+                value,
+                expected,
+            })
+            .await?
+        {
+            WriteReply::Written(ev) => Ok(ev.revision()),
+            WriteReply::Compacted => Err(StoreError::Backend("unexpected reply".into())),
+        }
+    }
+
+    async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(Revision, KeyValue)> {
+        match self
+            .write(WriteOp::Delete {
+                key: key.to_string(),
+                expected,
+            })
+            .await?
+        {
+            WriteReply::Written(ev) => Ok((ev.revision(), ev.prev.unwrap_or(ev.kv))),
+            WriteReply::Compacted => Err(StoreError::Backend("unexpected reply".into())),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
+        // Fail fast if the start is already compacted.
+        self.read(move |conn| check_not_compacted(conn, after.0))
+            .await?;
+        Ok(Box::pin(watch_stream(self.clone(), prefix.to_string(), after)))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.write(WriteOp::Compact { revision }).await.map(|_| ())
+    }
+
+    async fn current_revision(&self) -> Result<Revision> {
+        Ok(Revision(self.shared.current.load(Ordering::SeqCst)))
+    }
+
+    async fn compacted_revision(&self) -> Result<Revision> {
+        Ok(Revision(self.shared.compacted.load(Ordering::SeqCst)))
+    }
+}
+
+fn range_in_txn(conn: &Connection, req: &RangeRequest) -> Result<RangeResponse> {
+    let (current, compacted) = read_revisions(conn)?;
+    let start = req.start_after.clone().unwrap_or_default();
+    let end = prefix_end(&req.prefix);
+    let lower = if start.as_str() > req.prefix.as_str() {
+        start.clone()
+    } else {
+        req.prefix.clone()
+    };
+    let strict = start.as_str() >= req.prefix.as_str() && !start.is_empty();
+    let fetch = if req.limit == 0 {
+        -1
+    } else {
+        req.limit as i64 + 1
+    };
+    let at = req.revision.map(|r| r.0).unwrap_or(0);
+    if at > current {
+        return Err(StoreError::FutureRevision {
+            requested: Revision(at),
+            current: Revision(current),
+        });
+    }
+    let mut kvs = Vec::new();
+    if at == 0 || at == current {
+        let sql = if strict {
+            "SELECT key, create_revision, mod_revision, value FROM kv WHERE key > ?1 AND key < ?2 ORDER BY key LIMIT ?3"
+        } else {
+            "SELECT key, create_revision, mod_revision, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3"
+        };
+        let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt
+            .query_map(params![lower, end, fetch], |r| {
+                Ok(KeyValue {
+                    key: r.get(0)?,
+                    create_revision: Revision(r.get(1)?),
+                    mod_revision: Revision(r.get(2)?),
+                    value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                })
+            })
+            .map_err(backend)?;
+        for row in rows {
+            kvs.push(row.map_err(backend)?);
+        }
+    } else {
+        if at < compacted {
+            return Err(StoreError::Compacted {
+                requested: Revision(at),
+                compacted: Revision(compacted),
+            });
+        }
+        let sql = if strict {
+            "SELECT key, create_revision, MAX(id), value, deleted FROM log WHERE key > ?1 AND key < ?2 AND id <= ?4
+             GROUP BY key HAVING deleted = 0 ORDER BY key LIMIT ?3"
+        } else {
+            "SELECT key, create_revision, MAX(id), value, deleted FROM log WHERE key >= ?1 AND key < ?2 AND id <= ?4
+             GROUP BY key HAVING deleted = 0 ORDER BY key LIMIT ?3"
+        };
+        let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+        let rows = stmt
+            .query_map(params![lower, end, fetch, at], |r| {
+                Ok(KeyValue {
+                    key: r.get(0)?,
+                    create_revision: Revision(r.get(1)?),
+                    mod_revision: Revision(r.get(2)?),
+                    value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                })
+            })
+            .map_err(backend)?;
+        for row in rows {
+            kvs.push(row.map_err(backend)?);
+        }
+    }
+    let more = req.limit > 0 && kvs.len() > req.limit;
+    if more {
+        kvs.truncate(req.limit);
+    }
+    Ok(RangeResponse {
+        kvs,
+        more,
+        revision: Revision(if at == 0 { current } else { at }),
+    })
+}
+
+/// Replay, then follow live events; on lag, replay again from the last delivered revision.
+fn watch_stream(
+    store: SqliteStore,
+    prefix: String,
+    after: Revision,
+) -> impl futures::Stream<Item = Result<Event>> + Send {
+    struct St {
+        store: SqliteStore,
+        prefix: String,
+        last: i64,
+        rx: Option<broadcast::Receiver<Arc<Event>>>,
+        pending: std::collections::VecDeque<Event>,
+        done: bool,
+    }
+    let st = St {
+        store,
+        prefix,
+        last: after.0,
+        rx: None,
+        pending: Default::default(),
+        done: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            if let Some(ev) = st.pending.pop_front() {
+                st.last = ev.revision().0;
+                return Some((Ok(ev), st));
+            }
+            if st.rx.is_none() {
+                // Subscribe before replaying so nothing falls between the two.
+                st.rx = Some(st.store.shared.events.subscribe());
+                loop {
+                    let prefix = st.prefix.clone();
+                    let last = st.last;
+                    let res = st
+                        .store
+                        .read(move |conn| {
+                            check_not_compacted(conn, last)?;
+                            replay(conn, &prefix, last, 1000)
+                        })
+                        .await;
+                    match res {
+                        Ok(evs) => {
+                            let n = evs.len();
+                            if let Some(ev) = evs.last() {
+                                st.last = ev.revision().0;
+                            }
+                            st.pending.extend(evs);
+                            if n < 1000 {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            st.done = true;
+                            return Some((Err(e), st));
+                        }
+                    }
+                }
+                // `last` moved during replay; rewind it so pending events set it as they go.
+                if let Some(first) = st.pending.front() {
+                    st.last = first.revision().0 - 1;
+                }
+                continue;
+            }
+            let rx = st.rx.as_mut()?;
+            match rx.recv().await {
+                Ok(ev) => {
+                    if ev.revision().0 <= st.last || !ev.kv.key.starts_with(&st.prefix) {
+                        continue;
+                    }
+                    st.last = ev.revision().0;
+                    return Some((Ok((*ev).clone()), st));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    st.rx = None;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    st.done = true;
+                    return Some((Err(StoreError::Closed), st));
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;
