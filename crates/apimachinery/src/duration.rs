@@ -9,7 +9,11 @@ pub fn human(seconds: i64) -> String {
     let m = s / 60;
     if m < 10 {
         let rem = s % 60;
-        return if rem == 0 { format!("{m}m") } else { format!("{m}m{rem}s") };
+        return if rem == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{rem}s")
+        };
     }
     if m < 60 * 3 {
         return format!("{m}m");
@@ -17,7 +21,11 @@ pub fn human(seconds: i64) -> String {
     let h = m / 60;
     if h < 8 {
         let rem = m % 60;
-        return if rem == 0 { format!("{h}h") } else { format!("{h}h{rem}m") };
+        return if rem == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{rem}m")
+        };
     }
     if h < 48 {
         return format!("{h}h");
@@ -25,7 +33,11 @@ pub fn human(seconds: i64) -> String {
     if h < 24 * 8 {
         let d = h / 24;
         let rem = h % 24;
-        return if rem == 0 { format!("{d}d") } else { format!("{d}d{rem}h") };
+        return if rem == 0 {
+            format!("{d}d")
+        } else {
+            format!("{d}d{rem}h")
+        };
     }
     if h < 24 * 365 * 2 {
         return format!("{}d", h / 24);
@@ -33,7 +45,11 @@ pub fn human(seconds: i64) -> String {
     if h < 24 * 365 * 8 {
         let y = h / 24 / 365;
         let d = (h / 24) % 365;
-        return if d == 0 { format!("{y}y") } else { format!("{y}y{d}d") };
+        return if d == 0 {
+            format!("{y}y")
+        } else {
+            format!("{y}y{d}d")
+        };
     }
     format!("{}y", h / 24 / 365)
 }

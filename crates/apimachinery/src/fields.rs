@@ -139,11 +139,18 @@ mod tests {
             ("status.phase=Pending,metadata.name=p1", false),
             ("", true),
         ] {
-            assert_eq!(FieldSelector::parse(sel).unwrap().matches(get), want, "{sel}");
+            assert_eq!(
+                FieldSelector::parse(sel).unwrap().matches(get),
+                want,
+                "{sel}"
+            );
         }
         assert!(FieldSelector::parse("nonsense").is_err());
         let s = FieldSelector::parse("spec.foo=1").unwrap();
         assert!(s.check_supported(|f| f == "metadata.name").is_err());
-        assert_eq!(FieldSelector::parse("a=x\\,y").unwrap().requirements[0].value, "x,y");
+        assert_eq!(
+            FieldSelector::parse("a=x\\,y").unwrap().requirements[0].value,
+            "x,y"
+        );
     }
 }

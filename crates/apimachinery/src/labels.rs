@@ -83,7 +83,11 @@ impl Selector {
                     "NotIn" => Op::NotIn,
                     "Exists" => Op::Exists,
                     "DoesNotExist" => Op::DoesNotExist,
-                    other => return Err(ParseError(format!("{other:?} is not a valid label selector operator"))),
+                    other => {
+                        return Err(ParseError(format!(
+                            "{other:?} is not a valid label selector operator"
+                        )))
+                    }
                 };
                 requirements.push(Requirement { key, op, values });
             }
@@ -182,9 +186,11 @@ fn parse_requirement(part: &str) -> Result<Requirement, ParseError> {
             let value = part[idx + tok.len()..].trim();
             check_key(key)?;
             if matches!(op, Op::Gt | Op::Lt) {
-                value
-                    .parse::<i64>()
-                    .map_err(|_| ParseError(format!("for 'Gt', 'Lt' operators, the value must be an integer: {part:?}")))?;
+                value.parse::<i64>().map_err(|_| {
+                    ParseError(format!(
+                        "for 'Gt', 'Lt' operators, the value must be an integer: {part:?}"
+                    ))
+                })?;
             } else {
                 check_value(value)?;
             }
@@ -204,18 +210,21 @@ fn parse_requirement(part: &str) -> Result<Requirement, ParseError> {
         } else if let Some(l) = rest.strip_prefix("in") {
             (Op::In, l)
         } else {
-            return Err(ParseError(format!("found '{rest}', expected: in, notin, =, ==, !=, gt, lt")));
+            return Err(ParseError(format!(
+                "found '{rest}', expected: in, notin, =, ==, !=, gt, lt"
+            )));
         };
         let list = list.trim();
         let inner = list
             .strip_prefix('(')
             .and_then(|l| l.strip_suffix(')'))
-            .ok_or_else(|| ParseError(format!("expected a parenthesised set of values in {part:?}")))?;
+            .ok_or_else(|| {
+                ParseError(format!(
+                    "expected a parenthesised set of values in {part:?}"
+                ))
+            })?;
         check_key(key)?;
-        let values: Vec<String> = inner
-            .split(',')
-            .map(|v| v.trim().to_string())
-            .collect();
+        let values: Vec<String> = inner.split(',').map(|v| v.trim().to_string()).collect();
         for v in &values {
             check_value(v)?;
         }
@@ -275,7 +284,15 @@ mod tests {
 
     #[test]
     fn bad_selectors_are_errors() {
-        for sel in ["app in web", "app in (web", "a b c", "=x", "app=-bad-", "n>x", "bad key=1"] {
+        for sel in [
+            "app in web",
+            "app in (web",
+            "a b c",
+            "=x",
+            "app=-bad-",
+            "n>x",
+            "bad key=1",
+        ] {
             assert!(Selector::parse(sel).is_err(), "{sel} should not parse");
         }
     }

@@ -7,6 +7,7 @@
 pub mod duration;
 pub mod fields;
 pub mod labels;
+pub mod patch;
 pub mod status;
 pub mod validation;
 

@@ -98,7 +98,11 @@ impl ApiError {
         ApiError::new(404, "NotFound", format!("{resource} \"{name}\" not found"))
     }
     pub fn not_found_path() -> Self {
-        ApiError::new(404, "NotFound", "the server could not find the requested resource")
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
     }
     pub fn already_exists(resource: &str, name: &str) -> Self {
         ApiError::new(
@@ -216,7 +220,12 @@ mod tests {
     #[test]
     fn statuses_carry_reason_code_and_details() {
         let cases = [
-            (ApiError::not_found("pods", "p"), 404, "NotFound", "pods \"p\" not found"),
+            (
+                ApiError::not_found("pods", "p"),
+                404,
+                "NotFound",
+                "pods \"p\" not found",
+            ),
             (
                 ApiError::already_exists("deployments.apps", "d"),
                 409,

@@ -15,7 +15,9 @@ fn is_alnum_lower(c: char) -> bool {
 pub fn dns1123_label(v: &str) -> Vec<String> {
     let mut errs = Vec::new();
     if v.len() > DNS1123_LABEL_MAX {
-        errs.push(format!("must be no more than {DNS1123_LABEL_MAX} characters"));
+        errs.push(format!(
+            "must be no more than {DNS1123_LABEL_MAX} characters"
+        ));
     }
     let ok = !v.is_empty()
         && v.chars().all(|c| is_alnum_lower(c) || c == '-')
@@ -31,7 +33,9 @@ pub fn dns1123_label(v: &str) -> Vec<String> {
 pub fn dns1123_subdomain(v: &str) -> Vec<String> {
     let mut errs = Vec::new();
     if v.len() > DNS1123_SUBDOMAIN_MAX {
-        errs.push(format!("must be no more than {DNS1123_SUBDOMAIN_MAX} characters"));
+        errs.push(format!(
+            "must be no more than {DNS1123_SUBDOMAIN_MAX} characters"
+        ));
     }
     let ok = !v.is_empty()
         && v.split('.').all(|l| {
@@ -49,7 +53,8 @@ pub fn dns1123_subdomain(v: &str) -> Vec<String> {
 fn is_name_part(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= QUALIFIED_NAME_MAX
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && v.starts_with(|c: char| c.is_ascii_alphanumeric())
         && v.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
@@ -85,7 +90,9 @@ pub fn label_value(v: &str) -> Vec<String> {
     if v.len() > LABEL_VALUE_MAX {
         errs.push(format!("must be no more than {LABEL_VALUE_MAX} characters"));
     }
-    let ok = v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    let ok = v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && v.starts_with(|c: char| c.is_ascii_alphanumeric())
         && v.ends_with(|c: char| c.is_ascii_alphanumeric());
     if !ok {
@@ -100,16 +107,41 @@ mod tests {
 
     #[test]
     fn names() {
-        for (v, ok) in [("web", true), ("web-1", true), ("a.b", false), ("-a", false), ("A", false), ("", false)] {
+        for (v, ok) in [
+            ("web", true),
+            ("web-1", true),
+            ("a.b", false),
+            ("-a", false),
+            ("A", false),
+            ("", false),
+        ] {
             assert_eq!(dns1123_label(v).is_empty(), ok, "label {v}");
         }
-        for (v, ok) in [("a.b.c", true), ("a..b", false), ("kube-system", true), ("x".repeat(254).as_str(), false)] {
+        for (v, ok) in [
+            ("a.b.c", true),
+            ("a..b", false),
+            ("kube-system", true),
+            ("x".repeat(254).as_str(), false),
+        ] {
             assert_eq!(dns1123_subdomain(v).is_empty(), ok, "subdomain {v}");
         }
-        for (v, ok) in [("app", true), ("k8s.io/app", true), ("/app", false), ("a/b/c", false), ("App_1.x", true), ("-x", false)] {
+        for (v, ok) in [
+            ("app", true),
+            ("k8s.io/app", true),
+            ("/app", false),
+            ("a/b/c", false),
+            ("App_1.x", true),
+            ("-x", false),
+        ] {
             assert_eq!(qualified_name(v).is_empty(), ok, "qualified {v}");
         }
-        for (v, ok) in [("", true), ("v1.2", true), ("-v", false), ("a b", false), ("x".repeat(64).as_str(), false)] {
+        for (v, ok) in [
+            ("", true),
+            ("v1.2", true),
+            ("-v", false),
+            ("a b", false),
+            ("x".repeat(64).as_str(), false),
+        ] {
             assert_eq!(label_value(v).is_empty(), ok, "value {v}");
         }
     }

@@ -1,1 +1,140 @@
-//! placeholder
+//! apiserver: the cluster's only door. HTTPS (rustls, client certificates), the request pipeline
+//! (authentication → authorization → admission), discovery, and one generic handler that serves
+//! every kind in the registry from the revisioned store.
+//!
+//! What it is not: it does not choose a storage backend (the binary hands it a `dyn Store`), and
+//! it runs no controllers: the scheduler, controllers and nodes reach it only over HTTP.
+
+mod codec;
+mod discovery;
+mod handler;
+mod pipeline;
+mod registry;
+mod strategy;
+mod table;
+mod watch;
+mod watchcache;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch as tokio_watch;
+
+pub use pipeline::UserInfo;
+pub use registry::KINDS;
+
+/// Shared by every request.
+pub struct State {
+    pub store: Arc<dyn Store>,
+    pub cache: Arc<watchcache::WatchCache>,
+    pub shutdown: tokio_watch::Receiver<bool>,
+}
+
+/// A running API server.
+pub struct ApiServer {
+    pub local_addr: SocketAddr,
+    shutdown: tokio_watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl ApiServer {
+    /// Bind `addr`, bootstrap the built-in namespaces, and start serving.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+    ) -> anyhow::Result<ApiServer> {
+        let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
+        let cache = watchcache::WatchCache::start(store.clone(), shutdown_rx.clone()).await?;
+        let state = Arc::new(State {
+            store,
+            cache,
+            shutdown: shutdown_rx.clone(),
+        });
+        handler::bootstrap(&state).await?;
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let done = tokio::spawn(accept_loop(listener, acceptor, state, shutdown_rx));
+        tracing::info!(%local_addr, "API server listening");
+        Ok(ApiServer {
+            local_addr,
+            shutdown: shutdown_tx,
+            done,
+        })
+    }
+
+    /// Stop accepting, end watches, let in-flight requests finish (bounded), then return.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.done.await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+    mut shutdown: tokio_watch::Receiver<bool>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        let active = active.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let user = pipeline::authenticate_connection(tls.get_ref().1.peer_certificates());
+            active.fetch_add(1, Ordering::SeqCst);
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let user = user.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler::handle(state, user, req).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            let conn = watcher.watch(conn.into_owned());
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    drop(listener);
+    // In-flight requests finish; watches have been told to end by the same shutdown signal.
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!(open = active.load(Ordering::SeqCst), "connections still open at shutdown");
+        }
+    }
+}

@@ -1,1 +1,112 @@
-fn main() {}
+//! rkube: the Kubernetes architecture in one binary. This crate is the command line, the
+//! supervisor that starts the components in order, and tracing set-up; the components live in
+//! their own crates and meet only through the API server.
+
+mod certs;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rkube",
+    version,
+    about = "The Kubernetes architecture, in Rust, in one binary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One whole cluster on this machine: storage and the API server (more components as they land).
+    Server(server::ServerArgs),
+    /// A worker node joining a server (kubelet + proxy).
+    Agent {
+        #[arg(long, env = "RKUBE_SERVER")]
+        server: String,
+        #[arg(long, env = "RKUBE_TOKEN")]
+        token: String,
+    },
+    /// The API server alone.
+    Apiserver(server::ServerArgs),
+    /// The scheduler alone.
+    Scheduler {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
+    /// The controller manager alone.
+    ControllerManager {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
+    /// The kubelet alone.
+    Kubelet {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
+    /// The service proxy alone.
+    Proxy {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
+    /// N simulated nodes in one process.
+    HollowNodes {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value = "hollow-node-")]
+        name_prefix: String,
+    },
+}
+
+fn not_yet(component: &str) -> ExitCode {
+    eprintln!(
+        "rkube: `{component}` is not part of this build yet; see ROADMAP in README.md. \
+         `rkube server` runs the storage and the API server today."
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rkube: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Server(args) | Command::Apiserver(args) => runtime.block_on(server::run(args)),
+        Command::Agent { .. } => return not_yet("agent"),
+        Command::Scheduler { .. } => return not_yet("scheduler"),
+        Command::ControllerManager { .. } => return not_yet("controller-manager"),
+        Command::Kubelet { .. } => return not_yet("kubelet"),
+        Command::Proxy { .. } => return not_yet("proxy"),
+        Command::HollowNodes { .. } => return not_yet("hollow-nodes"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rkube: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

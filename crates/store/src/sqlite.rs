@@ -110,16 +110,20 @@ fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(backend)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
         .map_err(backend)?;
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
-        .map_err(backend)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
+    )
+    .map_err(backend)?;
     Ok(conn)
 }
 
 fn read_revisions(conn: &Connection) -> Result<(i64, i64)> {
     let current: i64 = conn
-        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'log'", [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'log'",
+            [],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(backend)?
         .unwrap_or(0);
@@ -284,7 +288,8 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
             expected,
         } => {
             check_size(value)?;
-            let cur = current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+            let cur =
+                current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
             if cur.mod_revision != *expected {
                 return Err(StoreError::Conflict {
                     key: key.clone(),
@@ -316,7 +321,8 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
             }))
         }
         WriteOp::Delete { key, expected } => {
-            let cur = current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+            let cur =
+                current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
             if let Some(expected) = expected {
                 if cur.mod_revision != *expected {
                     return Err(StoreError::Conflict {
@@ -326,7 +332,14 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
                     });
                 }
             }
-            let rev = append_log(conn, key, true, cur.create_revision.0, cur.mod_revision.0, &[])?;
+            let rev = append_log(
+                conn,
+                key,
+                true,
+                cur.create_revision.0,
+                cur.mod_revision.0,
+                &[],
+            )?;
             conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
                 .map_err(backend)?
                 .execute(params![key])
@@ -577,7 +590,11 @@ impl Store for SqliteStore {
         // Fail fast if the start is already compacted.
         self.read(move |conn| check_not_compacted(conn, after.0))
             .await?;
-        Ok(Box::pin(watch_stream(self.clone(), prefix.to_string(), after)))
+        Ok(Box::pin(watch_stream(
+            self.clone(),
+            prefix.to_string(),
+            after,
+        )))
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {

@@ -79,9 +79,18 @@ async fn range_pages_and_reads_the_past() {
     assert_eq!(seen.len(), 10);
     assert!(seen.iter().all(|(_, v)| v == &b("v1")));
 
-    let now = s.range(RangeRequest { prefix: "/p/".into(), ..Default::default() }).await.unwrap();
+    let now = s
+        .range(RangeRequest {
+            prefix: "/p/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(now.kvs.len(), 9);
-    assert_eq!(now.kvs.iter().find(|kv| kv.key == "/p/3").unwrap().value, b("v2"));
+    assert_eq!(
+        now.kvs.iter().find(|kv| kv.key == "/p/3").unwrap().value,
+        b("v2")
+    );
     assert!(!now.more);
 }
 
@@ -93,7 +102,10 @@ async fn watch_replays_then_follows_with_prev_values() {
     let r2 = s.update("/w/a", b("2"), r1).await.unwrap();
     let mut w = s.watch("/w/", Revision(0)).await.unwrap();
     let e1 = w.next().await.unwrap().unwrap();
-    assert_eq!((e1.kind, e1.revision(), e1.prev.is_none()), (EventKind::Put, r1, true));
+    assert_eq!(
+        (e1.kind, e1.revision(), e1.prev.is_none()),
+        (EventKind::Put, r1, true)
+    );
     let e2 = w.next().await.unwrap().unwrap();
     assert_eq!(e2.revision(), r2);
     assert_eq!(e2.prev.unwrap().value, b("1"));
@@ -103,7 +115,10 @@ async fn watch_replays_then_follows_with_prev_values() {
     assert_eq!(e3.kv.value, b("2"));
     let r4 = s.create("/w/a", b("3")).await.unwrap();
     let e4 = w.next().await.unwrap().unwrap();
-    assert_eq!((e4.kind, e4.revision(), e4.prev.is_none()), (EventKind::Put, r4, true));
+    assert_eq!(
+        (e4.kind, e4.revision(), e4.prev.is_none()),
+        (EventKind::Put, r4, true)
+    );
 }
 
 #[tokio::test]
@@ -128,7 +143,12 @@ async fn many_events_stay_ordered_and_unique_for_a_slow_watcher() {
     let mut count = 0;
     while last < total {
         let ev = w.next().await.unwrap().unwrap();
-        assert!(ev.revision().0 > last, "out of order: {} after {}", ev.revision(), last);
+        assert!(
+            ev.revision().0 > last,
+            "out of order: {} after {}",
+            ev.revision(),
+            last
+        );
         last = ev.revision().0;
         count += 1;
     }
@@ -149,12 +169,24 @@ async fn compaction_keeps_current_values_and_refuses_old_revisions() {
         Err(StoreError::Compacted { .. })
     ));
     assert!(matches!(
-        s.range(RangeRequest { prefix: "/c/".into(), revision: Some(r2), ..Default::default() }).await,
+        s.range(RangeRequest {
+            prefix: "/c/".into(),
+            revision: Some(r2),
+            ..Default::default()
+        })
+        .await,
         Err(StoreError::Compacted { .. })
     ));
-    assert!(matches!(s.compact(Revision(1)).await, Err(StoreError::Compacted { .. })));
+    assert!(matches!(
+        s.compact(Revision(1)).await,
+        Err(StoreError::Compacted { .. })
+    ));
     let page = s
-        .range(RangeRequest { prefix: "/c/".into(), revision: Some(Revision(r5.0 - 1)), ..Default::default() })
+        .range(RangeRequest {
+            prefix: "/c/".into(),
+            revision: Some(Revision(r5.0 - 1)),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(page.kvs.len(), 1);

@@ -1,0 +1,255 @@
+//! Request bodies in, objects out: media types, size limits, and decoding each kind through its
+//! k8s-openapi type so that type errors are 400s and unknown fields are found for
+//! `fieldValidation`.
+
+use apimachinery::ApiError;
+use serde_json::Value;
+
+use crate::registry::Kind;
+
+/// Upstream's request body limit.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Deeper JSON than this is refused before it can exhaust a stack.
+const MAX_DEPTH: usize = 100;
+
+/// The media types a body can arrive in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Media {
+    Json,
+    Yaml,
+    JsonPatch,
+    MergePatch,
+    StrategicMergePatch,
+    ApplyPatch,
+    Protobuf,
+}
+
+pub fn media_type(content_type: Option<&str>) -> Result<Media, ApiError> {
+    let raw = content_type.unwrap_or("application/json");
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    Ok(match essence.as_str() {
+        "application/json" | "" => Media::Json,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => Media::Yaml,
+        "application/json-patch+json" => Media::JsonPatch,
+        "application/merge-patch+json" => Media::MergePatch,
+        "application/strategic-merge-patch+json" => Media::StrategicMergePatch,
+        "application/apply-patch+yaml" | "application/apply-patch+cbor" => Media::ApplyPatch,
+        "application/vnd.kubernetes.protobuf" => Media::Protobuf,
+        _ => return Err(ApiError::unsupported_media_type(raw)),
+    })
+}
+
+/// Parse JSON or YAML into a value, refusing what is malformed, too deep, or an alias bomb.
+pub fn parse_body(bytes: &[u8], media: Media) -> Result<Value, ApiError> {
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(ApiError::too_large("the request entity is too large"));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    let value = match media {
+        Media::Yaml | Media::ApplyPatch => parse_yaml(bytes)?,
+        _ => serde_json::from_slice::<Value>(bytes).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body of the request could not be decoded as JSON: {e}"
+            ))
+        })?,
+    };
+    if depth(&value) > MAX_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "the body of the request is nested more than {MAX_DEPTH} levels deep"
+        )));
+    }
+    Ok(value)
+}
+
+fn parse_yaml(bytes: &[u8]) -> Result<Value, ApiError> {
+    // JSON is YAML; take the fast, strict path when it is JSON.
+    if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
+        return Ok(v);
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::bad_request("the YAML body is not valid UTF-8"))?;
+    // serde_norway (libyaml) refuses documents whose aliases expand past its repetition limit.
+    let v: Value = serde_norway::from_str(text).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body of the request could not be decoded as YAML: {e}"
+        ))
+    })?;
+    Ok(v)
+}
+
+fn depth(v: &Value) -> usize {
+    // Iterative, so that checking depth cannot overflow the stack either.
+    let mut max = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Decode through the kind's typed representation and back: returns the normalised object and
+/// the paths of fields the type does not know.
+pub fn roundtrip(kind: &Kind, input: &Value) -> Result<(Value, Vec<String>), ApiError> {
+    let typed = typed_roundtrip(kind, input).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {e}",
+            kind.kind, kind.version, kind.kind
+        ))
+    })?;
+    let mut unknown = Vec::new();
+    unknown_fields(input, &typed, String::new(), &mut unknown);
+    Ok((typed, unknown))
+}
+
+macro_rules! typed {
+    ($kind:expr, $input:expr, { $($group:literal / $name:literal => $ty:ty),* $(,)? }) => {
+        match ($kind.group, $kind.kind) {
+            $(($group, $name) => {
+                let t: $ty = serde_json::from_value($input.clone())?;
+                serde_json::to_value(&t)
+            })*
+            _ => Ok($input.clone()),
+        }
+    };
+}
+
+fn typed_roundtrip(kind: &Kind, input: &Value) -> Result<Value, serde_json::Error> {
+    use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
+    use k8s_openapi::api::{discovery::v1 as disc, events::v1 as events, scheduling::v1 as sched};
+    typed!(kind, input, {
+        "" / "Namespace" => core::Namespace,
+        "" / "Pod" => core::Pod,
+        "" / "Node" => core::Node,
+        "" / "Service" => core::Service,
+        "" / "Endpoints" => core::Endpoints,
+        "" / "ReplicationController" => core::ReplicationController,
+        "" / "ConfigMap" => core::ConfigMap,
+        "" / "Secret" => core::Secret,
+        "" / "ServiceAccount" => core::ServiceAccount,
+        "" / "Event" => core::Event,
+        "" / "ResourceQuota" => core::ResourceQuota,
+        "" / "LimitRange" => core::LimitRange,
+        "" / "PodTemplate" => core::PodTemplate,
+        "apps" / "Deployment" => apps::Deployment,
+        "apps" / "ReplicaSet" => apps::ReplicaSet,
+        "apps" / "DaemonSet" => apps::DaemonSet,
+        "apps" / "StatefulSet" => apps::StatefulSet,
+        "apps" / "ControllerRevision" => apps::ControllerRevision,
+        "coordination.k8s.io" / "Lease" => coord::Lease,
+        "discovery.k8s.io" / "EndpointSlice" => disc::EndpointSlice,
+        "events.k8s.io" / "Event" => events::Event,
+        "scheduling.k8s.io" / "PriorityClass" => sched::PriorityClass,
+    })
+}
+
+/// Fields present (and not null) in `input` but absent from the typed round trip.
+fn unknown_fields(input: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
+    match (input, typed) {
+        (Value::Object(i), Value::Object(t)) => {
+            // Free-form maps (labels, data, ...) round-trip whole, so only typed structs lose keys.
+            for (k, v) in i {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match t.get(k) {
+                    Some(tv) => unknown_fields(v, tv, p, out),
+                    None if !v.is_null() => out.push(p),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(t)) => {
+            for (n, (iv, tv)) in i.iter().zip(t.iter()).enumerate() {
+                unknown_fields(iv, tv, format!("{path}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::lookup;
+    use serde_json::json;
+
+    #[test]
+    fn media_types() {
+        assert_eq!(media_type(None).unwrap(), Media::Json);
+        assert_eq!(
+            media_type(Some("application/json; charset=utf-8")).unwrap(),
+            Media::Json
+        );
+        assert_eq!(
+            media_type(Some("application/merge-patch+json")).unwrap(),
+            Media::MergePatch
+        );
+        assert_eq!(media_type(Some("text/plain")).unwrap_err().code, 415);
+    }
+
+    #[test]
+    fn bodies_that_are_refused() {
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let cases: Vec<(Vec<u8>, Media, u16)> = vec![
+            (b"{".to_vec(), Media::Json, 400),
+            (b"{\"a\": 1,}".to_vec(), Media::Json, 400),
+            (b"".to_vec(), Media::Json, 400),
+            (deep.into_bytes(), Media::Json, 400),
+            (vec![b' '; MAX_BODY_BYTES + 1], Media::Json, 413),
+            (b"a: [1, 2\n".to_vec(), Media::Yaml, 400),
+        ];
+        for (body, media, code) in cases {
+            assert_eq!(parse_body(&body, media).unwrap_err().code, code);
+        }
+        let mut bomb = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        let names = ["b", "c", "d", "e", "f", "g", "h", "i"];
+        let mut prev = "a";
+        for n in names {
+            bomb.push_str(&format!("{n}: &{n} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+            prev = n;
+        }
+        assert_eq!(
+            parse_body(bomb.as_bytes(), Media::Yaml).unwrap_err().code,
+            400
+        );
+        assert_eq!(
+            parse_body(b"a: 1\nb: [x]\n", Media::Yaml).unwrap(),
+            json!({"a": 1, "b": ["x"]})
+        );
+    }
+
+    #[test]
+    fn roundtrip_finds_unknown_fields_and_type_errors() {
+        let pods = lookup("", "v1", "pods").unwrap();
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": {"x": "y"}},
+            "spec": {"containers": [{"name": "c", "image": "i", "bogus": 1}], "extra": true, "nodeName": null}});
+        let (typed, unknown) = roundtrip(pods, &pod).unwrap();
+        assert_eq!(unknown, vec!["spec.containers[0].bogus", "spec.extra"]);
+        assert_eq!(typed["metadata"]["labels"]["x"], "y");
+        assert!(typed["spec"].get("extra").is_none());
+        let bad = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": 5}});
+        let err = roundtrip(pods, &bad).unwrap_err();
+        assert_eq!(err.code, 400);
+        assert!(
+            err.message.contains("cannot be handled as a Pod"),
+            "{}",
+            err.message
+        );
+    }
+}

@@ -1,0 +1,1632 @@
+//! Routing and the generic verbs. One code path serves every kind: the registry says how.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use apimachinery::fields::FieldSelector;
+use apimachinery::labels::Selector;
+use apimachinery::{patch, ApiError};
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use store::{RangeRequest, Revision, StoreError};
+
+use crate::codec::{self, Media, MAX_BODY_BYTES};
+use crate::pipeline::{self, Attributes, UserInfo};
+use crate::registry::{lookup, Kind};
+use crate::table::{self, IncludeObject};
+use crate::watchcache::decode;
+use crate::{discovery, strategy, watch, State};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = json_response(code, &e.to_status());
+    if let Some(s) = e.retry_after_seconds {
+        if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    r
+}
+
+fn text_response(code: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(text));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Map a storage error to the Status upstream would return.
+pub fn store_error(kind: &Kind, name: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::AlreadyExists { .. } => {
+            ApiError::already_exists(&kind.qualified(), name).on(kind.group, kind.plural, name)
+        }
+        StoreError::NotFound { .. } => {
+            ApiError::not_found(&kind.qualified(), name).on(kind.group, kind.plural, name)
+        }
+        StoreError::Conflict { .. } => ApiError::conflict(
+            &kind.qualified(),
+            name,
+            "the object has been modified; please apply your changes to the latest version and try again",
+        )
+        .on(kind.group, kind.plural, name),
+        StoreError::Compacted { requested, compacted } => ApiError::gone(format!(
+            "too old resource version: {requested} ({compacted})"
+        )),
+        StoreError::FutureRevision { .. } => ApiError::timeout("Too large resource version"),
+        StoreError::TooLarge { .. } => ApiError::too_large("etcdserver: request is too large"),
+        StoreError::Closed | StoreError::Backend(_) => ApiError::internal(e.to_string()),
+    }
+}
+
+/// Decoded query parameters (last value wins, as Go's `Get` returns the first: both rare).
+pub struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        let mut m = HashMap::new();
+        for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+            m.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+        }
+        Query(m)
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str).filter(|s| !s.is_empty())
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1"))
+    }
+    fn dry_run(&self) -> Result<bool, ApiError> {
+        match self.get("dryRun") {
+            None => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "Invalid dry run value: {other}: supported values: \"All\""
+            ))),
+        }
+    }
+}
+
+fn accepts_table(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|part| part.contains("as=Table") && part.contains("g=meta.k8s.io"))
+        })
+}
+
+fn accept(headers: &HeaderMap) -> String {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+pub async fn handle(
+    state: Arc<State>,
+    user: Option<Arc<UserInfo>>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = tracing::debug_span!("request", %method, %path);
+    match tracing::Instrument::instrument(route(state, user, req), span).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.code >= 500 {
+                tracing::warn!(%method, %path, code = e.code, message = %e.message, "request failed");
+            }
+            error_response(&e)
+        }
+    }
+}
+
+/// Where a resource request points.
+pub struct Target {
+    pub kind: &'static Kind,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+fn parse_target(group: &str, version: &str, segs: &[&str]) -> Result<Target, ApiError> {
+    let nf = ApiError::not_found_path;
+    let (namespace, rest) = if segs.len() >= 3
+        && segs[0] == "namespaces"
+        && lookup(group, version, segs[2]).is_some_and(|k| k.namespaced)
+    {
+        (Some(segs[1].to_string()), &segs[2..])
+    } else {
+        (None, segs)
+    };
+    let plural = rest.first().ok_or_else(nf)?;
+    let kind = lookup(group, version, plural).ok_or_else(nf)?;
+    if rest.len() > 3 {
+        return Err(nf());
+    }
+    let name = rest.get(1).map(|s| s.to_string());
+    let sub = rest.get(2).map(|s| s.to_string());
+    if let Some(s) = &sub {
+        if !kind.subresources().contains(&s.as_str())
+            && !(kind.plural == "namespaces" && s == "finalize")
+        {
+            return Err(nf());
+        }
+    }
+    if name.as_deref() == Some("") {
+        return Err(nf());
+    }
+    Ok(Target {
+        kind,
+        namespace,
+        name,
+        sub,
+    })
+}
+
+async fn route(
+    state: Arc<State>,
+    user: Option<Arc<UserInfo>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    if pipeline::is_public(&path) {
+        return Ok(match path.as_str() {
+            "/version" | "/version/" => json_response(StatusCode::OK, &discovery::version()),
+            _ => text_response(StatusCode::OK, "ok"),
+        });
+    }
+    let user = user.ok_or_else(ApiError::unauthorized)?;
+    let headers = req.headers().clone();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let get_only = |r: Response<Body>| -> Result<Response<Body>, ApiError> {
+        if req.method() != Method::GET {
+            return Err(ApiError::method_not_allowed(req.method().as_str()));
+        }
+        Ok(r)
+    };
+    let aggregated = |legacy: bool| {
+        let mut r = json_response(StatusCode::OK, &discovery::aggregated(legacy));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(discovery::AGGREGATED_CONTENT_TYPE),
+        );
+        r
+    };
+    let nf = ApiError::not_found_path;
+    match segs.as_slice() {
+        ["api"] => {
+            return get_only(if discovery::wants_aggregated(&accept(&headers)) {
+                aggregated(true)
+            } else {
+                json_response(StatusCode::OK, &discovery::api_versions())
+            })
+        }
+        ["apis"] => {
+            return get_only(if discovery::wants_aggregated(&accept(&headers)) {
+                aggregated(false)
+            } else {
+                json_response(StatusCode::OK, &discovery::api_group_list())
+            })
+        }
+        ["apis", g] => {
+            return get_only(json_response(
+                StatusCode::OK,
+                &discovery::api_group(g).ok_or_else(nf)?,
+            ))
+        }
+        ["api", v] => {
+            return get_only(json_response(
+                StatusCode::OK,
+                &discovery::resource_list("", v).ok_or_else(nf)?,
+            ))
+        }
+        ["apis", g, v] => {
+            return get_only(json_response(
+                StatusCode::OK,
+                &discovery::resource_list(g, v).ok_or_else(nf)?,
+            ))
+        }
+        ["openapi", "v3"] => {
+            return get_only(json_response(
+                StatusCode::OK,
+                &discovery::openapi_v3_index(),
+            ))
+        }
+        ["openapi", "v3", "api", v] => {
+            return get_only(json_response(
+                StatusCode::OK,
+                &discovery::openapi_v3_gv("", v).ok_or_else(nf)?,
+            ))
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            return get_only(json_response(
+                StatusCode::OK,
+                &discovery::openapi_v3_gv(g, v).ok_or_else(nf)?,
+            ))
+        }
+        _ => {}
+    }
+    let target = match segs.as_slice() {
+        ["api", v, rest @ ..] if !rest.is_empty() => parse_target("", v, rest)?,
+        ["apis", g, v, rest @ ..] if !rest.is_empty() => parse_target(g, v, rest)?,
+        _ => return Err(nf()),
+    };
+    let query = Query::parse(req.uri().query());
+    let method = req.method().clone();
+    let verb = match (&method, &target.name) {
+        (&Method::GET, None) if query.flag("watch") => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, Some(_)) => "update",
+        (&Method::PATCH, Some(_)) => "patch",
+        (&Method::DELETE, Some(_)) => "delete",
+        (&Method::DELETE, None) => "deletecollection",
+        _ => return Err(ApiError::method_not_allowed(method.as_str())),
+    };
+    pipeline::authorize(
+        &user,
+        &Attributes {
+            verb,
+            kind: target.kind,
+            namespace: target.namespace.as_deref(),
+            subresource: target.sub.as_deref(),
+        },
+    )?;
+    if target.kind.namespaced && target.namespace.is_none() && !matches!(verb, "list" | "watch") {
+        return Err(ApiError::method_not_allowed(method.as_str()));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let body = if matches!(
+        method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) {
+        read_body(req.into_body()).await?
+    } else {
+        Bytes::new()
+    };
+    let ctx = Ctx {
+        state,
+        kind: target.kind,
+        namespace: target.namespace.clone(),
+        query,
+        table: accepts_table(&headers),
+    };
+    let name = target.name.clone().unwrap_or_default();
+    match (verb, target.sub.as_deref()) {
+        ("watch", None) => watch::serve(&ctx).await,
+        ("list", None) => ctx.list().await,
+        ("get", None | Some("status")) => ctx.get(&name).await,
+        ("get", Some("scale")) => ctx.get_scale(&name).await,
+        ("create", None) => ctx.create(&body, content_type.as_deref()).await,
+        ("create", Some("binding")) => ctx.bind(&name, &body, content_type.as_deref()).await,
+        ("update", sub) => ctx.update(&name, sub, &body, content_type.as_deref()).await,
+        ("patch", sub) => ctx.patch(&name, sub, &body, content_type.as_deref()).await,
+        ("delete", None) => ctx.delete(&name, &body).await,
+        ("deletecollection", None) => ctx.delete_collection(&body).await,
+        _ => Err(ApiError::method_not_allowed(method.as_str())),
+    }
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(ApiError::too_large(
+                    "the request entity is too large: limit is 3145728 bytes",
+                ))
+            } else {
+                Err(ApiError::bad_request(format!(
+                    "reading the request body failed: {e}"
+                )))
+            }
+        }
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn random_suffix() -> String {
+    // Upstream's alphabet for generateName: no vowels, no confusable characters.
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let id = uuid::Uuid::new_v4();
+    id.as_bytes()[..5]
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
+    obj["metadata"][field].as_str().unwrap_or_default()
+}
+
+/// Kinds whose spec changes bump `metadata.generation`.
+fn tracks_generation(kind: &Kind) -> bool {
+    kind.status && !matches!(kind.kind, "Node" | "Namespace")
+}
+
+/// Everything but metadata and status: what a generation counts changes of.
+fn spec_part(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    o
+}
+
+fn pod_qos(pod: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|l| pod["spec"][*l].as_array().into_iter().flatten())
+        .collect();
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in &containers {
+        let req = &c["resources"]["requests"];
+        let lim = &c["resources"]["limits"];
+        for r in ["cpu", "memory"] {
+            let (rq, lm) = (&req[r], &lim[r]);
+            if !rq.is_null() || !lm.is_null() {
+                any = true;
+            }
+            if lm.is_null() || (!rq.is_null() && rq != lm) {
+                guaranteed = false;
+            }
+        }
+    }
+    if !any {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+/// A request against one kind.
+pub struct Ctx {
+    pub state: Arc<State>,
+    pub kind: &'static Kind,
+    pub namespace: Option<String>,
+    pub query: Query,
+    pub table: bool,
+}
+
+impl Ctx {
+    pub fn ns(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    fn key(&self, name: &str) -> String {
+        self.kind.key(self.ns(), name)
+    }
+
+    fn not_found(&self, name: &str) -> ApiError {
+        ApiError::not_found(&self.kind.qualified(), name).on(
+            self.kind.group,
+            self.kind.plural,
+            name,
+        )
+    }
+
+    fn err(&self, name: &str, e: StoreError) -> ApiError {
+        store_error(self.kind, name, e)
+    }
+
+    /// The response for one object: itself, or a one-row Table.
+    fn object_response(&self, code: StatusCode, obj: &Value) -> Response<Body> {
+        if self.table {
+            let t = table::table(
+                self.kind,
+                std::slice::from_ref(obj),
+                IncludeObject::parse(self.query.get("includeObject")),
+                json!({"resourceVersion": meta_str(obj, "resourceVersion")}),
+                true,
+            );
+            return json_response(code, &t);
+        }
+        json_response(code, obj)
+    }
+
+    pub async fn load(&self, name: &str) -> Result<(Value, Revision), ApiError> {
+        let kv = self
+            .state
+            .store
+            .get(&self.key(name))
+            .await
+            .map_err(|e| self.err(name, e))?
+            .ok_or_else(|| self.not_found(name))?;
+        Ok((decode(&kv.value, kv.mod_revision.0), kv.mod_revision))
+    }
+
+    async fn get(&self, name: &str) -> Result<Response<Body>, ApiError> {
+        let (obj, _) = self.load(name).await?;
+        Ok(self.object_response(StatusCode::OK, &obj))
+    }
+
+    pub fn selectors(&self) -> Result<(Selector, FieldSelector), ApiError> {
+        let labels = Selector::parse(self.query.get("labelSelector").unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(format!("unable to parse requirement: {e}")))?;
+        let fields = FieldSelector::parse(self.query.get("fieldSelector").unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        fields
+            .check_supported(|f| self.kind.supports_field(f))
+            .map_err(|e| ApiError::bad_request(format!("{e}")))?;
+        Ok((labels, fields))
+    }
+
+    pub fn matches(&self, obj: &Value, labels: &Selector, fields: &FieldSelector) -> bool {
+        if !labels.is_empty() {
+            let l: std::collections::BTreeMap<String, String> = obj["metadata"]["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !labels.matches(&l) {
+                return false;
+            }
+        }
+        fields.is_empty() || fields.matches(|f| self.kind.field_value(obj, f))
+    }
+
+    /// List matching objects; returns (items, revision, continue token).
+    pub async fn list_objects(&self) -> Result<(Vec<Value>, i64, Option<String>), ApiError> {
+        let (labels, fields) = self.selectors()?;
+        let prefix = self.kind.prefix(self.ns());
+        let limit: usize = match self.query.get("limit") {
+            Some(l) => l
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?
+                .max(0) as usize,
+            None => 0,
+        };
+        let mut start_after = None;
+        let mut revision = None;
+        if let Some(token) = self.query.get("continue") {
+            let (rv, start) = decode_continue(token, &prefix)?;
+            revision = Some(Revision(rv));
+            start_after = Some(start);
+        } else if let Some(rv) = self.query.get("resourceVersion") {
+            let rv: i64 = rv
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv}")))?;
+            let current = self
+                .state
+                .store
+                .current_revision()
+                .await
+                .map_err(|e| self.err("", e))?
+                .0;
+            match self.query.get("resourceVersionMatch") {
+                Some("Exact") => revision = Some(Revision(rv)),
+                Some("NotOlderThan") | None => {
+                    if rv > current {
+                        return Err(ApiError::timeout("Too large resource version"));
+                    }
+                }
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "resourceVersionMatch: Unsupported value: \"{other}\": supported values: \"Exact\", \"NotOlderThan\""
+                    )))
+                }
+            }
+        }
+        // A name selector needs one key, not a range.
+        if let (Some(name), None) = (fields.exact("metadata.name"), &start_after) {
+            if self.ns().is_some() || !self.kind.namespaced {
+                let revision_now = self
+                    .state
+                    .store
+                    .current_revision()
+                    .await
+                    .map_err(|e| self.err(name, e))?;
+                let at = revision.unwrap_or(revision_now);
+                let resp = self
+                    .state
+                    .store
+                    .range(RangeRequest {
+                        prefix: self.key(name),
+                        start_after: None,
+                        limit: 0,
+                        revision: Some(at),
+                    })
+                    .await
+                    .map_err(|e| self.err(name, e))?;
+                let items = resp
+                    .kvs
+                    .iter()
+                    .filter(|kv| kv.key == self.key(name))
+                    .map(|kv| decode(&kv.value, kv.mod_revision.0))
+                    .filter(|o| self.matches(o, &labels, &fields))
+                    .collect();
+                return Ok((items, resp.revision.0, None));
+            }
+        }
+        let mut items = Vec::new();
+        let page = if limit == 0 { 0 } else { limit.max(100) };
+        loop {
+            let resp = self
+                .state
+                .store
+                .range(RangeRequest {
+                    prefix: prefix.clone(),
+                    start_after: start_after.clone(),
+                    limit: page,
+                    revision,
+                })
+                .await
+                .map_err(|e| match e {
+                    StoreError::Compacted { .. } if self.query.get("continue").is_some() => ApiError::gone(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+                    ),
+                    e => self.err("", e),
+                })?;
+            revision = Some(resp.revision);
+            let mut last_key = None;
+            for kv in &resp.kvs {
+                last_key = Some(kv.key.clone());
+                let obj = decode(&kv.value, kv.mod_revision.0);
+                if self.matches(&obj, &labels, &fields) {
+                    items.push(obj);
+                    if limit > 0 && items.len() == limit {
+                        break;
+                    }
+                }
+            }
+            let rev = resp.revision.0;
+            let exhausted = !resp.more && last_key.as_ref() == resp.kvs.last().map(|kv| &kv.key);
+            if limit > 0 && items.len() == limit {
+                let token = if exhausted {
+                    None
+                } else {
+                    last_key.map(|k| encode_continue(rev, &k))
+                };
+                return Ok((items, rev, token));
+            }
+            if !resp.more {
+                return Ok((items, rev, None));
+            }
+            start_after = last_key;
+        }
+    }
+
+    async fn list(&self) -> Result<Response<Body>, ApiError> {
+        let (items, rev, token) = self.list_objects().await?;
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if let Some(t) = token {
+            meta["continue"] = json!(t);
+        }
+        if self.table {
+            let t = table::table(
+                self.kind,
+                &items,
+                IncludeObject::parse(self.query.get("includeObject")),
+                meta,
+                true,
+            );
+            return Ok(json_response(StatusCode::OK, &t));
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "kind": format!("{}List", self.kind.kind),
+                "apiVersion": self.kind.api_version(),
+                "metadata": meta,
+                "items": items,
+            }),
+        ))
+    }
+
+    /// Decode a body into an object of this kind: media type, apiVersion/kind, typed round trip,
+    /// and `fieldValidation`. Returns the object and any warnings.
+    fn decode_object(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<(Value, Vec<String>), ApiError> {
+        let media = codec::media_type(content_type)?;
+        match media {
+            Media::Json | Media::Yaml => {}
+            Media::Protobuf => {
+                return Err(ApiError::unsupported_media_type(
+                    content_type.unwrap_or_default(),
+                ))
+            }
+            _ => {
+                return Err(ApiError::unsupported_media_type(
+                    content_type.unwrap_or_default(),
+                ))
+            }
+        }
+        let input = codec::parse_body(body, media)?;
+        self.check_object(input)
+    }
+
+    fn check_object(&self, input: Value) -> Result<(Value, Vec<String>), ApiError> {
+        if !input.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request must be a JSON object",
+            ));
+        }
+        let api_version = input["apiVersion"].as_str().unwrap_or_default();
+        let kind = input["kind"].as_str().unwrap_or_default();
+        if api_version.is_empty() || kind.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "Object 'Kind' is missing in '{}'",
+                truncate(&input.to_string(), 200)
+            )));
+        }
+        if api_version != self.kind.api_version() || kind != self.kind.kind {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({api_version}) does not match the expected API version ({})",
+                self.kind.api_version()
+            ))
+            .on(self.kind.group, self.kind.plural, ""));
+        }
+        let (typed, unknown) = codec::roundtrip(self.kind, &input)?;
+        let mut warnings = Vec::new();
+        if !unknown.is_empty() {
+            match self.query.get("fieldValidation").unwrap_or("Warn") {
+                "Strict" => {
+                    let list: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+                    return Err(ApiError::bad_request(format!(
+                        "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                        self.kind.kind,
+                        self.kind.version,
+                        self.kind.kind,
+                        list.join(", ")
+                    )));
+                }
+                "Ignore" => {}
+                "Warn" => warnings.extend(unknown.iter().map(|f| format!("unknown field \"{f}\""))),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "fieldValidation: Unsupported value: \"{other}\": supported values: \"Ignore\", \"Strict\", \"Warn\""
+                    )))
+                }
+            }
+        }
+        Ok((typed, warnings))
+    }
+
+    async fn create(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let (obj, warnings) = self.decode_object(body, content_type)?;
+        let created = self.create_object(obj).await?;
+        let mut r = self.object_response(StatusCode::CREATED, &created);
+        add_warnings(&mut r, &warnings);
+        Ok(r)
+    }
+
+    /// The create pipeline, shared with internal callers.
+    pub async fn create_object(&self, mut obj: Value) -> Result<Value, ApiError> {
+        let dry_run = self.query.dry_run()?;
+        let kind = self.kind;
+        {
+            let meta = obj
+                .get_mut("metadata")
+                .and_then(Value::as_object_mut)
+                .ok_or_else(|| ApiError::bad_request("metadata is required"))?;
+            if kind.namespaced {
+                let path_ns = self.ns().unwrap_or_default();
+                match meta.get("namespace").and_then(Value::as_str) {
+                    Some(ns) if !ns.is_empty() && ns != path_ns => {
+                        return Err(ApiError::bad_request(
+                            "the namespace of the provided object does not match the namespace sent on the request",
+                        ))
+                    }
+                    _ => {
+                        meta.insert("namespace".into(), json!(path_ns));
+                    }
+                }
+            } else {
+                meta.remove("namespace");
+            }
+            let name = meta
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let generate = meta
+                .get("generateName")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if name.is_empty() && !generate.is_empty() {
+                meta.insert(
+                    "name".into(),
+                    json!(format!("{generate}{}", random_suffix())),
+                );
+            }
+            meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+            for f in [
+                "resourceVersion",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "selfLink",
+            ] {
+                meta.remove(f);
+            }
+            if tracks_generation(kind) {
+                meta.insert("generation".into(), json!(1));
+            } else {
+                meta.remove("generation");
+            }
+        }
+        if kind.reset_status_on_create {
+            if let Some(m) = obj.as_object_mut() {
+                m.remove("status");
+            }
+        }
+        strategy::apply_defaults(kind, &mut obj);
+        if kind.kind == "Pod" && kind.group.is_empty() {
+            let qos = pod_qos(&obj);
+            obj["status"] = json!({"phase": "Pending", "qosClass": qos});
+        }
+        let name = meta_str(&obj, "name").to_string();
+        let causes = strategy::validate(kind, &obj);
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(kind.kind, &name, causes).on(
+                kind.group,
+                kind.plural,
+                &name,
+            ));
+        }
+        pipeline::admit(
+            &self.state.store,
+            &Attributes {
+                verb: "create",
+                kind,
+                namespace: self.ns(),
+                subresource: None,
+            },
+            &name,
+        )
+        .await?;
+        if dry_run {
+            // Existence is still checked, as upstream's dry run does.
+            if self
+                .state
+                .store
+                .get(&self.key(&name))
+                .await
+                .map_err(|e| self.err(&name, e))?
+                .is_some()
+            {
+                return Err(ApiError::already_exists(&kind.qualified(), &name).on(
+                    kind.group,
+                    kind.plural,
+                    &name,
+                ));
+            }
+            return Ok(obj);
+        }
+        let bytes = serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?;
+        let rev = self
+            .state
+            .store
+            .create(&self.key(&name), Bytes::from(bytes))
+            .await
+            .map_err(|e| self.err(&name, e))?;
+        obj["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+        Ok(obj)
+    }
+
+    /// Read, change, compare-and-swap, retrying on conflicts unless the caller pinned a
+    /// resourceVersion. `mutate` returns the desired object from the current one; `sub` is the
+    /// subresource written (None for the main resource, "status" for /status).
+    pub async fn guaranteed_update<F>(
+        &self,
+        name: &str,
+        sub: Option<&str>,
+        mutate: F,
+    ) -> Result<Value, ApiError>
+    where
+        F: Fn(&Value) -> Result<Value, ApiError>,
+    {
+        let dry_run = self.query.dry_run()?;
+        let kind = self.kind;
+        for _ in 0..16 {
+            let (cur, cur_rev) = self.load(name).await?;
+            let mut new = mutate(&cur)?;
+            let pinned = match new["metadata"]["resourceVersion"].as_str() {
+                Some(rv) if !rv.is_empty() => {
+                    if rv != cur_rev.0.to_string() {
+                        return Err(self.err(
+                            name,
+                            StoreError::Conflict {
+                                key: self.key(name),
+                                expected: Revision(0),
+                                actual: cur_rev,
+                            },
+                        ));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if meta_str(&new, "name") != name {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    meta_str(&new, "name")
+                )));
+            }
+            if kind.namespaced
+                && !meta_str(&new, "namespace").is_empty()
+                && meta_str(&new, "namespace") != self.ns().unwrap_or_default()
+            {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            // What this write may change: status only through /status, the rest only through the main resource.
+            if kind.status {
+                match sub {
+                    Some("status") => {
+                        let status = new.get("status").cloned();
+                        new = cur.clone();
+                        match status {
+                            Some(s) => new["status"] = s,
+                            None => {
+                                if let Some(m) = new.as_object_mut() {
+                                    m.remove("status");
+                                }
+                            }
+                        }
+                    }
+                    _ => match cur.get("status") {
+                        Some(s) => new["status"] = s.clone(),
+                        None => {
+                            if let Some(m) = new.as_object_mut() {
+                                m.remove("status");
+                            }
+                        }
+                    },
+                }
+            }
+            // Metadata the server owns.
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "namespace",
+            ] {
+                match cur["metadata"].get(f) {
+                    Some(v) => new["metadata"][f] = v.clone(),
+                    None => {
+                        if let Some(m) = new["metadata"].as_object_mut() {
+                            m.remove(f);
+                        }
+                    }
+                }
+            }
+            if let Some(m) = new["metadata"].as_object_mut() {
+                m.remove("selfLink");
+            }
+            new["apiVersion"] = json!(kind.api_version());
+            new["kind"] = json!(kind.kind);
+            strategy::apply_defaults(kind, &mut new);
+            if tracks_generation(kind) && spec_part(&new) != spec_part(&cur) {
+                let g = cur["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+                new["metadata"]["generation"] = json!(g);
+            }
+            new["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+            let causes = strategy::validate(kind, &new);
+            if !causes.is_empty() {
+                return Err(ApiError::invalid(kind.kind, name, causes).on(
+                    kind.group,
+                    kind.plural,
+                    name,
+                ));
+            }
+            if new == cur {
+                return Ok(cur);
+            }
+            let finalized =
+                !cur["metadata"]["deletionTimestamp"].is_null() && no_finalizers(kind, &new);
+            if dry_run {
+                return Ok(new);
+            }
+            if finalized {
+                let res = self
+                    .state
+                    .store
+                    .delete(&self.key(name), Some(cur_rev))
+                    .await;
+                match res {
+                    Ok(_) => return Ok(new),
+                    Err(StoreError::Conflict { .. }) if !pinned => continue,
+                    Err(e) => return Err(self.err(name, e)),
+                }
+            }
+            if let Some(m) = new["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            let bytes = serde_json::to_vec(&new).map_err(|e| ApiError::internal(e.to_string()))?;
+            match self
+                .state
+                .store
+                .update(&self.key(name), Bytes::from(bytes), cur_rev)
+                .await
+            {
+                Ok(rev) => {
+                    new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                    return Ok(new);
+                }
+                Err(StoreError::Conflict { .. }) if !pinned => continue,
+                Err(e) => return Err(self.err(name, e)),
+            }
+        }
+        Err(ApiError::conflict(
+            &kind.qualified(),
+            name,
+            "too many concurrent updates; try again",
+        )
+        .on(kind.group, kind.plural, name))
+    }
+
+    async fn update(
+        &self,
+        name: &str,
+        sub: Option<&str>,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        if sub == Some("scale") {
+            return self.update_scale(name, body, content_type, None).await;
+        }
+        let (obj, warnings) = self.decode_object(body, content_type)?;
+        let sub = if sub == Some("finalize") { None } else { sub };
+        let updated = self
+            .guaranteed_update(name, sub, |_| Ok(obj.clone()))
+            .await?;
+        let mut r = self.object_response(StatusCode::OK, &updated);
+        add_warnings(&mut r, &warnings);
+        Ok(r)
+    }
+
+    async fn patch(
+        &self,
+        name: &str,
+        sub: Option<&str>,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let media = codec::media_type(content_type)?;
+        let apply = |target: &mut Value, patch_doc: &Value| -> Result<(), ApiError> {
+            match media {
+                Media::JsonPatch => patch::json_patch(target, patch_doc).map_err(|e| match e {
+                    patch::PatchError::TooManyOperations(_) => ApiError::too_large(e.to_string()),
+                    patch::PatchError::TestFailed { .. } => ApiError::new(422, "Invalid", e.to_string()),
+                    _ => ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")),
+                }),
+                Media::MergePatch => {
+                    if !patch_doc.is_object() {
+                        return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+                    }
+                    patch::merge_patch(target, patch_doc);
+                    Ok(())
+                }
+                Media::StrategicMergePatch | Media::ApplyPatch => Err(ApiError::unsupported_media_type(&format!(
+                    "{}: strategic merge patch and server-side apply are not supported by this rkube yet; use --type merge or --type json",
+                    content_type.unwrap_or_default()
+                ))),
+                _ => Err(ApiError::unsupported_media_type(content_type.unwrap_or_default())),
+            }
+        };
+        // Validate the patch document up front so that bad input never reaches the store.
+        if !matches!(media, Media::JsonPatch | Media::MergePatch) {
+            apply(&mut Value::Null, &Value::Null)?;
+        }
+        let patch_doc = codec::parse_body(body, media)?;
+        if sub == Some("scale") {
+            return self
+                .update_scale(name, body, content_type, Some(&apply))
+                .await;
+        }
+        let pins_rv = patch_doc.to_string().contains("\"resourceVersion\"")
+            || patch_doc.to_string().contains("/metadata/resourceVersion");
+        let warnings = std::sync::Mutex::new(Vec::new());
+        let updated = self
+            .guaranteed_update(name, sub, |cur| {
+                let mut target = cur.clone();
+                apply(&mut target, &patch_doc)?;
+                // Only a patch that names a resourceVersion is a precondition; otherwise it
+                // applies to whatever is current, retrying on conflicts.
+                if !pins_rv {
+                    if let Some(m) = target["metadata"].as_object_mut() {
+                        m.remove("resourceVersion");
+                    }
+                }
+                let (obj, w) = self.check_object(target)?;
+                if let Ok(mut ws) = warnings.lock() {
+                    *ws = w;
+                }
+                Ok(obj)
+            })
+            .await?;
+        let mut r = self.object_response(StatusCode::OK, &updated);
+        add_warnings(&mut r, &warnings.into_inner().unwrap_or_default());
+        Ok(r)
+    }
+
+    fn scale_of(&self, obj: &Value) -> Value {
+        let selector = if obj["spec"]["selector"]["matchLabels"].is_object()
+            || obj["spec"]["selector"]["matchExpressions"].is_array()
+        {
+            label_selector_string(&obj["spec"]["selector"])
+        } else {
+            obj["spec"]["selector"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        };
+        json!({
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                "name": obj["metadata"]["name"],
+                "namespace": obj["metadata"]["namespace"],
+                "uid": obj["metadata"]["uid"],
+                "resourceVersion": obj["metadata"]["resourceVersion"],
+                "creationTimestamp": obj["metadata"]["creationTimestamp"],
+            },
+            "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(0)},
+            "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector},
+        })
+    }
+
+    async fn get_scale(&self, name: &str) -> Result<Response<Body>, ApiError> {
+        let (obj, _) = self.load(name).await?;
+        Ok(json_response(StatusCode::OK, &self.scale_of(&obj)))
+    }
+
+    async fn update_scale(
+        &self,
+        name: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        patcher: Option<&(dyn Fn(&mut Value, &Value) -> Result<(), ApiError> + Sync)>,
+    ) -> Result<Response<Body>, ApiError> {
+        let media = codec::media_type(content_type)?;
+        let input = codec::parse_body(body, media)?;
+        let updated = self
+            .guaranteed_update(name, None, |cur| {
+                let mut scale = self.scale_of(cur);
+                match patcher {
+                    Some(p) => p(&mut scale, &input)?,
+                    None => {
+                        if input["kind"] != "Scale" {
+                            return Err(ApiError::bad_request(
+                                "the body must be an autoscaling/v1 Scale",
+                            ));
+                        }
+                        scale = input.clone();
+                    }
+                }
+                let replicas = scale["spec"]["replicas"].as_i64().ok_or_else(|| {
+                    ApiError::invalid(
+                        "Scale",
+                        name,
+                        vec![apimachinery::Cause::required("spec.replicas")],
+                    )
+                })?;
+                if replicas < 0 {
+                    return Err(ApiError::invalid(
+                        "Scale",
+                        name,
+                        vec![apimachinery::Cause::invalid(
+                            "spec.replicas",
+                            replicas,
+                            "must be greater than or equal to 0",
+                        )],
+                    ));
+                }
+                let mut new = cur.clone();
+                new["spec"]["replicas"] = json!(replicas);
+                if let Some(rv) = scale["metadata"]["resourceVersion"].as_str() {
+                    new["metadata"]["resourceVersion"] = json!(rv);
+                }
+                Ok(new)
+            })
+            .await?;
+        Ok(json_response(StatusCode::OK, &self.scale_of(&updated)))
+    }
+
+    async fn bind(
+        &self,
+        name: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let media = codec::media_type(content_type)?;
+        let binding = codec::parse_body(body, media)?;
+        let node = binding["target"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if node.is_empty() {
+            return Err(ApiError::invalid(
+                "Binding",
+                name,
+                vec![apimachinery::Cause::required("target.name")],
+            ));
+        }
+        self.guaranteed_update(name, None, |cur| {
+            let bound = cur["spec"]["nodeName"].as_str().unwrap_or_default();
+            if !bound.is_empty() {
+                return Err(ApiError::conflict(
+                    "pods",
+                    name,
+                    &format!("pod {name} is already assigned to node \"{bound}\""),
+                )
+                .on("", "pods", name));
+            }
+            if !cur["metadata"]["deletionTimestamp"].is_null() {
+                return Err(ApiError::conflict(
+                    "pods",
+                    name,
+                    &format!("pod {name} is being deleted, cannot be assigned to a host"),
+                ));
+            }
+            let mut new = cur.clone();
+            new["spec"]["nodeName"] = json!(node);
+            Ok(new)
+        })
+        .await?;
+        // Record PodScheduled=True through the status path, as upstream's binding does.
+        let status_ctx = Ctx {
+            state: self.state.clone(),
+            kind: self.kind,
+            namespace: self.namespace.clone(),
+            query: Query(HashMap::new()),
+            table: false,
+        };
+        status_ctx
+            .guaranteed_update(name, Some("status"), |cur| {
+                let mut new = cur.clone();
+                let conds = new["status"]["conditions"].as_array().cloned().unwrap_or_default();
+                let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
+                conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now_rfc3339()}));
+                new["status"]["conditions"] = json!(conds);
+                Ok(new)
+            })
+            .await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        ))
+    }
+
+    /// Delete options from the body (a DeleteOptions) and the query string.
+    fn delete_options(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let mut opts = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            let v = codec::parse_body(body, Media::Json)?;
+            if !v.is_object() {
+                return Err(ApiError::bad_request("DeleteOptions must be a JSON object"));
+            }
+            v
+        };
+        if let Some(g) = self.query.get("gracePeriodSeconds") {
+            let g: i64 = g
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid gracePeriodSeconds {g:?}")))?;
+            opts["gracePeriodSeconds"] = json!(g);
+        }
+        if let Some(p) = self.query.get("propagationPolicy") {
+            opts["propagationPolicy"] = json!(p);
+        }
+        if self.query.dry_run()? {
+            opts["dryRun"] = json!(["All"]);
+        }
+        if let Some(p) = opts["propagationPolicy"].as_str() {
+            if !["Orphan", "Background", "Foreground"].contains(&p) {
+                return Err(ApiError::invalid(
+                    "DeleteOptions",
+                    "",
+                    vec![apimachinery::Cause::not_supported(
+                        "propagationPolicy",
+                        p,
+                        &["Foreground", "Background", "Orphan"],
+                    )],
+                ));
+            }
+        }
+        if let Some(dr) = opts["dryRun"].as_array() {
+            if dr.iter().any(|d| d != "All") {
+                return Err(ApiError::bad_request(
+                    "Invalid dry run value: supported values: \"All\"",
+                ));
+            }
+        }
+        Ok(opts)
+    }
+
+    async fn delete(&self, name: &str, body: &[u8]) -> Result<Response<Body>, ApiError> {
+        let opts = self.delete_options(body)?;
+        let (obj, code) = self.delete_object(name, &opts).await?;
+        Ok(self.object_response(code, &obj))
+    }
+
+    /// The delete pipeline: preconditions, graceful deletion of bound pods, finalizers.
+    pub async fn delete_object(
+        &self,
+        name: &str,
+        opts: &Value,
+    ) -> Result<(Value, StatusCode), ApiError> {
+        let kind = self.kind;
+        let dry_run = opts["dryRun"].as_array().is_some_and(|a| !a.is_empty());
+        pipeline::admit(
+            &self.state.store,
+            &Attributes {
+                verb: "delete",
+                kind,
+                namespace: self.ns(),
+                subresource: None,
+            },
+            name,
+        )
+        .await?;
+        for _ in 0..16 {
+            let (cur, cur_rev) = self.load(name).await?;
+            if let Some(uid) = opts["preconditions"]["uid"].as_str() {
+                if uid != meta_str(&cur, "uid") {
+                    return Err(ApiError::conflict(&kind.qualified(), name, &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta_str(&cur, "uid")
+                    )).on(kind.group, kind.plural, name));
+                }
+            }
+            if let Some(rv) = opts["preconditions"]["resourceVersion"].as_str() {
+                if rv != cur_rev.0.to_string() {
+                    return Err(ApiError::conflict(&kind.qualified(), name, &format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {cur_rev}"
+                    )).on(kind.group, kind.plural, name));
+                }
+            }
+            if dry_run {
+                return Ok((cur, StatusCode::OK));
+            }
+            // Graceful deletion: a pod running on a node is finished by that node.
+            let mut new = cur.clone();
+            let mut deferred = false;
+            if kind.kind == "Pod" && kind.group.is_empty() {
+                let bound = !cur["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .is_empty();
+                let terminal = matches!(
+                    cur["status"]["phase"].as_str(),
+                    Some("Succeeded" | "Failed")
+                );
+                let grace = opts["gracePeriodSeconds"]
+                    .as_i64()
+                    .or_else(|| cur["spec"]["terminationGracePeriodSeconds"].as_i64())
+                    .unwrap_or(30)
+                    .max(0);
+                if bound && !terminal && grace > 0 {
+                    let existing = cur["metadata"]["deletionGracePeriodSeconds"].as_i64();
+                    if existing.is_some_and(|e| e <= grace) {
+                        return Ok((cur, StatusCode::OK));
+                    }
+                    let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
+                    new["metadata"]["deletionTimestamp"] =
+                        json!(at.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                    new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                    deferred = true;
+                }
+            }
+            if !no_finalizers(kind, &cur) {
+                if new["metadata"]["deletionTimestamp"].is_null() {
+                    new["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                    new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                }
+                if kind.kind == "Namespace" {
+                    new["status"]["phase"] = json!("Terminating");
+                }
+                deferred = true;
+            }
+            if deferred {
+                if new == cur {
+                    return Ok((cur, StatusCode::OK));
+                }
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                let bytes =
+                    serde_json::to_vec(&new).map_err(|e| ApiError::internal(e.to_string()))?;
+                match self
+                    .state
+                    .store
+                    .update(&self.key(name), Bytes::from(bytes), cur_rev)
+                    .await
+                {
+                    Ok(rev) => {
+                        new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                        return Ok((new, StatusCode::OK));
+                    }
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(self.err(name, e)),
+                }
+            }
+            match self
+                .state
+                .store
+                .delete(&self.key(name), Some(cur_rev))
+                .await
+            {
+                Ok((rev, _)) => {
+                    let mut gone = cur;
+                    gone["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                    return Ok((gone, StatusCode::OK));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(self.err(name, e)),
+            }
+        }
+        Err(ApiError::conflict(
+            &kind.qualified(),
+            name,
+            "too many concurrent updates; try again",
+        ))
+    }
+
+    async fn delete_collection(&self, body: &[u8]) -> Result<Response<Body>, ApiError> {
+        let opts = self.delete_options(body)?;
+        let (items, rev, _) = self.list_objects().await?;
+        let mut deleted = Vec::new();
+        for item in items {
+            let name = meta_str(&item, "name").to_string();
+            let ctx = Ctx {
+                state: self.state.clone(),
+                kind: self.kind,
+                namespace: item["metadata"]["namespace"]
+                    .as_str()
+                    .map(String::from)
+                    .or(self.namespace.clone()),
+                query: Query(HashMap::new()),
+                table: false,
+            };
+            match ctx.delete_object(&name, &opts).await {
+                Ok((obj, _)) => deleted.push(obj),
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "kind": format!("{}List", self.kind.kind),
+                "apiVersion": self.kind.api_version(),
+                "metadata": {"resourceVersion": rev.to_string()},
+                "items": deleted,
+            }),
+        ))
+    }
+}
+
+fn no_finalizers(kind: &Kind, obj: &Value) -> bool {
+    let meta_empty = obj["metadata"]["finalizers"]
+        .as_array()
+        .is_none_or(|a| a.is_empty());
+    let spec_empty = kind.kind != "Namespace"
+        || obj["spec"]["finalizers"]
+            .as_array()
+            .is_none_or(|a| a.is_empty());
+    meta_empty && spec_empty
+}
+
+fn label_selector_string(sel: &Value) -> String {
+    let mut parts: Vec<String> = sel["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    for e in sel["matchExpressions"].as_array().into_iter().flatten() {
+        let key = e["key"].as_str().unwrap_or_default();
+        let vals: Vec<&str> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        parts.push(match e["operator"].as_str().unwrap_or_default() {
+            "In" => format!("{key} in ({})", vals.join(",")),
+            "NotIn" => format!("{key} notin ({})", vals.join(",")),
+            "Exists" => key.to_string(),
+            _ => format!("!{key}"),
+        });
+    }
+    parts.join(",")
+}
+
+fn add_warnings(r: &mut Response<Body>, warnings: &[String]) {
+    for w in warnings {
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "'"))) {
+            r.headers_mut().append(header::WARNING, v);
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn encode_continue(rev: i64, last_key: &str) -> String {
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rev, "start": last_key});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str, prefix: &str) -> Result<(i64, String), ApiError> {
+    let bad = |why: &str| ApiError::bad_request(format!("continue key is not valid: {why}"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad("not base64"))?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("not JSON"))?;
+    if v["v"] != "meta.k8s.io/v1" {
+        return Err(bad("incorrect encoded key version"));
+    }
+    let rv = v["rv"]
+        .as_i64()
+        .filter(|r| *r > 0)
+        .ok_or_else(|| bad("no resource version"))?;
+    let start = v["start"].as_str().ok_or_else(|| bad("no start key"))?;
+    if !start.starts_with(prefix) {
+        return Err(bad("the key does not belong to this list"));
+    }
+    Ok((rv, start.to_string()))
+}
+
+/// Create what every cluster has from the start: the built-in namespaces.
+pub async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
+    let kind =
+        lookup("", "v1", "namespaces").ok_or_else(|| anyhow::anyhow!("namespaces kind missing"))?;
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let ctx = Ctx {
+            state: state.clone(),
+            kind,
+            namespace: None,
+            query: Query(HashMap::new()),
+            table: false,
+        };
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        match ctx.create_object(obj).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => anyhow::bail!("creating namespace {ns}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_tokens_round_trip_and_reject_garbage() {
+        let t = encode_continue(42, "/registry/pods/default/b");
+        assert_eq!(
+            decode_continue(&t, "/registry/pods/").unwrap(),
+            (42, "/registry/pods/default/b".into())
+        );
+        assert_eq!(
+            decode_continue(&t, "/registry/secrets/").unwrap_err().code,
+            400
+        );
+        for bad in [
+            "!!!",
+            "e30",
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode("{\"v\":\"meta.k8s.io/v1\",\"rv\":0}"),
+        ] {
+            assert_eq!(
+                decode_continue(bad, "/registry/pods/").unwrap_err().code,
+                400,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn targets() {
+        let t = parse_target("", "v1", &["namespaces", "default", "pods", "p", "status"]).unwrap();
+        assert_eq!(
+            (
+                t.kind.plural,
+                t.namespace.as_deref(),
+                t.name.as_deref(),
+                t.sub.as_deref()
+            ),
+            ("pods", Some("default"), Some("p"), Some("status"))
+        );
+        let t = parse_target("", "v1", &["namespaces", "foo"]).unwrap();
+        assert_eq!(
+            (t.kind.plural, t.namespace, t.name.as_deref()),
+            ("namespaces", None, Some("foo"))
+        );
+        let t = parse_target("", "v1", &["namespaces", "foo", "finalize"]).unwrap();
+        assert_eq!(t.sub.as_deref(), Some("finalize"));
+        assert!(parse_target("", "v1", &["pods", "p", "nope"]).is_err());
+        assert!(parse_target("", "v1", &["widgets"]).is_err());
+        assert_eq!(
+            parse_target("", "v1", &["nodes"]).unwrap().kind.kind,
+            "Node"
+        );
+    }
+
+    #[test]
+    fn qos_classes() {
+        assert_eq!(
+            pod_qos(&json!({"spec": {"containers": [{"name": "a"}]}})),
+            "BestEffort"
+        );
+        assert_eq!(
+            pod_qos(
+                &json!({"spec": {"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]}})
+            ),
+            "Guaranteed"
+        );
+        assert_eq!(
+            pod_qos(&json!({"spec": {"containers": [{"resources": {"requests": {"cpu": "1"}}}]}})),
+            "Burstable"
+        );
+    }
+}

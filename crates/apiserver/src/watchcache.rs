@@ -1,0 +1,166 @@
+//! The watch cache: one store watch over `/registry/`, decoded once, shared by every API watcher.
+//!
+//! It keeps a ring of the most recent events. A watcher starting at a revision the ring still
+//! covers is served from memory; an older start falls back to a watch on the store itself (which
+//! answers `Compacted` → 410 Gone if that history is gone). A watcher that falls behind the live
+//! broadcast is cut off and must resume from its last revision, so one slow client never holds
+//! memory or other clients hostage.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use serde_json::Value;
+use store::{EventKind, Revision, Store};
+use tokio::sync::{broadcast, watch};
+
+/// How many recent events the ring keeps.
+const RING_CAPACITY: usize = 20_000;
+/// How far a live watcher may fall behind before it is cut off.
+const BROADCAST_CAPACITY: usize = 16_384;
+
+/// One change, decoded, with `metadata.resourceVersion` set.
+#[derive(Debug)]
+pub struct CachedEvent {
+    pub kind: EventKind,
+    pub key: String,
+    pub revision: i64,
+    /// The new object (for a delete: the last state, with the delete's revision).
+    pub object: Arc<Value>,
+    /// The object before the change (None for a create).
+    pub prev: Option<Arc<Value>>,
+}
+
+/// Decode a stored value and stamp its resourceVersion.
+pub fn decode(value: &[u8], revision: i64) -> Value {
+    let mut v: Value = serde_json::from_slice(value).unwrap_or(Value::Null);
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
+    }
+    v
+}
+
+pub fn from_store_event(ev: &store::Event) -> CachedEvent {
+    let revision = ev.revision().0;
+    CachedEvent {
+        kind: ev.kind,
+        key: ev.kv.key.clone(),
+        revision,
+        object: Arc::new(decode(&ev.kv.value, revision)),
+        prev: ev
+            .prev
+            .as_ref()
+            .map(|p| Arc::new(decode(&p.value, p.mod_revision.0))),
+    }
+}
+
+struct Ring {
+    events: VecDeque<Arc<CachedEvent>>,
+    /// Every event with a revision greater than this is in `events`.
+    complete_after: i64,
+}
+
+pub struct WatchCache {
+    ring: RwLock<Ring>,
+    tx: broadcast::Sender<Arc<CachedEvent>>,
+    revision: watch::Sender<i64>,
+}
+
+/// Where a new watcher's events come from.
+pub enum Subscription {
+    /// From memory: replay these, then follow the receiver.
+    Cached(Vec<Arc<CachedEvent>>, broadcast::Receiver<Arc<CachedEvent>>),
+    /// The ring no longer reaches back that far: watch the store.
+    TooOld,
+}
+
+impl WatchCache {
+    /// Start following the store from its current revision.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> store::Result<Arc<WatchCache>> {
+        let start = store.current_revision().await?;
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (revision, _) = watch::channel(start.0);
+        let cache = Arc::new(WatchCache {
+            ring: RwLock::new(Ring {
+                events: VecDeque::new(),
+                complete_after: start.0,
+            }),
+            tx,
+            revision,
+        });
+        let mut stream = store.watch("/registry/", start).await?;
+        let c = cache.clone();
+        tokio::spawn(async move {
+            let mut last = start.0;
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    next = stream.next() => match next {
+                        Some(Ok(ev)) => {
+                            last = ev.revision().0;
+                            c.push(Arc::new(from_store_event(&ev)));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "watch cache: store watch failed; resuming");
+                            match store.watch("/registry/", Revision(last)).await {
+                                Ok(s) => stream = s,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "watch cache: cannot resume");
+                                    return;
+                                }
+                            }
+                        }
+                        None => return,
+                    }
+                }
+            }
+        });
+        Ok(cache)
+    }
+
+    fn push(&self, ev: Arc<CachedEvent>) {
+        let rev = ev.revision;
+        if let Ok(mut ring) = self.ring.write() {
+            if ring.events.len() >= RING_CAPACITY {
+                if let Some(old) = ring.events.pop_front() {
+                    ring.complete_after = old.revision;
+                }
+            }
+            ring.events.push_back(ev.clone());
+            // Broadcast under the lock so that subscribe() sees ring and channel consistently.
+            let _ = self.tx.send(ev);
+        }
+        self.revision.send_replace(rev);
+    }
+
+    /// The newest revision the cache has seen.
+    pub fn revision(&self) -> i64 {
+        *self.revision.borrow()
+    }
+
+    /// Wait until the cache has seen `revision` (bounded by the caller's timeout).
+    pub async fn wait_for(&self, revision: i64) {
+        let mut rx = self.revision.subscribe();
+        let _ = rx.wait_for(|r| *r >= revision).await;
+    }
+
+    /// Events after `after` (replay) and the live receiver, if memory still covers `after`.
+    pub fn subscribe(&self, after: i64) -> Subscription {
+        let Ok(ring) = self.ring.read() else {
+            return Subscription::TooOld;
+        };
+        if after < ring.complete_after {
+            return Subscription::TooOld;
+        }
+        let rx = self.tx.subscribe();
+        let start = ring.events.partition_point(|e| e.revision <= after);
+        let replay = ring.events.range(start..).cloned().collect();
+        Subscription::Cached(replay, rx)
+    }
+}

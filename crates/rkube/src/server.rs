@@ -1,0 +1,172 @@
+//! `rkube server`: open the store, start the API server, write the kubeconfig and the join token,
+//! print the ready line, and shut down cleanly on SIGTERM or SIGINT.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::Args;
+use store::Store;
+
+use crate::certs;
+
+/// Components `--disable` accepts.
+const COMPONENTS: &[&str] = &["scheduler", "controller-manager", "kubelet", "proxy", "dns"];
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Everything the server keeps: store, certificates, kubeconfigs, runtime state.
+    #[arg(long, env = "RKUBE_DATA_DIR", default_value = "/var/lib/rkube")]
+    pub data_dir: PathBuf,
+    /// Address the API server listens on.
+    #[arg(long, env = "RKUBE_BIND_ADDRESS", default_value = "127.0.0.1")]
+    pub bind_address: IpAddr,
+    /// API server port (0 = pick a free one; the kubeconfig says which).
+    #[arg(long, env = "RKUBE_PORT", default_value_t = 6443)]
+    pub port: u16,
+    /// `sqlite://PATH` for the embedded store (default: in the data dir), or an etcd cluster.
+    #[arg(long, env = "RKUBE_DATASTORE_ENDPOINT")]
+    pub datastore_endpoint: Option<String>,
+    /// Comma list of components to leave out.
+    #[arg(long, env = "RKUBE_DISABLE", value_delimiter = ',')]
+    pub disable: Vec<String>,
+    /// This machine's node name.
+    #[arg(long, env = "RKUBE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// An existing CRI socket instead of a supervised runtime.
+    #[arg(long, env = "RKUBE_CONTAINER_RUNTIME_ENDPOINT")]
+    pub container_runtime_endpoint: Option<String>,
+    /// Registries to pull from over plain HTTP (repeatable).
+    #[arg(long, env = "RKUBE_INSECURE_REGISTRY")]
+    pub insecure_registry: Vec<String>,
+}
+
+fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>> {
+    let path = match args.datastore_endpoint.as_deref() {
+        None => args.data_dir.join("db").join("state.db"),
+        Some(ep) if ep.starts_with("sqlite://") => PathBuf::from(&ep["sqlite://".len()..]),
+        Some(ep) if ep.starts_with("http://") || ep.starts_with("https://") => bail!(
+            "--datastore-endpoint {ep}: etcd is not supported by this build yet (the etcd backend is planned); use the embedded store"
+        ),
+        Some(ep) => bail!("--datastore-endpoint {ep}: expected sqlite://PATH or http(s)://HOST:PORT"),
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store =
+        store::SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn kubeconfig(server: &str, pki: &certs::Pki) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: rkube\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: rkube\n  context:\n    cluster: rkube\n    user: admin\ncurrent-context: rkube\n",
+        b64(&pki.ca_pem),
+        b64(&pki.admin_cert_pem),
+        b64(&pki.admin_key_pem)
+    )
+}
+
+fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn ensure_token(data_dir: &Path) -> Result<()> {
+    let path = data_dir.join("token");
+    if !path.exists() {
+        let bytes: [u8; 16] = rand::random();
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_atomic(&path, &format!("{token}\n"))?;
+    }
+    Ok(())
+}
+
+pub async fn run(args: ServerArgs) -> Result<()> {
+    for d in &args.disable {
+        if !COMPONENTS.contains(&d.as_str()) {
+            bail!(
+                "--disable {d}: unknown component (expected any of {})",
+                COMPONENTS.join(", ")
+            );
+        }
+    }
+    fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let store = open_store(&args)?;
+
+    let mut addresses = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::new(10, 43, 0, 1)),
+    ];
+    if !args.bind_address.is_unspecified() && !addresses.contains(&args.bind_address) {
+        addresses.push(args.bind_address);
+    }
+    let mut names = vec![
+        "localhost".to_string(),
+        "kubernetes".into(),
+        "kubernetes.default".into(),
+        "kubernetes.default.svc".into(),
+        "kubernetes.default.svc.cluster.local".into(),
+    ];
+    let host = hostname();
+    if !names.contains(&host) && !host.is_empty() {
+        names.push(host);
+    }
+    let pki = certs::ensure(&args.data_dir, &addresses, &names)?;
+
+    let addr = SocketAddr::new(args.bind_address, args.port);
+    let api = apiserver::ApiServer::start(store, addr, pki.serving.clone())
+        .await
+        .with_context(|| format!("starting the API server on {addr}"))?;
+    let host_for_clients = if args.bind_address.is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        args.bind_address
+    };
+    let url = format!(
+        "https://{}",
+        SocketAddr::new(host_for_clients, api.local_addr.port())
+    );
+    let kubeconfig_path = args.data_dir.join("kubeconfig.yaml");
+    write_atomic(&kubeconfig_path, &kubeconfig(&url, &pki))?;
+    ensure_token(&args.data_dir)?;
+    println!(
+        "rkube: ready: kubeconfig {} (API server {url})",
+        kubeconfig_path.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    api.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
