@@ -73,6 +73,15 @@ fn not_yet(component: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// A client for the API server named in a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -81,6 +90,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -97,7 +107,14 @@ fn main() -> ExitCode {
         Command::Server(args) | Command::Apiserver(args) => runtime.block_on(server::run(args)),
         Command::Agent { .. } => return not_yet("agent"),
         Command::Scheduler { .. } => return not_yet("scheduler"),
-        Command::ControllerManager { .. } => return not_yet("controller-manager"),
+        Command::ControllerManager { kubeconfig } => runtime.block_on(async move {
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            controllers::run(client, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
+            Ok(())
+        }),
         Command::Kubelet { .. } => return not_yet("kubelet"),
         Command::Proxy { .. } => return not_yet("proxy"),
         Command::HollowNodes { .. } => return not_yet("hollow-nodes"),

@@ -155,6 +155,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let kubeconfig_path = args.data_dir.join("kubeconfig.yaml");
     write_atomic(&kubeconfig_path, &kubeconfig(&url, &pki))?;
     ensure_token(&args.data_dir)?;
+
+    // Components after the API server, each reaching it only through the kubeconfig.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut components = Vec::new();
+    if !args.disable.iter().any(|d| d == "controller-manager") {
+        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let mut stop = stop_rx.clone();
+        components.push(tokio::spawn(controllers::run(client, async move {
+            let _ = stop.changed().await;
+        })));
+    }
     println!(
         "rkube: ready: kubeconfig {} (API server {url})",
         kubeconfig_path.display()
@@ -165,6 +176,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    for c in components {
+        let _ = c.await;
     }
     api.shutdown().await;
     tracing::info!("stopped");

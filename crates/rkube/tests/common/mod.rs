@@ -1,0 +1,309 @@
+//! The end-to-end harness: a real `rkube server` on its own data dir and port, driven by the
+//! real kubectl (and kube-rs) through the kubeconfig the server writes. Nothing here sleeps to
+//! synchronise: every wait polls with a deadline.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub port: u16,
+    extra: Vec<String>,
+}
+
+pub fn rkube_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rkube"))
+}
+
+/// A port that was free a moment ago (for tests that restart a server on the same port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Cluster {
+    /// Start a server with `--port 0` and wait for its ready line.
+    pub fn start() -> Cluster {
+        Cluster::start_with(0, &[])
+    }
+
+    pub fn start_with(port: u16, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut c = Cluster {
+            dir,
+            child: None,
+            port,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.boot();
+        c
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig.yaml")
+    }
+
+    /// (Re)start the server process on the same data dir and wait until it is ready.
+    pub fn boot(&mut self) {
+        let mut cmd = Command::new(rkube_bin());
+        cmd.arg("server")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(&self.extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn rkube server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("rkube: ready") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        match rx.recv_timeout(DEADLINE) {
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                panic!("rkube server did not print its ready line within {DEADLINE:?}");
+            }
+        }
+        assert!(
+            self.kubeconfig().exists(),
+            "kubeconfig.yaml must exist when ready"
+        );
+        self.child = Some(child);
+    }
+
+    /// SIGTERM and wait: returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("rkube server did not exit within {DEADLINE:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn kubectl_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .env("KUBECACHEDIR", self.dir.path().join("kubecache"));
+        cmd
+    }
+
+    /// Run kubectl; returns its output whatever the exit status.
+    pub fn kubectl_output(&self, args: &[&str]) -> Output {
+        self.kubectl_cmd(args).output().expect("run kubectl")
+    }
+
+    /// Run kubectl and require success; returns stdout.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run kubectl and require failure; returns stderr.
+    pub fn kubectl_fails(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} should have failed but printed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// kubectl with a document on stdin.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .kubectl_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    pub fn apply_yaml(&self, yaml: &str) -> String {
+        let out = self.kubectl_stdin(&["create", "-f", "-"], yaml);
+        assert!(
+            out.status.success(),
+            "create -f - failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A background kubectl whose stdout lines arrive on a channel.
+    pub fn kubectl_stream(&self, args: &[&str]) -> Stream {
+        let mut child = self
+            .kubectl_cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Stream {
+            child,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Poll `f` until it returns Some, or panic at the deadline.
+    pub fn eventually<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        eventually(what, &mut f)
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .expect("client config");
+        kube::Client::try_from(config).expect("client")
+    }
+}
+
+pub fn eventually<T>(what: &str, f: &mut dyn FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct Stream {
+    pub child: Child,
+    rx: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Stream {
+    /// Wait for a line containing every needle; returns it.
+    pub fn expect_line(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if needles.iter().all(|n| line.contains(n)) {
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "output ended without a line with {needles:?}; saw {:?}",
+                        self.seen
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line with {needles:?} within {DEADLINE:?}; saw {:?}",
+                        self.seen
+                    )
+                }
+            }
+        }
+    }
+
+    /// Wait for the process to exit by itself; returns whether it succeeded.
+    pub fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                panic!("process did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
