@@ -57,6 +57,13 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
+    /// Boxed: errors travel through every `Result` in the server and should stay small.
+    pub details: Box<Details>,
+}
+
+/// `details` of a Status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Details {
     pub group: String,
     pub kind: String,
     pub name: String,
@@ -70,18 +77,14 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
-            group: String::new(),
-            kind: String::new(),
-            name: String::new(),
-            causes: Vec::new(),
-            retry_after_seconds: None,
+            details: Box::default(),
         }
     }
     /// Attach `details.{group,kind,name}`.
     pub fn on(mut self, group: &str, kind: &str, name: &str) -> Self {
-        self.group = group.into();
-        self.kind = kind.into();
-        self.name = name.into();
+        self.details.group = group.into();
+        self.details.kind = kind.into();
+        self.details.name = name.into();
         self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -146,9 +149,9 @@ impl ApiError {
             format!("{kind} \"{name}\" is invalid: [{}]", rendered.join(", "))
         };
         let mut e = ApiError::new(422, "Invalid", message);
-        e.kind = kind.into();
-        e.name = name.into();
-        e.causes = causes;
+        e.details.kind = kind.into();
+        e.details.name = name.into();
+        e.details.causes = causes;
         e
     }
     pub fn internal(message: impl Into<String>) -> Self {
@@ -159,31 +162,32 @@ impl ApiError {
     }
     pub fn too_many_requests(message: impl Into<String>) -> Self {
         let mut e = ApiError::new(429, "TooManyRequests", message);
-        e.retry_after_seconds = Some(1);
+        e.details.retry_after_seconds = Some(1);
         e
     }
 
     /// The `metav1.Status` object.
     pub fn to_status(&self) -> Value {
+        let d = &self.details;
         let mut details = serde_json::Map::new();
-        if !self.name.is_empty() {
-            details.insert("name".into(), json!(self.name));
+        if !d.name.is_empty() {
+            details.insert("name".into(), json!(d.name));
         }
-        if !self.group.is_empty() {
-            details.insert("group".into(), json!(self.group));
+        if !d.group.is_empty() {
+            details.insert("group".into(), json!(d.group));
         }
-        if !self.kind.is_empty() {
-            details.insert("kind".into(), json!(self.kind));
+        if !d.kind.is_empty() {
+            details.insert("kind".into(), json!(d.kind));
         }
-        if !self.causes.is_empty() {
-            let causes: Vec<Value> = self
+        if !d.causes.is_empty() {
+            let causes: Vec<Value> = d
                 .causes
                 .iter()
                 .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
                 .collect();
             details.insert("causes".into(), Value::Array(causes));
         }
-        if let Some(s) = self.retry_after_seconds {
+        if let Some(s) = d.retry_after_seconds {
             details.insert("retryAfterSeconds".into(), json!(s));
         }
         let mut status = json!({

@@ -24,6 +24,9 @@ use crate::{discovery, strategy, watch, State};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
+/// Applies a patch document to a value in place.
+type Patcher<'a> = &'a (dyn Fn(&mut Value, &Value) -> Result<(), ApiError> + Sync);
+
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
@@ -41,7 +44,7 @@ fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
 pub fn error_response(e: &ApiError) -> Response<Body> {
     let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json_response(code, &e.to_status());
-    if let Some(s) = e.retry_after_seconds {
+    if let Some(s) = e.details.retry_after_seconds {
         if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
@@ -175,9 +178,8 @@ fn parse_target(group: &str, version: &str, segs: &[&str]) -> Result<Target, Api
     let name = rest.get(1).map(|s| s.to_string());
     let sub = rest.get(2).map(|s| s.to_string());
     if let Some(s) = &sub {
-        if !kind.subresources().contains(&s.as_str())
-            && !(kind.plural == "namespaces" && s == "finalize")
-        {
+        let finalize = kind.plural == "namespaces" && s == "finalize";
+        if !(finalize || kind.subresources().contains(&s.as_str())) {
             return Err(nf());
         }
     }
@@ -1138,7 +1140,7 @@ impl Ctx {
         name: &str,
         body: &[u8],
         content_type: Option<&str>,
-        patcher: Option<&(dyn Fn(&mut Value, &Value) -> Result<(), ApiError> + Sync)>,
+        patcher: Option<Patcher<'_>>,
     ) -> Result<Response<Body>, ApiError> {
         let media = codec::media_type(content_type)?;
         let input = codec::parse_body(body, media)?;

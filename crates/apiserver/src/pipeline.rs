@@ -122,7 +122,7 @@ pub async fn admit(
             attrs.kind.qualified()
         ))
         .on(attrs.kind.group, attrs.kind.plural, name);
-        e.causes.push(apimachinery::Cause::new(
+        e.details.causes.push(apimachinery::Cause::new(
             "NamespaceTerminating",
             "metadata.namespace",
             format!("namespace {ns} is being terminated"),

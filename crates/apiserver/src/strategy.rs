@@ -26,11 +26,7 @@ fn default(m: &mut Map<String, Value>, key: &str, value: Value) {
 /// Apply upstream's defaults for a kind.
 pub fn apply_defaults(kind: &Kind, obj: &mut Value) {
     match (kind.group, kind.kind) {
-        ("", "Pod") => {
-            if obj.get("spec").is_some_and(Value::is_object) {
-                default_pod_spec(&mut obj["spec"]);
-            }
-        }
+        ("", "Pod") => default_template(Some(obj)),
         ("", "PodTemplate") => default_template(obj.get_mut("template")),
         ("", "Namespace") => {
             let spec = obj_mut(obj, "spec");

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams};
 use kube::ResourceExt;
 
-const ITERATIONS: usize = 6;
+const ITERATIONS: usize = 20;
 const WRITERS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +51,9 @@ async fn acknowledged_writes_survive_kill_9() {
         let target = before + 20 + (rand_u64() % 300) as usize;
         let acked2 = acked.clone();
         tokio::task::spawn_blocking(move || {
-            eventually("writes acknowledged", &mut || (acked2.lock().unwrap().len() >= target).then_some(()))
+            eventually("writes acknowledged", &mut || {
+                (acked2.lock().unwrap().len() >= target).then_some(())
+            })
         })
         .await
         .unwrap();
@@ -71,11 +73,18 @@ async fn acknowledged_writes_survive_kill_9() {
             .collect();
         let acked_now = acked.lock().unwrap().clone();
         for (name, value, rv) in &acked_now {
-            assert_eq!(present.get(name), Some(value), "acknowledged write {name} lost after kill -9 (iteration {iteration})");
+            assert_eq!(
+                present.get(name),
+                Some(value),
+                "acknowledged write {name} lost after kill -9 (iteration {iteration})"
+            );
             max_rv = max_rv.max(*rv);
         }
         let list_rv: i64 = list.metadata.resource_version.unwrap().parse().unwrap();
-        assert!(list_rv >= max_rv, "resourceVersion went backwards: {list_rv} < {max_rv}");
+        assert!(
+            list_rv >= max_rv,
+            "resourceVersion went backwards: {list_rv} < {max_rv}"
+        );
     }
     println!(
         "crash test: {ITERATIONS} kill -9 iterations, {} acknowledged writes all present after restart",
@@ -86,7 +95,12 @@ async fn acknowledged_writes_survive_kill_9() {
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
     h.finish()
 }
 
@@ -94,9 +108,24 @@ fn rand_u64() -> u64 {
 async fn sigterm_is_clean_and_the_cluster_is_as_it_was() {
     let mut c = Cluster::start_with(free_port(), &[]);
     c.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep}\ndata: {a: b}\n");
-    let rv_before = c.kubectl(&["get", "cm", "keep", "-o", "jsonpath={.metadata.resourceVersion}"]);
+    let rv_before = c.kubectl(&[
+        "get",
+        "cm",
+        "keep",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
     let status = c.stop();
     assert!(status.success(), "exit status {status:?}");
     c.boot();
-    assert_eq!(c.kubectl(&["get", "cm", "keep", "-o", "jsonpath={.data.a} {.metadata.resourceVersion}"]), format!("b {rv_before}"));
+    assert_eq!(
+        c.kubectl(&[
+            "get",
+            "cm",
+            "keep",
+            "-o",
+            "jsonpath={.data.a} {.metadata.resourceVersion}"
+        ]),
+        format!("b {rv_before}")
+    );
 }

@@ -40,7 +40,10 @@ impl Model {
                 c.name_any(),
                 (
                     c.resource_version().unwrap_or_default(),
-                    c.data.as_ref().and_then(|d| d.get("v").cloned()).unwrap_or_default(),
+                    c.data
+                        .as_ref()
+                        .and_then(|d| d.get("v").cloned())
+                        .unwrap_or_default(),
                 ),
             )
         };
@@ -69,13 +72,20 @@ impl Model {
     }
 }
 
-async fn wait_model(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event<ConfigMap>>, model: &mut Model, done: impl Fn(&Model) -> bool) {
+async fn wait_model(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event<ConfigMap>>,
+    model: &mut Model,
+    done: impl Fn(&Model) -> bool,
+) {
     let deadline = tokio::time::Instant::now() + common::DEADLINE;
     while !done(model) {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(ev)) => model.apply(ev),
             Ok(None) => panic!("watcher ended"),
-            Err(_) => panic!("watcher did not reach the expected state; have {:?}", model.state.keys().collect::<Vec<_>>()),
+            Err(_) => panic!(
+                "watcher did not reach the expected state; have {:?}",
+                model.state.keys().collect::<Vec<_>>()
+            ),
         }
     }
 }
@@ -102,7 +112,9 @@ async fn watcher_survives_a_server_restart_without_loss_or_duplicates() {
     wait_model(&mut rx, &mut model, |m| m.relists == 1 && m.init.is_none()).await;
 
     for i in 0..20 {
-        api.create(&PostParams::default(), &cm(&format!("cm-{i:02}"), "1")).await.unwrap();
+        api.create(&PostParams::default(), &cm(&format!("cm-{i:02}"), "1"))
+            .await
+            .unwrap();
     }
     wait_model(&mut rx, &mut model, |m| m.state.len() == 20).await;
 
@@ -112,15 +124,21 @@ async fn watcher_survives_a_server_restart_without_loss_or_duplicates() {
     c.boot();
 
     for i in 20..40 {
-        api.create(&PostParams::default(), &cm(&format!("cm-{i:02}"), "1")).await.unwrap();
+        api.create(&PostParams::default(), &cm(&format!("cm-{i:02}"), "1"))
+            .await
+            .unwrap();
     }
     let mut c0 = api.get("cm-00").await.unwrap();
     c0.data = Some([("v".to_string(), "2".to_string())].into());
-    api.replace("cm-00", &PostParams::default(), &c0).await.unwrap();
+    api.replace("cm-00", &PostParams::default(), &c0)
+        .await
+        .unwrap();
     api.delete("cm-01", &DeleteParams::default()).await.unwrap();
 
     wait_model(&mut rx, &mut model, |m| {
-        m.state.len() == 39 && m.state.get("cm-00").is_some_and(|v| v.1 == "2") && !m.state.contains_key("cm-01")
+        m.state.len() == 39
+            && m.state.get("cm-00").is_some_and(|v| v.1 == "2")
+            && !m.state.contains_key("cm-01")
     })
     .await;
 
@@ -129,7 +147,15 @@ async fn watcher_survives_a_server_restart_without_loss_or_duplicates() {
     let server: BTreeMap<String, (String, String)> = listed
         .items
         .iter()
-        .map(|c| (c.name_any(), (c.resource_version().unwrap(), c.data.as_ref().unwrap()["v"].clone())))
+        .map(|c| {
+            (
+                c.name_any(),
+                (
+                    c.resource_version().unwrap(),
+                    c.data.as_ref().unwrap()["v"].clone(),
+                ),
+            )
+        })
         .collect();
     assert_eq!(model.state, server);
     // No change was delivered twice.
@@ -146,7 +172,9 @@ async fn concurrent_read_modify_write_loses_nothing() {
     let c = Cluster::start();
     let client = c.client().await;
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
-    api.create(&PostParams::default(), &cm("counter", "0")).await.unwrap();
+    api.create(&PostParams::default(), &cm("counter", "0"))
+        .await
+        .unwrap();
 
     const CLIENTS: usize = 16;
     const ATTEMPTS: usize = 25;
@@ -181,8 +209,13 @@ async fn concurrent_read_modify_write_loses_nothing() {
     let ok = ok.load(std::sync::atomic::Ordering::SeqCst);
     let conflicts = conflicts.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(ok + conflicts, CLIENTS * ATTEMPTS);
-    let n: usize = api.get("counter").await.unwrap().data.unwrap()["v"].parse().unwrap();
-    assert_eq!(n, ok, "final value must equal the number of successful writes");
+    let n: usize = api.get("counter").await.unwrap().data.unwrap()["v"]
+        .parse()
+        .unwrap();
+    assert_eq!(
+        n, ok,
+        "final value must equal the number of successful writes"
+    );
     assert!(ok > 0);
     println!("concurrency: {ok} writes succeeded, {conflicts} got 409 Conflict");
 }
