@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 use store::{RangeRequest, Revision, StoreError};
 
 use crate::codec::{self, Media, MAX_BODY_BYTES};
+use crate::object::{self, decode, Stored};
 use crate::pipeline::{self, Attributes, UserInfo};
 use crate::registry::{lookup, Kind};
 use crate::table::{self, IncludeObject};
-use crate::watchcache::decode;
 use crate::{discovery, strategy, watch, State};
 
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -495,25 +495,8 @@ impl Ctx {
         Ok((labels, fields))
     }
 
-    pub fn matches(&self, obj: &Value, labels: &Selector, fields: &FieldSelector) -> bool {
-        if !labels.is_empty() {
-            let l: std::collections::BTreeMap<String, String> = obj["metadata"]["labels"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !labels.matches(&l) {
-                return false;
-            }
-        }
-        fields.is_empty() || fields.matches(|f| self.kind.field_value(obj, f))
-    }
-
     /// List matching objects; returns (items, revision, continue token).
-    pub async fn list_objects(&self) -> Result<(Vec<Value>, i64, Option<String>), ApiError> {
+    pub async fn list_objects(&self) -> Result<(Vec<Stored>, i64, Option<String>), ApiError> {
         let (labels, fields) = self.selectors()?;
         let prefix = self.kind.prefix(self.ns());
         let limit: usize = match self.query.get("limit") {
@@ -579,8 +562,8 @@ impl Ctx {
                     .kvs
                     .iter()
                     .filter(|kv| kv.key == self.key(name))
-                    .map(|kv| decode(&kv.value, kv.mod_revision.0))
-                    .filter(|o| self.matches(o, &labels, &fields))
+                    .map(|kv| Stored::from_store(&kv.value, kv.mod_revision.0))
+                    .filter(|o| object::matches(self.kind, o, &labels, &fields))
                     .collect();
                 return Ok((items, resp.revision.0, None));
             }
@@ -608,8 +591,8 @@ impl Ctx {
             let mut last_key = None;
             for kv in &resp.kvs {
                 last_key = Some(kv.key.clone());
-                let obj = decode(&kv.value, kv.mod_revision.0);
-                if self.matches(&obj, &labels, &fields) {
+                let obj = Stored::from_store(&kv.value, kv.mod_revision.0);
+                if object::matches(self.kind, &obj, &labels, &fields) {
                     items.push(obj);
                     if limit > 0 && items.len() == limit {
                         break;
@@ -640,24 +623,23 @@ impl Ctx {
             meta["continue"] = json!(t);
         }
         if self.table {
+            let values: Vec<Value> = items.iter().map(Stored::value).collect();
             let t = table::table(
                 self.kind,
-                &items,
+                &values,
                 IncludeObject::parse(self.query.get("includeObject")),
                 meta,
                 true,
             );
             return Ok(json_response(StatusCode::OK, &t));
         }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({
-                "kind": format!("{}List", self.kind.kind),
-                "apiVersion": self.kind.api_version(),
-                "metadata": meta,
-                "items": items,
-            }),
-        ))
+        let body = object::list_json(self.kind.kind, &self.kind.api_version(), &meta, &items);
+        let mut r = Response::new(full(body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(r)
     }
 
     /// Decode a body into an object of this kind: media type, apiVersion/kind, typed round trip,
@@ -1431,14 +1413,16 @@ impl Ctx {
         let (items, rev, _) = self.list_objects().await?;
         let mut deleted = Vec::new();
         for item in items {
-            let name = meta_str(&item, "name").to_string();
+            let name = item.meta_str("name").to_string();
+            let ns = item.meta_str("namespace");
             let ctx = Ctx {
                 state: self.state.clone(),
                 kind: self.kind,
-                namespace: item["metadata"]["namespace"]
-                    .as_str()
-                    .map(String::from)
-                    .or(self.namespace.clone()),
+                namespace: if ns.is_empty() {
+                    self.namespace.clone()
+                } else {
+                    Some(ns.to_string())
+                },
                 query: Query(HashMap::new()),
                 table: false,
             };

@@ -8,6 +8,7 @@
 mod codec;
 mod discovery;
 mod handler;
+mod object;
 mod pipeline;
 mod registry;
 mod strategy;

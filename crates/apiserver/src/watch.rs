@@ -19,6 +19,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::handler::{store_error, Body, Ctx};
+use crate::object::Stored;
 use crate::table::{self, IncludeObject};
 use crate::watchcache::{from_store_event, CachedEvent, Subscription};
 
@@ -56,21 +57,26 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn event(&mut self, ty: &str, obj: &Value) -> Bytes {
-        let object = if self.table {
+    fn event(&mut self, ty: &str, obj: &Stored) -> Bytes {
+        if self.table {
             let t = table::table(
                 self.kind,
-                std::slice::from_ref(obj),
+                &[obj.value()],
                 self.include,
-                json!({"resourceVersion": obj["metadata"]["resourceVersion"]}),
+                json!({"resourceVersion": obj.meta_str("resourceVersion")}),
                 !self.headers_sent,
             );
             self.headers_sent = true;
-            t
-        } else {
-            obj.clone()
-        };
-        line(&json!({"type": ty, "object": object}))
+            return line(&json!({"type": ty, "object": t}));
+        }
+        // The common case: no parsing, the stored bytes go out as they are.
+        let mut b = Vec::with_capacity(obj.json.len() + 32);
+        b.extend_from_slice(b"{\"type\":\"");
+        b.extend_from_slice(ty.as_bytes());
+        b.extend_from_slice(b"\",\"object\":");
+        b.extend_from_slice(&obj.json);
+        b.extend_from_slice(b"}\n");
+        Bytes::from(b)
     }
 
     fn bookmark(&self, rv: i64, initial_end: bool) -> Bytes {
@@ -251,34 +257,21 @@ struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, obj: &Value) -> bool {
-        if !self.labels.is_empty() {
-            let l: std::collections::BTreeMap<String, String> = obj["metadata"]["labels"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !self.labels.matches(&l) {
-                return false;
-            }
-        }
-        self.fields.is_empty() || self.fields.matches(|f| self.ctx_kind.field_value(obj, f))
+    fn matches(&self, obj: &Stored) -> bool {
+        crate::object::matches(self.ctx_kind, obj, &self.labels, &self.fields)
     }
 
     /// The event type this watcher sees, if any.
-    fn translate<'a>(&self, ev: &'a CachedEvent) -> Option<(&'static str, &'a Value)> {
+    fn translate<'a>(&self, ev: &'a CachedEvent) -> Option<(&'static str, &'a Stored)> {
         match ev.kind {
-            EventKind::Delete => self.matches(&ev.object).then_some(("DELETED", &*ev.object)),
+            EventKind::Delete => self.matches(&ev.object).then_some(("DELETED", &ev.object)),
             EventKind::Put => {
                 let now = self.matches(&ev.object);
                 let before = ev.prev.as_ref().is_some_and(|p| self.matches(p));
                 match (before, now) {
-                    (true, true) => Some(("MODIFIED", &*ev.object)),
-                    (false, true) => Some(("ADDED", &*ev.object)),
-                    (true, false) => Some(("DELETED", &*ev.object)),
+                    (true, true) => Some(("MODIFIED", &ev.object)),
+                    (false, true) => Some(("ADDED", &ev.object)),
+                    (true, false) => Some(("DELETED", &ev.object)),
                     (false, false) => None,
                 }
             }

@@ -10,37 +10,26 @@ use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
-use serde_json::Value;
 use store::{EventKind, Revision, Store};
 use tokio::sync::{broadcast, watch};
+
+use crate::object::Stored;
 
 /// How many recent events the ring keeps.
 const RING_CAPACITY: usize = 20_000;
 /// How far a live watcher may fall behind before it is cut off.
 const BROADCAST_CAPACITY: usize = 16_384;
 
-/// One change, decoded, with `metadata.resourceVersion` set.
+/// One change, with `metadata.resourceVersion` stamped; bodies stay as JSON bytes.
 #[derive(Debug)]
 pub struct CachedEvent {
     pub kind: EventKind,
     pub key: String,
     pub revision: i64,
     /// The new object (for a delete: the last state, with the delete's revision).
-    pub object: Arc<Value>,
+    pub object: Stored,
     /// The object before the change (None for a create).
-    pub prev: Option<Arc<Value>>,
-}
-
-/// Decode a stored value and stamp its resourceVersion.
-pub fn decode(value: &[u8], revision: i64) -> Value {
-    let mut v: Value = serde_json::from_slice(value).unwrap_or(Value::Null);
-    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.insert(
-            "resourceVersion".into(),
-            Value::String(revision.to_string()),
-        );
-    }
-    v
+    pub prev: Option<Stored>,
 }
 
 pub fn from_store_event(ev: &store::Event) -> CachedEvent {
@@ -49,11 +38,11 @@ pub fn from_store_event(ev: &store::Event) -> CachedEvent {
         kind: ev.kind,
         key: ev.kv.key.clone(),
         revision,
-        object: Arc::new(decode(&ev.kv.value, revision)),
+        object: Stored::from_store(&ev.kv.value, revision),
         prev: ev
             .prev
             .as_ref()
-            .map(|p| Arc::new(decode(&p.value, p.mod_revision.0))),
+            .map(|p| Stored::from_store(&p.value, p.mod_revision.0)),
     }
 }
 
