@@ -633,8 +633,11 @@ impl Ctx {
             );
             return Ok(json_response(StatusCode::OK, &t));
         }
-        let body = object::list_json(self.kind.kind, &self.kind.api_version(), &meta, &items);
-        let mut r = Response::new(full(body));
+        let stream = object::list_stream(self.kind.kind, &self.kind.api_version(), &meta, items);
+        let body = http_body_util::StreamBody::new(futures::StreamExt::map(stream, |b| {
+            Ok::<_, Infallible>(hyper::body::Frame::data(b))
+        }));
+        let mut r = Response::new(BodyExt::boxed(body));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -1415,6 +1418,7 @@ impl Ctx {
         for item in items {
             let name = item.meta_str("name").to_string();
             let ns = item.meta_str("namespace");
+            let ns = ns.as_str();
             let ctx = Ctx {
                 state: self.state.clone(),
                 kind: self.kind,

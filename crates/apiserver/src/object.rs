@@ -6,30 +6,42 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone)]
 pub struct Stored {
     /// The object's JSON, with `metadata.resourceVersion` set.
     pub json: Bytes,
-    /// The parsed `metadata` (with `resourceVersion`).
-    pub meta: Map<String, Value>,
+    /// Where the top-level `metadata` object lies in `json`, parsed only when asked for.
+    meta_span: (usize, usize),
 }
 
 impl Stored {
-    /// From a stored value and the revision of the write that produced it.
+    /// From a stored value and the revision of the write that produced it. Stored values never
+    /// carry a resourceVersion (every write path strips it), so it is spliced in, not replaced.
     pub fn from_store(value: &[u8], revision: i64) -> Stored {
-        match stamp(value, revision) {
-            Some(s) => s,
-            None => {
-                // Not an object with metadata (should not happen for values we wrote): keep it whole.
-                let v: Value = serde_json::from_slice(value).unwrap_or(Value::Null);
-                Stored {
-                    json: Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-                    meta: Map::new(),
-                }
+        if let Some((start, end)) = metadata_span(value) {
+            let rv = format!("\"resourceVersion\":\"{revision}\"");
+            let empty = value[start + 1..end - 1]
+                .iter()
+                .all(u8::is_ascii_whitespace);
+            let mut out = Vec::with_capacity(value.len() + rv.len() + 1);
+            out.extend_from_slice(&value[..=start]);
+            out.extend_from_slice(rv.as_bytes());
+            if !empty {
+                out.push(b',');
             }
+            out.extend_from_slice(&value[start + 1..]);
+            let added = rv.len() + usize::from(!empty);
+            return Stored {
+                json: Bytes::from(out),
+                meta_span: (start, end + added),
+            };
+        }
+        // Not an object with metadata (not something we wrote): keep it whole.
+        Stored {
+            json: Bytes::copy_from_slice(value),
+            meta_span: (0, 0),
         }
     }
 
@@ -38,8 +50,14 @@ impl Stored {
         serde_json::from_slice(&self.json).unwrap_or(Value::Null)
     }
 
+    /// The parsed `metadata`.
+    pub fn meta(&self) -> Map<String, Value> {
+        let (a, b) = self.meta_span;
+        serde_json::from_slice(self.json.get(a..b).unwrap_or_default()).unwrap_or_default()
+    }
+
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.meta
+        self.meta()
             .get("labels")
             .and_then(Value::as_object)
             .map(|m| {
@@ -50,69 +68,103 @@ impl Stored {
             .unwrap_or_default()
     }
 
-    pub fn meta_str(&self, field: &str) -> &str {
-        self.meta
+    pub fn meta_str(&self, field: &str) -> String {
+        self.meta()
             .get(field)
             .and_then(Value::as_str)
             .unwrap_or_default()
+            .to_string()
     }
 }
 
-/// Rewrite the top level of `value` with `metadata.resourceVersion` = `revision`, parsing only
-/// the metadata; every other field is copied as raw JSON.
-fn stamp(value: &[u8], revision: i64) -> Option<Stored> {
-    let top: Vec<(String, &RawValue)> = serde_json::from_slice::<TopLevel>(value).ok()?.0;
-    let mut out = Vec::with_capacity(value.len() + 32);
-    out.push(b'{');
-    let mut meta = None;
-    for (i, (k, raw)) in top.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, k).ok()?;
-        out.push(b':');
-        if k == "metadata" {
-            let mut m: Map<String, Value> = serde_json::from_str(raw.get()).ok()?;
-            m.insert(
-                "resourceVersion".into(),
-                Value::String(revision.to_string()),
-            );
-            serde_json::to_writer(&mut out, &m).ok()?;
-            meta = Some(m);
-        } else {
-            out.extend_from_slice(raw.get().as_bytes());
-        }
+/// The span `[start, end)` of the value of the top-level `"metadata"` member of a JSON object
+/// (`start` at its `{`, `end` after its `}`), found by scanning, without parsing.
+fn metadata_span(json: &[u8]) -> Option<(usize, usize)> {
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
     }
-    out.push(b'}');
-    Some(Stored {
-        json: Bytes::from(out),
-        meta: meta?,
-    })
-}
-
-/// The top-level members of an object, in order, values unparsed.
-struct TopLevel<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for TopLevel<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
-            type Value = TopLevel<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
+    i += 1;
+    loop {
+        i = skip_ws(json, i);
+        match json.get(i)? {
+            b'}' => return None,
+            b',' => {
+                i += 1;
+                continue;
             }
-            fn visit_map<M: serde::de::MapAccess<'de>>(
-                self,
-                mut m: M,
-            ) -> Result<Self::Value, M::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = m.next_entry::<String, &'de RawValue>()? {
-                    out.push((k, v));
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = skip_string(json, i)?;
+        let key = &json[i + 1..key_end - 1];
+        i = skip_ws(json, key_end);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(json, i + 1);
+        let value_end = skip_value(json, i)?;
+        if key == b"metadata" {
+            return (json.get(i) == Some(&b'{')).then_some((i, value_end));
+        }
+        i = value_end;
+    }
+}
+
+fn skip_ws(json: &[u8], mut i: usize) -> usize {
+    while json.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
+}
+
+/// `i` at an opening quote; returns the index after the closing quote.
+fn skip_string(json: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        match json.get(i)? {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+}
+
+/// `i` at the start of a value; returns the index after it.
+fn skip_value(json: &[u8], i: usize) -> Option<usize> {
+    match json.get(i)? {
+        b'"' => skip_string(json, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match json.get(j)? {
+                    b'"' => {
+                        j = skip_string(json, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
                 }
-                Ok(TopLevel(out))
+                j += 1;
             }
         }
-        d.deserialize_map(V(std::marker::PhantomData))
+        _ => {
+            let mut j = i;
+            while let Some(c) = json.get(j) {
+                if matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace() {
+                    break;
+                }
+                j += 1;
+            }
+            Some(j)
+        }
     }
 }
 
@@ -147,32 +199,57 @@ pub fn matches(
         .iter()
         .all(|r| r.field.starts_with("metadata."));
     let whole = if metadata_only {
-        serde_json::json!({"metadata": obj.meta})
+        serde_json::json!({"metadata": obj.meta()})
     } else {
         obj.value()
     };
     fields.matches(|f| kind.field_value(&whole, f))
 }
 
-/// `{"kind":..,"apiVersion":..,"metadata":{..},"items":[..]}` from raw items.
-pub fn list_json(kind: &str, api_version: &str, meta: &Value, items: &[Stored]) -> Vec<u8> {
-    let size: usize = items.iter().map(|i| i.json.len() + 1).sum();
-    let mut out = Vec::with_capacity(size + 256);
-    out.extend_from_slice(b"{\"kind\":");
-    let _ = serde_json::to_writer(&mut out, &format!("{kind}List"));
-    out.extend_from_slice(b",\"apiVersion\":");
-    let _ = serde_json::to_writer(&mut out, api_version);
-    out.extend_from_slice(b",\"metadata\":");
-    let _ = serde_json::to_writer(&mut out, meta);
-    out.extend_from_slice(b",\"items\":[");
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+/// `{"kind":..,"apiVersion":..,"metadata":{..},"items":[..]}` from raw items, as a stream of
+/// chunks of about `CHUNK` bytes: the response is never built whole, and each item is released
+/// once it has been sent.
+pub fn list_stream(
+    kind: &str,
+    api_version: &str,
+    meta: &Value,
+    items: Vec<Stored>,
+) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    const CHUNK: usize = 256 * 1024;
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"{\"kind\":");
+    let _ = serde_json::to_writer(&mut head, &format!("{kind}List"));
+    head.extend_from_slice(b",\"apiVersion\":");
+    let _ = serde_json::to_writer(&mut head, api_version);
+    head.extend_from_slice(b",\"metadata\":");
+    let _ = serde_json::to_writer(&mut head, meta);
+    head.extend_from_slice(b",\"items\":[");
+    let mut items = items.into_iter().peekable();
+    let mut first = true;
+    let mut head = Some(head);
+    futures::stream::iter(std::iter::from_fn(move || {
+        let mut buf = head.take()?;
+        if buf.is_empty() && items.peek().is_none() {
+            return None;
         }
-        out.extend_from_slice(&item.json);
-    }
-    out.extend_from_slice(b"]}");
-    out
+        while buf.len() < CHUNK {
+            match items.next() {
+                Some(item) => {
+                    if !first {
+                        buf.push(b',');
+                    }
+                    first = false;
+                    buf.extend_from_slice(&item.json);
+                }
+                None => {
+                    buf.extend_from_slice(b"]}");
+                    return Some(Bytes::from(buf));
+                }
+            }
+        }
+        head = Some(Vec::with_capacity(CHUNK + 4096));
+        Some(Bytes::from(buf))
+    }))
 }
 
 #[cfg(test)]
@@ -181,24 +258,81 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn list_streams_are_valid_json_whatever_their_size() {
+        for n in [0usize, 1, 2, 5000] {
+            let items: Vec<Stored> = (0..n)
+                .map(|i| {
+                    Stored::from_store(
+                        format!(
+                            r#"{{"kind":"X","metadata":{{"name":"n{i}"}},"pad":"{}"}}"#,
+                            "p".repeat(100)
+                        )
+                        .as_bytes(),
+                        3,
+                    )
+                })
+                .collect();
+            let chunks: Vec<Bytes> = futures::executor::block_on(futures::StreamExt::collect(
+                list_stream("X", "v1", &json!({}), items),
+            ));
+            assert!(
+                n < 5000 || chunks.len() > 1,
+                "large lists go out in several chunks"
+            );
+            let v: Value = serde_json::from_slice(&chunks.concat()).unwrap();
+            assert_eq!(v["items"].as_array().unwrap().len(), n);
+            assert_eq!(v["kind"], "XList");
+        }
+    }
+
+    #[test]
+    fn stamping_odd_shapes() {
+        for (input, want) in [
+            (
+                r#"{"metadata":{}}"#,
+                r#"{"metadata":{"resourceVersion":"7"}}"#,
+            ),
+            (
+                r#" { "kind" : "X" , "metadata" : { "name" : "n" } } "#,
+                r#" { "kind" : "X" , "metadata" : {"resourceVersion":"7", "name" : "n" } } "#,
+            ),
+            (
+                r#"{"a":"}\"metadata\":{","b":[{"metadata":{}}],"c":1.5e3,"d":null,"metadata":{"x":"{"}}"#,
+                r#"{"a":"}\"metadata\":{","b":[{"metadata":{}}],"c":1.5e3,"d":null,"metadata":{"resourceVersion":"7","x":"{"}}"#,
+            ),
+        ] {
+            let s = Stored::from_store(input.as_bytes(), 7);
+            assert_eq!(std::str::from_utf8(&s.json).unwrap(), want);
+            assert_eq!(s.meta_str("resourceVersion"), "7");
+        }
+        // No metadata object, or not an object: kept as it is.
+        for input in [r#"{"kind":"X"}"#, "[1]", r#"{"metadata":"x"}"#, "{"] {
+            let s = Stored::from_store(input.as_bytes(), 7);
+            assert_eq!(&s.json[..], input.as_bytes());
+        }
+    }
+
+    #[test]
     fn stamping_keeps_everything_else() {
         let v = json!({"apiVersion": "v1", "kind": "ConfigMap",
             "data": {"metadata": "{\"x\":1}", "k": "v\"q"},
-            "metadata": {"name": "a", "labels": {"x": "y"}, "resourceVersion": "1"}});
+            "metadata": {"name": "a", "labels": {"x": "y"}}});
         let s = Stored::from_store(&serde_json::to_vec(&v).unwrap(), 42);
         let back = s.value();
         let mut want = v.clone();
         want["metadata"]["resourceVersion"] = json!("42");
         assert_eq!(back, want);
         assert_eq!(s.meta_str("resourceVersion"), "42");
+        assert_eq!(s.meta_str("name"), "a");
         assert_eq!(s.labels().get("x").map(String::as_str), Some("y"));
-        let l = list_json(
-            "ConfigMap",
-            "v1",
-            &json!({"resourceVersion": "42"}),
-            &[s.clone(), s],
-        );
-        let l: Value = serde_json::from_slice(&l).unwrap();
+        let chunks: Vec<Bytes> =
+            futures::executor::block_on(futures::StreamExt::collect(list_stream(
+                "ConfigMap",
+                "v1",
+                &json!({"resourceVersion": "42"}),
+                vec![s.clone(), s],
+            )));
+        let l: Value = serde_json::from_slice(&chunks.concat()).unwrap();
         assert_eq!(l["kind"], "ConfigMapList");
         assert_eq!(l["items"][1], want);
     }

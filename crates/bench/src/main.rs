@@ -22,6 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create N pods in `default` through an existing cluster's kubeconfig (for profiling).
+    Fill {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+    },
     /// API server and embedded store: creates/s, single-object latency under load, LIST, watch
     /// delivery, memory.
     Api {
@@ -309,6 +318,39 @@ async fn api_bench(
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Fill {
+            kubeconfig,
+            pods,
+            clients,
+        } => {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..clients {
+                let config =
+                    kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await?;
+                let api: Api<Pod> = Api::namespaced(kube::Client::try_from(config)?, "default");
+                let next = next.clone();
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i >= pods {
+                            return Ok::<_, kube::Error>(());
+                        }
+                        api.create(&PostParams::default(), &pod(i)).await?;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            println!(
+                "created {pods} pods in {:.1}s",
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::Api {
             rkube,
             pods,

@@ -219,3 +219,48 @@ async fn concurrent_read_modify_write_loses_nothing() {
     assert!(ok > 0);
     println!("concurrency: {ok} writes succeeded, {conflicts} got 409 Conflict");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_lists_end_with_the_initial_events_bookmark() {
+    let c = Cluster::start();
+    let client = c.client().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    for i in 0..5 {
+        api.create(&PostParams::default(), &cm(&format!("s-{i}"), "1"))
+            .await
+            .unwrap();
+    }
+    // sendInitialEvents=true: the watcher sees Init, the objects, then InitDone (which it only
+    // emits after the k8s.io/initial-events-end bookmark).
+    let stream = watcher::watcher(api.clone(), watcher::Config::default().streaming_lists());
+    let mut stream = std::pin::pin!(stream);
+    let mut names = Vec::new();
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("InitDone in time")
+            .unwrap()
+            .unwrap();
+        match ev {
+            Event::Init => {}
+            Event::InitApply(c) => names.push(c.name_any()),
+            Event::InitDone => break,
+            other => panic!("unexpected event before InitDone: {other:?}"),
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["s-0", "s-1", "s-2", "s-3", "s-4"]);
+    api.create(&PostParams::default(), &cm("after", "1"))
+        .await
+        .unwrap();
+    match tokio::time::timeout_at(deadline, stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        Event::Apply(c) => assert_eq!(c.name_any(), "after"),
+        other => panic!("expected the new object, got {other:?}"),
+    }
+}

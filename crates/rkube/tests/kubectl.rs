@@ -791,3 +791,39 @@ fn invalid_objects_are_refused_with_causes() {
         "unknown fields are dropped"
     );
 }
+
+#[test]
+fn kubectl_one_minor_version_behind_works_too() {
+    // The dispatcher picks 1.33 for this server; upstream supports clients one minor behind.
+    let old = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32";
+    if !std::path::Path::new(old).exists() {
+        panic!("{old} is missing: the machine image should ship kubectl 1.27-1.33");
+    }
+    let c = Cluster::start();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(old)
+            .args(args)
+            .env("KUBECONFIG", c.kubeconfig())
+            .env("HOME", c.data_dir())
+            .output()
+            .expect("kubectl 1.32");
+        assert!(
+            out.status.success(),
+            "kubectl.1.32 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v = json(&run(&["version", "-o", "json"]));
+    assert_eq!(v["clientVersion"]["minor"], "32");
+    assert!(run(&["api-resources", "-o", "name"])
+        .lines()
+        .any(|l| l == "deployments.apps"));
+    let f = c.data_dir().join("m.yaml");
+    std::fs::write(&f, MANIFEST).unwrap();
+    assert!(run(&["create", "-f", f.to_str().unwrap()]).contains("deployment.apps/dep created"));
+    let t = rows(&run(&["get", "pods"]));
+    assert_eq!(t[0], ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
+    assert_eq!(t.len(), 3);
+    assert_eq!(run(&["delete", "pod", "db"]), "pod \"db\" deleted\n");
+}
