@@ -50,6 +50,7 @@ impl ApiServer {
         store: Arc<dyn Store>,
         addr: SocketAddr,
         tls: rustls::ServerConfig,
+        compaction_interval: Duration,
     ) -> anyhow::Result<ApiServer> {
         let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
         let cache = watchcache::WatchCache::start(store.clone(), shutdown_rx.clone()).await?;
@@ -59,6 +60,11 @@ impl ApiServer {
             shutdown: shutdown_rx.clone(),
         });
         handler::bootstrap(&state).await?;
+        tokio::spawn(compactor(
+            state.store.clone(),
+            shutdown_rx.clone(),
+            compaction_interval,
+        ));
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let mut tls = tls;
@@ -77,6 +83,34 @@ impl ApiServer {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.done.await;
+    }
+}
+
+/// How often history is compacted by default, and so how much history (one to two intervals) is
+/// kept for watchers that resume and lists that continue: upstream's API server uses 5 minutes.
+pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Every interval, compact the store to the revision it had one interval earlier.
+async fn compactor(
+    store: Arc<dyn Store>,
+    mut shutdown: tokio_watch::Receiver<bool>,
+    every: Duration,
+) {
+    let mut previous: Option<store::Revision> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Some(rev) = previous {
+            match store.compact(rev).await {
+                Ok(()) => tracing::debug!(revision = rev.0, "compacted"),
+                // Already compacted that far (nothing was written): not an error.
+                Err(store::StoreError::Compacted { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, "compaction failed"),
+            }
+        }
+        previous = store.current_revision().await.ok();
     }
 }
 

@@ -39,6 +39,14 @@ pub struct ServerArgs {
     /// An existing CRI socket instead of a supervised runtime.
     #[arg(long, env = "RKUBE_CONTAINER_RUNTIME_ENDPOINT")]
     pub container_runtime_endpoint: Option<String>,
+    /// How often store history is compacted (tests shorten it).
+    #[arg(
+        long,
+        env = "RKUBE_COMPACTION_INTERVAL_SECONDS",
+        default_value_t = 300,
+        hide = true
+    )]
+    pub compaction_interval_seconds: u64,
     /// Registries to pull from over plain HTTP (repeatable).
     #[arg(long, env = "RKUBE_INSECURE_REGISTRY")]
     pub insecure_registry: Vec<String>,
@@ -140,7 +148,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let pki = certs::ensure(&args.data_dir, &addresses, &names)?;
 
     let addr = SocketAddr::new(args.bind_address, args.port);
-    let api = apiserver::ApiServer::start(store, addr, pki.serving.clone())
+    let compaction = std::time::Duration::from_secs(args.compaction_interval_seconds.max(1));
+    let api = apiserver::ApiServer::start(store, addr, pki.serving.clone(), compaction)
         .await
         .with_context(|| format!("starting the API server on {addr}"))?;
     let host_for_clients = if args.bind_address.is_unspecified() {

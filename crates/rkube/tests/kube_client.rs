@@ -264,3 +264,67 @@ async fn streaming_lists_end_with_the_initial_events_bookmark() {
         other => panic!("expected the new object, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_history_answers_410_gone() {
+    let c = Cluster::start_with(0, &["--compaction-interval-seconds", "1"]);
+    let client = c.client().await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let first = api
+        .create(&PostParams::default(), &cm("old", "1"))
+        .await
+        .unwrap();
+    let old_rv = first.resource_version().unwrap();
+    // Writes move history on; the compactor (every second here) forgets what lies behind.
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    let mut n = 0;
+    loop {
+        n += 1;
+        api.create(&PostParams::default(), &cm(&format!("new-{n}"), "1"))
+            .await
+            .unwrap();
+        let req = http::Request::get(format!(
+            "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={old_rv}&timeoutSeconds=1"
+        ))
+        .body(Vec::new())
+        .unwrap();
+        let text = client.request_text(req).await.unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("\"ERROR\"")) {
+            let ev: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(ev["object"]["kind"], "Status");
+            assert_eq!(ev["object"]["code"], 410);
+            assert_eq!(ev["object"]["reason"], "Expired");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 410 after compaction"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A paged list whose continue token points at compacted history is 410 too.
+    let page = api.list(&ListParams::default().limit(1)).await.unwrap();
+    let token = page.metadata.continue_.clone().unwrap();
+    loop {
+        api.create(&PostParams::default(), &cm(&format!("more-{n}"), "1"))
+            .await
+            .unwrap();
+        n += 1;
+        match api
+            .list(&ListParams::default().limit(1).continue_token(&token))
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 410 => {
+                assert_eq!(s.reason, "Expired");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "continue token never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
