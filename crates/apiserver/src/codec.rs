@@ -154,6 +154,91 @@ fn typed_roundtrip(kind: &Kind, input: &Value) -> Result<Value, serde_json::Erro
     })
 }
 
+/// Paths of keys that appear more than once in one JSON object of `bytes` (serde_json keeps the
+/// last silently; `fieldValidation` wants to know). Empty if `bytes` is not valid JSON.
+pub fn duplicate_fields(bytes: &[u8]) -> Vec<String> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    struct Walk<'a> {
+        path: String,
+        out: &'a RefCell<Vec<String>>,
+    }
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<(), M::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                let p = if self.path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{}.{k}", self.path)
+                };
+                if !seen.insert(k) {
+                    self.out.borrow_mut().push(p.clone());
+                }
+                m.next_value_seed(Walk {
+                    path: p,
+                    out: self.out,
+                })?;
+            }
+            Ok(())
+        }
+        fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<(), S::Error> {
+            let mut i = 0;
+            while s
+                .next_element_seed(Walk {
+                    path: format!("{}[{i}]", self.path),
+                    out: self.out,
+                })?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let out = RefCell::new(Vec::new());
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    if (Walk {
+        path: String::new(),
+        out: &out,
+    })
+    .deserialize(&mut de)
+    .is_err()
+    {
+        return Vec::new();
+    }
+    out.into_inner()
+}
+
 /// Fields present (and not null) in `input` but absent from the typed round trip.
 fn unknown_fields(input: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
     match (input, typed) {
@@ -186,6 +271,22 @@ mod tests {
     use super::*;
     use crate::registry::lookup;
     use serde_json::json;
+
+    #[test]
+    fn duplicate_fields_by_path() {
+        let cases: [(&str, &[&str]); 4] = [
+            (r#"{"a":1,"b":2}"#, &[]),
+            (r#"{"a":1,"a":2}"#, &["a"]),
+            (
+                r#"{"spec":{"replicas":1,"x":[{"n":1,"n":2}],"replicas":2}}"#,
+                &["spec.x[0].n", "spec.replicas"],
+            ),
+            ("{", &[]),
+        ];
+        for (input, want) in cases {
+            assert_eq!(duplicate_fields(input.as_bytes()), want, "{input}");
+        }
+    }
 
     #[test]
     fn media_types() {

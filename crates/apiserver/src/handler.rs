@@ -667,10 +667,24 @@ impl Ctx {
             }
         }
         let input = codec::parse_body(body, media)?;
-        self.check_object(input)
+        let duplicates = if media == Media::Json {
+            codec::duplicate_fields(body)
+        } else {
+            Vec::new()
+        };
+        self.check_object_with(input, &duplicates)
     }
 
     fn check_object(&self, input: Value) -> Result<(Value, Vec<String>), ApiError> {
+        self.check_object_with(input, &[])
+    }
+
+    /// `duplicates`: paths of keys the body repeated (found before parsing dropped them).
+    fn check_object_with(
+        &self,
+        input: Value,
+        duplicates: &[String],
+    ) -> Result<(Value, Vec<String>), ApiError> {
         if !input.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
@@ -693,10 +707,19 @@ impl Ctx {
         }
         let (typed, unknown) = codec::roundtrip(self.kind, &input)?;
         let mut warnings = Vec::new();
-        if !unknown.is_empty() {
+        let mut problems: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect();
+        problems.extend(
+            duplicates
+                .iter()
+                .map(|f| format!("duplicate field \"{f}\"")),
+        );
+        if !problems.is_empty() {
             match self.query.get("fieldValidation").unwrap_or("Warn") {
                 "Strict" => {
-                    let list: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+                    let list = &problems;
                     return Err(ApiError::bad_request(format!(
                         "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
                         self.kind.kind,
@@ -706,7 +729,7 @@ impl Ctx {
                     )));
                 }
                 "Ignore" => {}
-                "Warn" => warnings.extend(unknown.iter().map(|f| format!("unknown field \"{f}\""))),
+                "Warn" => warnings.extend(problems),
                 other => {
                     return Err(ApiError::bad_request(format!(
                         "fieldValidation: Unsupported value: \"{other}\": supported values: \"Ignore\", \"Strict\", \"Warn\""
