@@ -996,20 +996,8 @@ impl Ctx {
                     Err(e) => return Err(self.err(name, e)),
                 }
             }
-            if let Some(m) = new["metadata"].as_object_mut() {
-                m.remove("resourceVersion");
-            }
-            let bytes = serde_json::to_vec(&new).map_err(|e| ApiError::internal(e.to_string()))?;
-            match self
-                .state
-                .store
-                .update(&self.key(name), Bytes::from(bytes), cur_rev)
-                .await
-            {
-                Ok(rev) => {
-                    new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
-                    return Ok(new);
-                }
+            match self.write_back(name, &mut new, cur_rev).await {
+                Ok(()) => return Ok(new),
                 Err(StoreError::Conflict { .. }) if !pinned => continue,
                 Err(e) => return Err(self.err(name, e)),
             }
@@ -1020,6 +1008,27 @@ impl Ctx {
             "too many concurrent updates; try again",
         )
         .on(kind.group, kind.plural, name))
+    }
+
+    /// Compare-and-swap `obj` over the version at `expected`. The stored value never carries a
+    /// resourceVersion; on success `obj` gets the new one.
+    async fn write_back(
+        &self,
+        name: &str,
+        obj: &mut Value,
+        expected: Revision,
+    ) -> Result<(), StoreError> {
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        let bytes = serde_json::to_vec(&*obj).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let rev = self
+            .state
+            .store
+            .update(&self.key(name), Bytes::from(bytes), expected)
+            .await?;
+        obj["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+        Ok(())
     }
 
     async fn update(
@@ -1393,21 +1402,8 @@ impl Ctx {
                 if new == cur {
                     return Ok((cur, StatusCode::OK));
                 }
-                if let Some(m) = new["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
-                }
-                let bytes =
-                    serde_json::to_vec(&new).map_err(|e| ApiError::internal(e.to_string()))?;
-                match self
-                    .state
-                    .store
-                    .update(&self.key(name), Bytes::from(bytes), cur_rev)
-                    .await
-                {
-                    Ok(rev) => {
-                        new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
-                        return Ok((new, StatusCode::OK));
-                    }
+                match self.write_back(name, &mut new, cur_rev).await {
+                    Ok(()) => return Ok((new, StatusCode::OK)),
                     Err(StoreError::Conflict { .. }) => continue,
                     Err(e) => return Err(self.err(name, e)),
                 }

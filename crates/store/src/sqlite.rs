@@ -245,6 +245,21 @@ fn append_log(
     Ok(conn.last_insert_rowid())
 }
 
+/// The current value of `key` for a write that expects it at `expected` (any revision if None).
+fn current_for_write(conn: &Connection, key: &str, expected: Option<Revision>) -> Result<KeyValue> {
+    let cur = current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound {
+        key: key.to_string(),
+    })?;
+    match expected {
+        Some(expected) if cur.mod_revision != expected => Err(StoreError::Conflict {
+            key: key.to_string(),
+            expected,
+            actual: cur.mod_revision,
+        }),
+        _ => Ok(cur),
+    }
+}
+
 /// Apply one write inside the open transaction. Errors that are answers (conflict, exists)
 /// leave the database untouched.
 fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply> {
@@ -288,15 +303,7 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
             expected,
         } => {
             check_size(value)?;
-            let cur =
-                current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
-            if cur.mod_revision != *expected {
-                return Err(StoreError::Conflict {
-                    key: key.clone(),
-                    expected: *expected,
-                    actual: cur.mod_revision,
-                });
-            }
+            let cur = current_for_write(conn, key, Some(*expected))?;
             let rev = append_log(
                 conn,
                 key,
@@ -321,17 +328,7 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
             }))
         }
         WriteOp::Delete { key, expected } => {
-            let cur =
-                current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
-            if let Some(expected) = expected {
-                if cur.mod_revision != *expected {
-                    return Err(StoreError::Conflict {
-                        key: key.clone(),
-                        expected: *expected,
-                        actual: cur.mod_revision,
-                    });
-                }
-            }
+            let cur = current_for_write(conn, key, *expected)?;
             let rev = append_log(
                 conn,
                 key,
