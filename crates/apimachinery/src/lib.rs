@@ -8,7 +8,9 @@ pub mod duration;
 pub mod fields;
 pub mod labels;
 pub mod patch;
+pub mod patch_meta;
 pub mod status;
+pub mod strategic;
 pub mod validation;
 
 pub use status::{ApiError, Cause};

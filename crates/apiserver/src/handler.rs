@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use apimachinery::fields::FieldSelector;
 use apimachinery::labels::Selector;
-use apimachinery::{patch, ApiError};
+use apimachinery::{patch, patch_meta, strategic, ApiError};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -1059,12 +1059,25 @@ impl Ctx {
         content_type: Option<&str>,
     ) -> Result<Response<Body>, ApiError> {
         let media = codec::media_type(content_type)?;
+        // The scale subresource is an autoscaling/v1 Scale: no merge lists.
+        let smp_meta = match sub {
+            Some("scale") => None,
+            _ => Some(patch_meta::for_kind(self.kind.group, self.kind.kind)),
+        };
         let apply = |target: &mut Value, patch_doc: &Value| -> Result<(), ApiError> {
             match media {
                 Media::JsonPatch => patch::json_patch(target, patch_doc).map_err(|e| match e {
                     patch::PatchError::TooManyOperations(_) => ApiError::too_large(e.to_string()),
-                    patch::PatchError::TestFailed { .. } => ApiError::new(422, "Invalid", e.to_string()),
-                    _ => ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")),
+                    patch::PatchError::TestFailed { .. } => {
+                        ApiError::new(422, "Invalid", e.to_string())
+                    }
+                    _ => ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "the server rejected our request due to an error in our request: {e}"
+                        ),
+                    ),
                 }),
                 Media::MergePatch => {
                     if !patch_doc.is_object() {
@@ -1073,16 +1086,27 @@ impl Ctx {
                     patch::merge_patch(target, patch_doc);
                     Ok(())
                 }
-                Media::StrategicMergePatch | Media::ApplyPatch => Err(ApiError::unsupported_media_type(&format!(
-                    "{}: strategic merge patch and server-side apply are not supported by this rkube yet; use --type merge or --type json",
-                    content_type.unwrap_or_default()
-                ))),
-                _ => Err(ApiError::unsupported_media_type(content_type.unwrap_or_default())),
+                Media::StrategicMergePatch => {
+                    *target = strategic::strategic_merge(target, patch_doc, smp_meta).map_err(|e| {
+                        ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}"))
+                    })?;
+                    Ok(())
+                }
+                _ => Err(ApiError::unsupported_media_type(
+                    content_type.unwrap_or_default(),
+                )),
             }
         };
-        // Validate the patch document up front so that bad input never reaches the store.
-        if !matches!(media, Media::JsonPatch | Media::MergePatch) {
-            apply(&mut Value::Null, &Value::Null)?;
+        // Refuse what cannot be a patch before reading anything.
+        match media {
+            Media::JsonPatch | Media::MergePatch | Media::StrategicMergePatch => {}
+            Media::ApplyPatch => {
+                return Err(ApiError::unsupported_media_type(&format!(
+                    "{}: server-side apply is not supported by this rkube yet; use client-side kubectl apply",
+                    content_type.unwrap_or_default()
+                )))
+            }
+            _ => return Err(ApiError::unsupported_media_type(content_type.unwrap_or_default())),
         }
         let patch_doc = codec::parse_body(body, media)?;
         if sub == Some("scale") {

@@ -801,12 +801,7 @@ fn kubectl_one_minor_version_behind_works_too() {
     }
     let c = Cluster::start();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(old)
-            .args(args)
-            .env("KUBECONFIG", c.kubeconfig())
-            .env("HOME", c.data_dir())
-            .output()
-            .expect("kubectl 1.32");
+        let out = c.command(old).args(args).output().expect("kubectl 1.32");
         assert!(
             out.status.success(),
             "kubectl.1.32 {args:?}: {}",

@@ -118,12 +118,18 @@ impl Cluster {
         }
     }
 
-    fn kubectl_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("kubectl");
-        cmd.args(args)
-            .env("KUBECONFIG", self.kubeconfig())
+    /// A command (a kubectl build, say) with this cluster's kubeconfig and its own HOME.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("KUBECONFIG", self.kubeconfig())
             .env("HOME", self.dir.path())
             .env("KUBECACHEDIR", self.dir.path().join("kubecache"));
+        cmd
+    }
+
+    fn kubectl_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command("kubectl");
+        cmd.args(args);
         cmd
     }
 

@@ -1,0 +1,308 @@
+//! kubectl's strategic-merge-patch verbs against a real `rkube server`: apply, edit, patch,
+//! set image, rollout restart, scale, diff and server-side dry run. Each check reads the object
+//! that resulted.
+
+mod common;
+
+use common::Cluster;
+use serde_json::Value;
+
+const APP: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web, team: a}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.26
+        ports: [{containerPort: 80}, {containerPort: 443}]
+"#;
+
+const APP_V2: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: nginx
+        image: nginx:1.27
+        ports: [{containerPort: 80}]
+        env: [{name: MODE, value: prod}]
+"#;
+
+fn deploy(c: &Cluster) -> Value {
+    serde_json::from_str(&c.kubectl(&["get", "deploy", "web", "-o", "json"])).unwrap()
+}
+
+fn write(c: &Cluster, name: &str, body: &str) -> String {
+    let p = c.data_dir().join(name);
+    std::fs::write(&p, body).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn client_side_apply_round_trip() {
+    let c = Cluster::start();
+    let v1 = write(&c, "v1.yaml", APP);
+    let v2 = write(&c, "v2.yaml", APP_V2);
+    assert_eq!(
+        c.kubectl(&["apply", "-f", &v1]),
+        "deployment.apps/web created\n"
+    );
+    let d = deploy(&c);
+    assert!(
+        d["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .is_string()
+    );
+
+    // Change image and replicas, drop a port and a label, add an env var.
+    assert_eq!(
+        c.kubectl(&["apply", "-f", &v2]),
+        "deployment.apps/web configured\n"
+    );
+    let d = deploy(&c);
+    let ctr = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(ctr["image"], "nginx:1.27");
+    assert_eq!(
+        ctr["ports"],
+        serde_json::json!([{"containerPort": 80, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        ctr["env"],
+        serde_json::json!([{"name": "MODE", "value": "prod"}])
+    );
+    assert_eq!(d["metadata"]["labels"], serde_json::json!({"app": "web"}));
+    // Fields set by others survive an apply that does not mention them.
+    c.kubectl(&["label", "deploy", "web", "owner=ops"]);
+    c.kubectl(&["apply", "-f", &v2]);
+    assert_eq!(deploy(&c)["metadata"]["labels"]["owner"], "ops");
+
+    // A no-op apply writes nothing.
+    let rv = deploy(&c)["metadata"]["resourceVersion"].clone();
+    assert_eq!(
+        c.kubectl(&["apply", "-f", &v2]),
+        "deployment.apps/web unchanged\n"
+    );
+    assert_eq!(deploy(&c)["metadata"]["resourceVersion"], rv);
+
+    // A directory and a multi-document file.
+    let dir = c.data_dir().join("dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {k: \"1\"}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\ndata: {k: \"1\"}\n").unwrap();
+    let out = c.kubectl(&["apply", "-f", dir.to_str().unwrap()]);
+    assert_eq!(out, "configmap/a created\nconfigmap/b created\n");
+    std::fs::write(dir.join("a.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {k: \"2\"}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\ndata: {k: \"1\"}\n").unwrap();
+    let out = c.kubectl(&["apply", "-f", dir.to_str().unwrap()]);
+    assert_eq!(out, "configmap/a configured\nconfigmap/b unchanged\n");
+    assert_eq!(
+        c.kubectl(&["get", "cm", "a", "-o", "jsonpath={.data.k}"]),
+        "2"
+    );
+}
+
+#[test]
+fn apply_dry_run_and_diff_persist_nothing() {
+    let c = Cluster::start();
+    let v1 = write(&c, "v1.yaml", APP);
+    c.kubectl(&["apply", "-f", &v1]);
+    let v2 = write(&c, "v2.yaml", APP_V2);
+    assert_eq!(
+        c.kubectl(&["apply", "-f", &v2, "--dry-run=server"]),
+        "deployment.apps/web configured (server dry run)\n"
+    );
+    assert_eq!(deploy(&c)["spec"]["replicas"], 2);
+    let out = c.kubectl_output(&["diff", "-f", &v2]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "diff exits 1 when there are differences"
+    );
+    let diff = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        diff.contains("-  replicas: 2") && diff.contains("+  replicas: 3"),
+        "{diff}"
+    );
+    let removed = |needle: &str| {
+        diff.lines()
+            .any(|l| l.starts_with('-') && l.contains(needle))
+    };
+    let added = |needle: &str| {
+        diff.lines()
+            .any(|l| l.starts_with('+') && l.contains(needle))
+    };
+    assert!(
+        removed("image: nginx:1.26") && added("image: nginx:1.27"),
+        "{diff}"
+    );
+    assert!(
+        removed("containerPort: 443") && added("name: MODE") && removed("team: a"),
+        "{diff}"
+    );
+    assert_eq!(deploy(&c)["spec"]["replicas"], 2);
+    assert_eq!(
+        c.kubectl_output(&["diff", "-f", &v1]).status.code(),
+        Some(0),
+        "no differences"
+    );
+    // Creating with a server dry run stores nothing.
+    let cm = write(
+        &c,
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ghost}\n",
+    );
+    c.kubectl(&["apply", "-f", &cm, "--dry-run=server"]);
+    c.kubectl_fails(&["get", "cm", "ghost"]);
+}
+
+#[test]
+fn edit_patch_set_image_restart_scale() {
+    let c = Cluster::start();
+    let v1 = write(&c, "v1.yaml", APP);
+    c.kubectl(&["apply", "-f", &v1]);
+
+    // edit, with a scripted editor.
+    let edit = c
+        .command("kubectl")
+        .args(["edit", "deploy", "web"])
+        .env("EDITOR", "sed -i s/replicas:\\ 2/replicas:\\ 4/")
+        .output()
+        .unwrap();
+    assert!(
+        edit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&edit.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&edit.stdout),
+        "deployment.apps/web edited\n"
+    );
+    assert_eq!(deploy(&c)["spec"]["replicas"], 4);
+
+    // The default patch type is strategic: a container is merged in by name, then deleted.
+    c.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"side","image":"busybox"}]}}}}"#,
+    ]);
+    let names = c.kubectl(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[*].name}",
+    ]);
+    assert_eq!(names, "nginx side");
+    c.kubectl(&["patch", "deploy", "web", "-p", r#"{"spec":{"template":{"spec":{"containers":[{"name":"nginx","ports":[{"containerPort":443,"$patch":"delete"}]}]}}}}"#]);
+    let ports = c.kubectl(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].ports[*].containerPort}",
+    ]);
+    assert_eq!(ports, "80");
+    c.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"side","$patch":"delete"}]}}}}"#,
+    ]);
+    assert_eq!(
+        c.kubectl(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[*].name}"
+        ]),
+        "nginx"
+    );
+    let bad = c.kubectl_fails(&[
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"image":"no-name"}]}}}}"#,
+    ]);
+    assert!(
+        bad.contains("does not contain declared merge key: name"),
+        "{bad}"
+    );
+
+    // set image, rollout restart.
+    assert_eq!(
+        c.kubectl(&["set", "image", "deploy/web", "nginx=nginx:1.28"]),
+        "deployment.apps/web image updated\n"
+    );
+    assert_eq!(
+        deploy(&c)["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.28"
+    );
+    assert_eq!(
+        c.kubectl(&["rollout", "restart", "deploy/web"]),
+        "deployment.apps/web restarted\n"
+    );
+    assert!(deploy(&c)["spec"]["template"]["metadata"]["annotations"]
+        ["kubectl.kubernetes.io/restartedAt"]
+        .is_string());
+
+    // scale: plain, with a precondition that holds, with one that does not, several at once.
+    assert_eq!(
+        c.kubectl(&["scale", "deploy", "web", "--replicas=5"]),
+        "deployment.apps/web scaled\n"
+    );
+    assert_eq!(deploy(&c)["spec"]["replicas"], 5);
+    c.kubectl(&[
+        "scale",
+        "deploy",
+        "web",
+        "--current-replicas=5",
+        "--replicas=6",
+    ]);
+    assert_eq!(deploy(&c)["spec"]["replicas"], 6);
+    let err = c.kubectl_fails(&[
+        "scale",
+        "deploy",
+        "web",
+        "--current-replicas=1",
+        "--replicas=7",
+    ]);
+    assert!(err.contains("Expected replicas to be 1, was 6"), "{err}");
+    c.apply_yaml("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: rs}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec: {containers: [{name: c, image: i}]}\n---\napiVersion: v1\nkind: ReplicationController\nmetadata: {name: rc}\nspec:\n  selector: {a: c}\n  template:\n    metadata: {labels: {a: c}}\n    spec: {containers: [{name: c, image: i}]}\n");
+    let out = c.kubectl(&["scale", "--replicas=3", "rs/rs", "rc/rc", "deploy/web"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    for (kind, name) in [("rs", "rs"), ("rc", "rc"), ("deploy", "web")] {
+        assert_eq!(
+            c.kubectl(&["get", kind, name, "-o", "jsonpath={.spec.replicas}"]),
+            "3",
+            "{kind}"
+        );
+    }
+    let scale: Value = serde_json::from_str(&c.kubectl(&[
+        "get",
+        "--raw",
+        "/apis/apps/v1/namespaces/default/deployments/web/scale",
+    ]))
+    .unwrap();
+    assert_eq!(scale["kind"], "Scale");
+    assert_eq!(scale["spec"]["replicas"], 3);
+    assert_eq!(scale["status"]["selector"], "app=web");
+}
