@@ -127,6 +127,7 @@ macro_rules! typed {
 
 fn typed_roundtrip(kind: &Kind, input: &Value) -> Result<Value, serde_json::Error> {
     use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
+    use k8s_openapi::api::{authentication::v1 as authn, authorization::v1 as authz};
     use k8s_openapi::api::{discovery::v1 as disc, events::v1 as events, scheduling::v1 as sched};
     typed!(kind, input, {
         "" / "Namespace" => core::Namespace,
@@ -151,6 +152,9 @@ fn typed_roundtrip(kind: &Kind, input: &Value) -> Result<Value, serde_json::Erro
         "discovery.k8s.io" / "EndpointSlice" => disc::EndpointSlice,
         "events.k8s.io" / "Event" => events::Event,
         "scheduling.k8s.io" / "PriorityClass" => sched::PriorityClass,
+        "authorization.k8s.io" / "SelfSubjectAccessReview" => authz::SelfSubjectAccessReview,
+        "authorization.k8s.io" / "SelfSubjectRulesReview" => authz::SelfSubjectRulesReview,
+        "authentication.k8s.io" / "SelfSubjectReview" => authn::SelfSubjectReview,
     })
 }
 

@@ -222,7 +222,7 @@ fn gv_path(group: &str, version: &str) -> String {
 pub fn openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
     let mut any = false;
-    for k in kinds_in(group, version) {
+    for k in kinds_in(group, version).filter(|k| !k.review) {
         any = true;
         let base = if group.is_empty() {
             format!("/api/{version}")

@@ -20,7 +20,7 @@ use crate::object::{self, decode, Stored};
 use crate::pipeline::{self, Attributes, UserInfo};
 use crate::registry::{lookup, Kind};
 use crate::table::{self, IncludeObject};
-use crate::{discovery, strategy, watch, State};
+use crate::{discovery, protobuf, strategy, watch, State};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -208,6 +208,7 @@ async fn route(
     }
     let user = user.ok_or_else(ApiError::unauthorized)?;
     let headers = req.headers().clone();
+    let user = pipeline::impersonate(user, &headers)?;
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let get_only = |r: Response<Body>| -> Result<Response<Body>, ApiError> {
         if req.method() != Method::GET {
@@ -327,6 +328,16 @@ async fn route(
         table: accepts_table(&headers),
     };
     let name = target.name.clone().unwrap_or_default();
+    if target.kind.review {
+        if verb != "create" || target.name.is_some() {
+            return Err(ApiError::method_not_allowed(method.as_str()));
+        }
+        let (obj, _) = ctx.decode_object(&body, content_type.as_deref())?;
+        return Ok(json_response(
+            StatusCode::CREATED,
+            &pipeline::review(&user, target.kind, obj),
+        ));
+    }
     match (verb, target.sub.as_deref()) {
         ("watch", None) => watch::serve(&ctx).await,
         ("list", None) => ctx.list().await,
@@ -654,17 +665,15 @@ impl Ctx {
     ) -> Result<(Value, Vec<String>), ApiError> {
         let media = codec::media_type(content_type)?;
         match media {
-            Media::Json | Media::Yaml => {}
-            Media::Protobuf => {
-                return Err(ApiError::unsupported_media_type(
-                    content_type.unwrap_or_default(),
-                ))
-            }
+            Media::Json | Media::Yaml | Media::Protobuf => {}
             _ => {
                 return Err(ApiError::unsupported_media_type(
                     content_type.unwrap_or_default(),
                 ))
             }
+        }
+        if media == Media::Protobuf {
+            return self.check_object(protobuf::to_json(self.kind, body)?);
         }
         let input = codec::parse_body(body, media)?;
         let duplicates = if media == Media::Json {

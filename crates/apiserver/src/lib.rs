@@ -10,6 +10,7 @@ mod discovery;
 mod handler;
 mod object;
 mod pipeline;
+mod protobuf;
 mod registry;
 mod strategy;
 mod table;

@@ -28,6 +28,9 @@ pub struct Kind {
     pub fields: &'static [&'static str],
     /// Storage prefix below `/registry/` (distinct where two groups serve one name).
     pub storage: &'static str,
+    /// A review (access, rules, self): created to ask a question, answered in its status,
+    /// never stored.
+    pub review: bool,
 }
 
 impl Kind {
@@ -112,7 +115,30 @@ macro_rules! kind {
             group: $group, version: $version, kind: $kind, plural: $plural, singular: $singular,
             namespaced: $ns, short_names: &[$($short),*], categories: &[$($cat),*],
             status: $status, scale: $scale, reset_status_on_create: $reset, name_is_label: $label,
-            fields: &[$($field),*], storage: $storage,
+            fields: &[$($field),*], storage: $storage, review: false,
+        }
+    };
+}
+
+/// A review kind: cluster-scoped, create-only, not stored.
+macro_rules! review {
+    ($group:expr, $kind:expr, $plural:expr, $singular:expr) => {
+        Kind {
+            group: $group,
+            version: "v1",
+            kind: $kind,
+            plural: $plural,
+            singular: $singular,
+            namespaced: false,
+            short_names: &[],
+            categories: &[],
+            status: false,
+            scale: false,
+            reset_status_on_create: false,
+            name_is_label: false,
+            fields: &[],
+            storage: "",
+            review: true,
         }
     };
 }
@@ -176,6 +202,24 @@ pub static KINDS: &[Kind] = &[
     kind!("scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", ns: false,
           short: ["pc"], cat: [], status: false, scale: false, reset: false, label: false, fields: [],
           storage: "priorityclasses"),
+    review!(
+        "authorization.k8s.io",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview"
+    ),
+    review!(
+        "authorization.k8s.io",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview"
+    ),
+    review!(
+        "authentication.k8s.io",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        "selfsubjectreview"
+    ),
 ];
 
 /// The kind served at `group`/`version`/`plural`.
@@ -210,8 +254,8 @@ mod tests {
             "deployments.apps"
         );
         // Storage prefixes must not shadow each other.
-        for a in KINDS {
-            for b in KINDS {
+        for a in KINDS.iter().filter(|k| !k.review) {
+            for b in KINDS.iter().filter(|k| !k.review) {
                 if !std::ptr::eq(a, b) {
                     assert_ne!(a.storage, b.storage);
                 }

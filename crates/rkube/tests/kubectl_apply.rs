@@ -306,3 +306,164 @@ fn edit_patch_set_image_restart_scale() {
     assert_eq!(scale["spec"]["replicas"], 3);
     assert_eq!(scale["status"]["selector"], "app=web");
 }
+
+#[test]
+fn create_kinds_that_post_protobuf() {
+    let c = Cluster::start();
+    assert_eq!(
+        c.kubectl(&["create", "namespace", "team"]),
+        "namespace/team created\n"
+    );
+    assert_eq!(
+        c.kubectl(&["get", "ns", "team", "-o", "jsonpath={.status.phase}"]),
+        "Active"
+    );
+    c.kubectl(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "team",
+        "--from-literal=a=1",
+        "--from-literal=b=2",
+    ]);
+    assert_eq!(
+        c.kubectl(&[
+            "get",
+            "cm",
+            "cfg",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.data.a}{.data.b}"
+        ]),
+        "12"
+    );
+    c.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "sec",
+        "--from-literal=pw=hunter2",
+    ]);
+    let secret: Value =
+        serde_json::from_str(&c.kubectl(&["get", "secret", "sec", "-o", "json"])).unwrap();
+    assert_eq!(secret["data"]["pw"], "aHVudGVyMg==");
+    assert_eq!(secret["type"], "Opaque");
+    c.kubectl(&["create", "serviceaccount", "bot"]);
+    c.kubectl(&["get", "sa", "bot"]);
+    c.kubectl(&[
+        "create",
+        "priorityclass",
+        "high",
+        "--value=1000",
+        "--description=important",
+    ]);
+    assert_eq!(
+        c.kubectl(&[
+            "get",
+            "pc",
+            "high",
+            "-o",
+            "jsonpath={.value} {.description} {.preemptionPolicy}"
+        ]),
+        "1000 important PreemptLowerPriority"
+    );
+    assert_eq!(
+        c.kubectl(&[
+            "create",
+            "deployment",
+            "web",
+            "--image=nginx:1.27",
+            "--replicas=2",
+            "--port=80"
+        ]),
+        "deployment.apps/web created\n"
+    );
+    let d = deploy(&c);
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        80
+    );
+    c.kubectl(&[
+        "create",
+        "deployment",
+        "sleeper",
+        "--image=busybox",
+        "--",
+        "sleep",
+        "3600",
+    ]);
+    assert_eq!(
+        c.kubectl(&[
+            "get",
+            "deploy",
+            "sleeper",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].command}"
+        ]),
+        r#"["sleep","3600"]"#
+    );
+    // Server-side dry run of a protobuf create stores nothing.
+    c.kubectl(&[
+        "create",
+        "configmap",
+        "dry",
+        "--from-literal=a=1",
+        "--dry-run=server",
+    ]);
+    c.kubectl_fails(&["get", "cm", "dry"]);
+}
+
+#[test]
+fn auth_can_i_and_whoami() {
+    let c = Cluster::start();
+    assert_eq!(c.kubectl(&["auth", "can-i", "list", "pods"]), "yes\n");
+    assert_eq!(
+        c.kubectl(&[
+            "auth",
+            "can-i",
+            "create",
+            "deployments.apps",
+            "-n",
+            "kube-system"
+        ]),
+        "yes\n"
+    );
+    // Someone else (impersonated by the admin) may not.
+    let out = c.kubectl_output(&["auth", "can-i", "list", "pods", "--as=bob"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no\n");
+    let list = c.kubectl(&["auth", "can-i", "--list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("*.*") && l.ends_with("[*]")),
+        "{list}"
+    );
+    let me = c.kubectl(&["auth", "whoami", "-o", "json"]);
+    let me: Value = serde_json::from_str(&me).unwrap();
+    assert_eq!(me["status"]["userInfo"]["username"], "admin");
+    assert!(me["status"]["userInfo"]["groups"]
+        .as_array()
+        .unwrap()
+        .contains(&"system:masters".into()));
+    let bob: Value = serde_json::from_str(&c.kubectl(&[
+        "auth",
+        "whoami",
+        "--as=bob",
+        "--as-group=devs",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(bob["status"]["userInfo"]["username"], "bob");
+    assert_eq!(bob["status"]["userInfo"]["groups"][0], "devs");
+    // Bob himself is refused everywhere else, with upstream's message.
+    let err = c.kubectl_fails(&["get", "pods", "--as=bob"]);
+    assert!(
+        err.contains("Forbidden") && err.contains("User \"bob\" cannot list resource \"pods\""),
+        "{err}"
+    );
+}
