@@ -113,8 +113,44 @@ pub fn roundtrip(kind: &Kind, input: &Value) -> Result<(Value, Vec<String>), Api
     Ok((typed, unknown))
 }
 
+/// The k8s-openapi type of every kind in the registry, in one list: `$m!` is called with it.
+macro_rules! with_kind_types {
+    ($m:ident, $($arg:expr),*) => {{
+        use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
+        use k8s_openapi::api::{authentication::v1 as authn, authorization::v1 as authz};
+        use k8s_openapi::api::{discovery::v1 as disc, events::v1 as events, scheduling::v1 as sched};
+        $m!($($arg),* ; {
+            "" / "Namespace" => core::Namespace,
+            "" / "Pod" => core::Pod,
+            "" / "Node" => core::Node,
+            "" / "Service" => core::Service,
+            "" / "Endpoints" => core::Endpoints,
+            "" / "ReplicationController" => core::ReplicationController,
+            "" / "ConfigMap" => core::ConfigMap,
+            "" / "Secret" => core::Secret,
+            "" / "ServiceAccount" => core::ServiceAccount,
+            "" / "Event" => core::Event,
+            "" / "ResourceQuota" => core::ResourceQuota,
+            "" / "LimitRange" => core::LimitRange,
+            "" / "PodTemplate" => core::PodTemplate,
+            "apps" / "Deployment" => apps::Deployment,
+            "apps" / "ReplicaSet" => apps::ReplicaSet,
+            "apps" / "DaemonSet" => apps::DaemonSet,
+            "apps" / "StatefulSet" => apps::StatefulSet,
+            "apps" / "ControllerRevision" => apps::ControllerRevision,
+            "coordination.k8s.io" / "Lease" => coord::Lease,
+            "discovery.k8s.io" / "EndpointSlice" => disc::EndpointSlice,
+            "events.k8s.io" / "Event" => events::Event,
+            "scheduling.k8s.io" / "PriorityClass" => sched::PriorityClass,
+            "authorization.k8s.io" / "SelfSubjectAccessReview" => authz::SelfSubjectAccessReview,
+            "authorization.k8s.io" / "SelfSubjectRulesReview" => authz::SelfSubjectRulesReview,
+            "authentication.k8s.io" / "SelfSubjectReview" => authn::SelfSubjectReview,
+        })
+    }};
+}
+
 macro_rules! typed {
-    ($kind:expr, $input:expr, { $($group:literal / $name:literal => $ty:ty),* $(,)? }) => {
+    ($kind:expr, $input:expr ; { $($group:literal / $name:literal => $ty:ty),* $(,)? }) => {
         match ($kind.group, $kind.kind) {
             $(($group, $name) => {
                 let t: $ty = serde_json::from_value($input.clone())?;
@@ -126,36 +162,22 @@ macro_rules! typed {
 }
 
 fn typed_roundtrip(kind: &Kind, input: &Value) -> Result<Value, serde_json::Error> {
-    use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
-    use k8s_openapi::api::{authentication::v1 as authn, authorization::v1 as authz};
-    use k8s_openapi::api::{discovery::v1 as disc, events::v1 as events, scheduling::v1 as sched};
-    typed!(kind, input, {
-        "" / "Namespace" => core::Namespace,
-        "" / "Pod" => core::Pod,
-        "" / "Node" => core::Node,
-        "" / "Service" => core::Service,
-        "" / "Endpoints" => core::Endpoints,
-        "" / "ReplicationController" => core::ReplicationController,
-        "" / "ConfigMap" => core::ConfigMap,
-        "" / "Secret" => core::Secret,
-        "" / "ServiceAccount" => core::ServiceAccount,
-        "" / "Event" => core::Event,
-        "" / "ResourceQuota" => core::ResourceQuota,
-        "" / "LimitRange" => core::LimitRange,
-        "" / "PodTemplate" => core::PodTemplate,
-        "apps" / "Deployment" => apps::Deployment,
-        "apps" / "ReplicaSet" => apps::ReplicaSet,
-        "apps" / "DaemonSet" => apps::DaemonSet,
-        "apps" / "StatefulSet" => apps::StatefulSet,
-        "apps" / "ControllerRevision" => apps::ControllerRevision,
-        "coordination.k8s.io" / "Lease" => coord::Lease,
-        "discovery.k8s.io" / "EndpointSlice" => disc::EndpointSlice,
-        "events.k8s.io" / "Event" => events::Event,
-        "scheduling.k8s.io" / "PriorityClass" => sched::PriorityClass,
-        "authorization.k8s.io" / "SelfSubjectAccessReview" => authz::SelfSubjectAccessReview,
-        "authorization.k8s.io" / "SelfSubjectRulesReview" => authz::SelfSubjectRulesReview,
-        "authentication.k8s.io" / "SelfSubjectReview" => authn::SelfSubjectReview,
-    })
+    with_kind_types!(typed, kind, input)
+}
+
+macro_rules! schema {
+    ($kind:expr, $gen:expr ; { $($group:literal / $name:literal => $ty:ty),* $(,)? }) => {
+        match ($kind.group, $kind.kind) {
+            $(($group, $name) => Some($gen.subschema_for::<$ty>()),)*
+            _ => None,
+        }
+    };
+}
+
+/// Add the OpenAPI schema of a kind (and of everything it refers to) to `gen`; returns the
+/// `$ref` to it.
+pub fn schema_for(kind: &Kind, gen: &mut schemars::SchemaGenerator) -> Option<schemars::Schema> {
+    with_kind_types!(schema, kind, gen)
 }
 
 /// Paths of keys that appear more than once in one JSON object of `bytes` (serde_json keeps the

@@ -216,10 +216,27 @@ fn gv_path(group: &str, version: &str) -> String {
     }
 }
 
-/// The OpenAPI v3 document of one group-version: its paths, with the group-version-kind and the
-/// `fieldValidation` parameter on every PATCH, so that kubectl leaves validation to the server.
-/// Schemas are not published yet (kubectl explain needs them; see the apply issue).
+/// The OpenAPI v3 document of one group-version (built once): its paths, with the
+/// group-version-kind and the `fieldValidation` parameter on every operation, so that kubectl
+/// leaves validation to the server; and the schemas of its kinds, generated from the k8s-openapi
+/// types (descriptions included), each kind's schema tagged with its group-version-kind, which
+/// is what `kubectl explain` reads.
 pub fn openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static DOCS: OnceLock<HashMap<(&'static str, &'static str), Value>> = OnceLock::new();
+    let docs = DOCS.get_or_init(|| {
+        group_versions()
+            .into_iter()
+            .filter_map(|(g, v)| build_openapi_v3_gv(g, v).map(|d| ((g, v), d)))
+            .collect()
+    });
+    docs.iter()
+        .find(|((g, v), _)| *g == group && *v == version)
+        .map(|(_, d)| d.clone())
+}
+
+fn build_openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
     let mut any = false;
     for k in kinds_in(group, version).filter(|k| !k.review) {
@@ -255,11 +272,33 @@ pub fn openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
     if !any {
         return None;
     }
+    let mut gen = schemars::generate::SchemaSettings::openapi3().into_generator();
+    let mut roots = Vec::new();
+    for k in kinds_in(group, version).filter(|k| !k.review) {
+        if let Some(r) = crate::codec::schema_for(k, &mut gen) {
+            let name = r
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.rsplit('/').next())
+                .map(String::from);
+            roots.extend(name.map(|n| (n, k)));
+        }
+    }
+    let mut schemas = serde_json::Map::new();
+    for (name, schema) in gen.take_definitions(true) {
+        schemas.insert(name, schema);
+    }
+    for (name, k) in roots {
+        if let Some(s) = schemas.get_mut(&name) {
+            s["x-kubernetes-group-version-kind"] =
+                json!([{"group": k.group, "version": k.version, "kind": k.kind}]);
+        }
+    }
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": "v1.33.0"},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas},
     }))
 }
 
@@ -271,8 +310,13 @@ pub fn content_hash(v: &Value) -> String {
     format!("{:016X}", h.finish())
 }
 
-/// The `/openapi/v3` index.
+/// The `/openapi/v3` index (built once: the documents never change while the server runs).
 pub fn openapi_v3_index() -> Value {
+    static INDEX: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    INDEX.get_or_init(build_openapi_v3_index).clone()
+}
+
+fn build_openapi_v3_index() -> Value {
     let mut paths = serde_json::Map::new();
     for (g, v) in group_versions() {
         if let Some(doc) = openapi_v3_gv(g, v) {

@@ -467,3 +467,27 @@ fn auth_can_i_and_whoami() {
         "{err}"
     );
 }
+
+#[test]
+fn explain_reads_the_published_schemas() {
+    let c = Cluster::start();
+    let out = c.kubectl(&["explain", "deployment.spec.strategy"]);
+    assert!(
+        out.contains("KIND:       Deployment")
+            && out.contains("FIELD: strategy <DeploymentStrategy>"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rollingUpdate\t<RollingUpdateDeployment>")
+            && out.contains("Can be \"Recreate\" or \"RollingUpdate\""),
+        "{out}"
+    );
+    let out = c.kubectl(&["explain", "pod.spec.containers.ports"]);
+    assert!(
+        out.contains("FIELD: ports <[]ContainerPort>")
+            && out.contains("containerPort\t<integer> -required-"),
+        "{out}"
+    );
+    let err = c.kubectl_fails(&["explain", "pod.spec.nonsense"]);
+    assert!(err.contains("field \"nonsense\" does not exist"), "{err}");
+}
