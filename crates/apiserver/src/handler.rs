@@ -699,18 +699,32 @@ impl Ctx {
                 "the body of the request must be a JSON object",
             ));
         }
+        // Missing apiVersion or kind default from the endpoint, as upstream's decoder does; a
+        // different one is an error.
+        let mut input = input;
+        for (field, want) in [
+            ("apiVersion", self.kind.api_version()),
+            ("kind", self.kind.kind.to_string()),
+        ] {
+            match input.get(field) {
+                None | Some(Value::Null) => input[field] = json!(want),
+                Some(Value::String(s)) if s.is_empty() => input[field] = json!(want),
+                Some(_) => {}
+            }
+        }
         let api_version = input["apiVersion"].as_str().unwrap_or_default();
         let kind = input["kind"].as_str().unwrap_or_default();
-        if api_version.is_empty() || kind.is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "Object 'Kind' is missing in '{}'",
-                truncate(&input.to_string(), 200)
-            )));
-        }
-        if api_version != self.kind.api_version() || kind != self.kind.kind {
+        if api_version != self.kind.api_version() {
             return Err(ApiError::bad_request(format!(
                 "the API version in the data ({api_version}) does not match the expected API version ({})",
                 self.kind.api_version()
+            ))
+            .on(self.kind.group, self.kind.plural, ""));
+        }
+        if kind != self.kind.kind {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({kind}) does not match the expected kind ({})",
+                self.kind.kind
             ))
             .on(self.kind.group, self.kind.plural, ""));
         }
@@ -1541,13 +1555,6 @@ fn add_warnings(r: &mut Response<Body>, warnings: &[String]) {
         if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "'"))) {
             r.headers_mut().append(header::WARNING, v);
         }
-    }
-}
-
-fn truncate(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

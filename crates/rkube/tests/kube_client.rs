@@ -328,3 +328,71 @@ async fn compacted_history_answers_410_gone() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_patch_type_through_kube_rs() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+    let c = Cluster::start();
+    let client = c.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("p", "1"))
+        .await
+        .unwrap();
+    let pp = PatchParams::default();
+
+    let merged = cms
+        .patch(
+            "p",
+            &pp,
+            &Patch::Merge(serde_json::json!({"data": {"w": "2"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(merged.data.as_ref().unwrap()["w"], "2");
+
+    let ops: json_patch::Patch = serde_json::from_value(
+        serde_json::json!([{"op": "replace", "path": "/data/v", "value": "3"}]),
+    )
+    .unwrap();
+    let patched = cms.patch("p", &pp, &Patch::Json::<()>(ops)).await.unwrap();
+    assert_eq!(patched.data.as_ref().unwrap()["v"], "3");
+
+    let deploys: Api<Deployment> = Api::namespaced(client, "default");
+    let d: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}},
+            "spec": {"containers": [{"name": "one", "image": "i"}]}}}})).unwrap();
+    deploys.create(&PostParams::default(), &d).await.unwrap();
+    let smp = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "two", "image": "j"}]}}}});
+    let d = deploys
+        .patch("d", &pp, &Patch::Strategic(smp))
+        .await
+        .unwrap();
+    let names: Vec<String> = d
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["one", "two"],
+        "strategic merge keeps the first container"
+    );
+
+    // Server-side apply is not built yet: a clear 415, never a silent merge.
+    let apply = Patch::Apply(
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p"}}),
+    );
+    match cms.patch("p", &PatchParams::apply("me"), &apply).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!((s.code, s.reason.as_str()), (415, "UnsupportedMediaType"))
+        }
+        other => panic!("expected 415, got {other:?}"),
+    }
+}
