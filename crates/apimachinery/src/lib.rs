@@ -7,6 +7,7 @@
 pub mod duration;
 pub mod fields;
 pub mod labels;
+pub mod managed;
 pub mod patch;
 pub mod patch_meta;
 pub mod status;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use apimachinery::fields::FieldSelector;
 use apimachinery::labels::Selector;
-use apimachinery::{patch, patch_meta, strategic, ApiError};
+use apimachinery::{managed, patch, patch_meta, strategic, ApiError};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -320,7 +320,20 @@ async fn route(
     } else {
         Bytes::new()
     };
+    let manager = query
+        .get("fieldManager")
+        .map(String::from)
+        .unwrap_or_else(|| {
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|ua| ua.split('/').next())
+                .filter(|m| !m.is_empty())
+                .unwrap_or("unknown")
+                .to_string()
+        });
     let ctx = Ctx {
+        manager,
         state,
         kind: target.kind,
         namespace: target.namespace.clone(),
@@ -436,6 +449,8 @@ fn pod_qos(pod: &Value) -> &'static str {
 
 /// A request against one kind.
 pub struct Ctx {
+    /// Who is writing, for managedFields: `?fieldManager=`, else the client's program name.
+    pub manager: String,
     pub state: Arc<State>,
     pub kind: &'static Kind,
     pub namespace: Option<String>,
@@ -850,6 +865,17 @@ impl Ctx {
                 &name,
             ));
         }
+        if obj["metadata"].get("managedFields").is_none() {
+            managed::record_update(
+                None,
+                &mut obj,
+                &self.manager,
+                &kind.api_version(),
+                &now_rfc3339(),
+                "",
+                Some(patch_meta::for_kind(kind.group, kind.kind)),
+            );
+        }
         pipeline::admit(
             &self.state.store,
             &Attributes {
@@ -893,10 +919,13 @@ impl Ctx {
     /// Read, change, compare-and-swap, retrying on conflicts unless the caller pinned a
     /// resourceVersion. `mutate` returns the desired object from the current one; `sub` is the
     /// subresource written (None for the main resource, "status" for /status).
+    /// `manager`: who to record the changed fields for in managedFields (None: the mutation
+    /// maintains managedFields itself, as server-side apply does).
     pub async fn guaranteed_update<F>(
         &self,
         name: &str,
         sub: Option<&str>,
+        manager: Option<&str>,
         mutate: F,
     ) -> Result<Value, ApiError>
     where
@@ -999,6 +1028,17 @@ impl Ctx {
                     name,
                 ));
             }
+            if let Some(m) = manager {
+                managed::record_update(
+                    Some(&cur),
+                    &mut new,
+                    m,
+                    &kind.api_version(),
+                    &now_rfc3339(),
+                    sub.unwrap_or_default(),
+                    Some(patch_meta::for_kind(kind.group, kind.kind)),
+                );
+            }
             if new == cur {
                 return Ok(cur);
             }
@@ -1067,7 +1107,7 @@ impl Ctx {
         let (obj, warnings) = self.decode_object(body, content_type)?;
         let sub = if sub == Some("finalize") { None } else { sub };
         let updated = self
-            .guaranteed_update(name, sub, |_| Ok(obj.clone()))
+            .guaranteed_update(name, sub, Some(&self.manager), |_| Ok(obj.clone()))
             .await?;
         let mut r = self.object_response(StatusCode::OK, &updated);
         add_warnings(&mut r, &warnings);
@@ -1123,13 +1163,12 @@ impl Ctx {
         // Refuse what cannot be a patch before reading anything.
         match media {
             Media::JsonPatch | Media::MergePatch | Media::StrategicMergePatch => {}
-            Media::ApplyPatch => {
-                return Err(ApiError::unsupported_media_type(&format!(
-                    "{}: server-side apply is not supported by this rkube yet; use client-side kubectl apply",
-                    content_type.unwrap_or_default()
-                )))
+            Media::ApplyPatch if sub.is_none() => return self.server_side_apply(name, body).await,
+            _ => {
+                return Err(ApiError::unsupported_media_type(
+                    content_type.unwrap_or_default(),
+                ))
             }
-            _ => return Err(ApiError::unsupported_media_type(content_type.unwrap_or_default())),
         }
         let patch_doc = codec::parse_body(body, media)?;
         if sub == Some("scale") {
@@ -1141,7 +1180,7 @@ impl Ctx {
             || patch_doc.to_string().contains("/metadata/resourceVersion");
         let warnings = std::sync::Mutex::new(Vec::new());
         let updated = self
-            .guaranteed_update(name, sub, |cur| {
+            .guaranteed_update(name, sub, Some(&self.manager), |cur| {
                 let mut target = cur.clone();
                 apply(&mut target, &patch_doc)?;
                 // Only a patch that names a resourceVersion is a precondition; otherwise it
@@ -1160,6 +1199,118 @@ impl Ctx {
             .await?;
         let mut r = self.object_response(StatusCode::OK, &updated);
         add_warnings(&mut r, &warnings.into_inner().unwrap_or_default());
+        Ok(r)
+    }
+
+    /// Server-side apply: `body` is the manager's complete intent for the fields it manages.
+    async fn server_side_apply(&self, name: &str, body: &[u8]) -> Result<Response<Body>, ApiError> {
+        let kind = self.kind;
+        let manager = self.query.get("fieldManager").ok_or_else(|| {
+            ApiError::invalid(
+                "PatchOptions",
+                "",
+                vec![apimachinery::Cause::new(
+                    "FieldValueRequired",
+                    "fieldManager",
+                    "Required value: is required for apply patch",
+                )],
+            )
+        })?;
+        let force = self.query.flag("force");
+        let applied = codec::parse_body(body, Media::ApplyPatch)?;
+        // Validate (types, unknown fields) through the typed round trip, but apply what was sent:
+        // the round trip would add fields the manager never mentioned.
+        let (_, warnings) = self.check_object(applied.clone())?;
+        let mut applied = applied;
+        applied["apiVersion"] = json!(kind.api_version());
+        applied["kind"] = json!(kind.kind);
+        if meta_str(&applied, "name") != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta_str(&applied, "name")
+            )));
+        }
+        let pins_rv = !meta_str(&applied, "resourceVersion").is_empty();
+        let meta = Some(patch_meta::for_kind(kind.group, kind.kind));
+        let conflict = |c: Vec<managed::Conflict>| -> ApiError {
+            let n = c.len();
+            let list: Vec<String> = c
+                .iter()
+                .map(|c| {
+                    format!(
+                        "conflict with \"{}\" using {}: {}",
+                        c.manager, c.api_version, c.path
+                    )
+                })
+                .collect();
+            let mut e = ApiError::conflict(
+                &kind.qualified(),
+                name,
+                &format!(
+                    "Apply failed with {n} conflict{}: {}",
+                    if n == 1 { "" } else { "s" },
+                    list.join("\n")
+                ),
+            )
+            .on(kind.group, kind.plural, name);
+            e.message = format!(
+                "Apply failed with {n} conflict{}: {}",
+                if n == 1 { "" } else { "s" },
+                list.join("\n")
+            );
+            e.details.causes = c
+                .iter()
+                .map(|c| {
+                    apimachinery::Cause::new(
+                        "FieldManagerConflict",
+                        &c.path,
+                        format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+                    )
+                })
+                .collect();
+            e
+        };
+        let (obj, code) = match self.load(name).await {
+            Err(e) if e.code == 404 => {
+                let obj = managed::apply(
+                    None,
+                    &applied,
+                    manager,
+                    force,
+                    &kind.api_version(),
+                    &now_rfc3339(),
+                    meta,
+                )
+                .map_err(conflict)?;
+                (self.create_object(obj).await?, StatusCode::CREATED)
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {
+                let updated = self
+                    .guaranteed_update(name, None, None, |cur| {
+                        let mut out = managed::apply(
+                            Some(cur),
+                            &applied,
+                            manager,
+                            force,
+                            &kind.api_version(),
+                            &now_rfc3339(),
+                            meta,
+                        )
+                        .map_err(conflict)?;
+                        if !pins_rv {
+                            if let Some(m) = out["metadata"].as_object_mut() {
+                                m.remove("resourceVersion");
+                            }
+                        }
+                        Ok(out)
+                    })
+                    .await?;
+                (updated, StatusCode::OK)
+            }
+        };
+        let mut r = self.object_response(code, &obj);
+        add_warnings(&mut r, &warnings);
         Ok(r)
     }
 
@@ -1209,7 +1360,7 @@ impl Ctx {
         let media = codec::media_type(content_type)?;
         let input = codec::parse_body(body, media)?;
         let updated = self
-            .guaranteed_update(name, None, |cur| {
+            .guaranteed_update(name, None, Some(&self.manager), |cur| {
                 let mut scale = self.scale_of(cur);
                 match patcher {
                     Some(p) => p(&mut scale, &input)?,
@@ -1270,7 +1421,7 @@ impl Ctx {
                 vec![apimachinery::Cause::required("target.name")],
             ));
         }
-        self.guaranteed_update(name, None, |cur| {
+        self.guaranteed_update(name, None, Some(&self.manager), |cur| {
             let bound = cur["spec"]["nodeName"].as_str().unwrap_or_default();
             if !bound.is_empty() {
                 return Err(ApiError::conflict(
@@ -1294,6 +1445,7 @@ impl Ctx {
         .await?;
         // Record PodScheduled=True through the status path, as upstream's binding does.
         let status_ctx = Ctx {
+            manager: self.manager.clone(),
             state: self.state.clone(),
             kind: self.kind,
             namespace: self.namespace.clone(),
@@ -1301,7 +1453,7 @@ impl Ctx {
             table: false,
         };
         status_ctx
-            .guaranteed_update(name, Some("status"), |cur| {
+            .guaranteed_update(name, Some("status"), Some(&self.manager), |cur| {
                 let mut new = cur.clone();
                 let conds = new["status"]["conditions"].as_array().cloned().unwrap_or_default();
                 let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
@@ -1486,6 +1638,7 @@ impl Ctx {
             let ns = item.meta_str("namespace");
             let ns = ns.as_str();
             let ctx = Ctx {
+                manager: self.manager.clone(),
                 state: self.state.clone(),
                 kind: self.kind,
                 namespace: if ns.is_empty() {
@@ -1589,6 +1742,7 @@ pub async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
         lookup("", "v1", "namespaces").ok_or_else(|| anyhow::anyhow!("namespaces kind missing"))?;
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let ctx = Ctx {
+            manager: "rkube".into(),
             state: state.clone(),
             kind,
             namespace: None,

@@ -385,14 +385,39 @@ async fn every_patch_type_through_kube_rs() {
         "strategic merge keeps the first container"
     );
 
-    // Server-side apply is not built yet: a clear 415, never a silent merge.
-    let apply = Patch::Apply(
-        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p"}}),
+    // Server-side apply: creates, then conflicts with another manager, then forces.
+    let apply = |v: &str| {
+        Patch::Apply(
+            serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"k": v}}),
+        )
+    };
+    let made = cms
+        .patch("ssa", &PatchParams::apply("alice"), &apply("1"))
+        .await
+        .unwrap();
+    assert_eq!(made.data.unwrap()["k"], "1");
+    let mf = made.metadata.managed_fields.unwrap();
+    assert_eq!(
+        (mf[0].manager.as_deref(), mf[0].operation.as_deref()),
+        (Some("alice"), Some("Apply"))
     );
-    match cms.patch("p", &PatchParams::apply("me"), &apply).await {
+    match cms
+        .patch("ssa", &PatchParams::apply("bob"), &apply("2"))
+        .await
+    {
         Err(kube::Error::Api(s)) => {
-            assert_eq!((s.code, s.reason.as_str()), (415, "UnsupportedMediaType"))
+            assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
+            assert!(
+                s.message.contains("conflict with \"alice\""),
+                "{}",
+                s.message
+            );
         }
-        other => panic!("expected 415, got {other:?}"),
+        other => panic!("expected a conflict, got {other:?}"),
     }
+    let forced = cms
+        .patch("ssa", &PatchParams::apply("bob").force(), &apply("2"))
+        .await
+        .unwrap();
+    assert_eq!(forced.data.unwrap()["k"], "2");
 }

@@ -491,3 +491,79 @@ fn explain_reads_the_published_schemas() {
     let err = c.kubectl_fails(&["explain", "pod.spec.nonsense"]);
     assert!(err.contains("field \"nonsense\" does not exist"), "{err}");
 }
+
+#[test]
+fn server_side_apply_with_conflicts_and_force() {
+    let c = Cluster::start();
+    let v1 = write(&c, "v1.yaml", APP);
+    assert_eq!(
+        c.kubectl(&["apply", "--server-side", "-f", &v1]),
+        "deployment.apps/web serverside-applied\n"
+    );
+    let d: Value = serde_json::from_str(&c.kubectl(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]))
+    .unwrap();
+    let mf = d["metadata"]["managedFields"].as_array().unwrap();
+    assert!(
+        mf.iter()
+            .any(|e| e["manager"] == "kubectl" && e["operation"] == "Apply"),
+        "{mf:?}"
+    );
+    // Another manager takes replicas; applying a different value conflicts.
+    c.kubectl(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type",
+        "merge",
+        "--field-manager=ops",
+        "-p",
+        r#"{"spec":{"replicas":5}}"#,
+    ]);
+    let v3 = write(&c, "v3.yaml", &APP.replace("replicas: 2", "replicas: 3"));
+    let err = c.kubectl_fails(&["apply", "--server-side", "-f", &v3]);
+    assert!(
+        err.contains(
+            "Apply failed with 1 conflict: conflict with \"ops\" using apps/v1: .spec.replicas"
+        ),
+        "{err}"
+    );
+    assert_eq!(deploy(&c)["spec"]["replicas"], 5);
+    c.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &v3]);
+    assert_eq!(deploy(&c)["spec"]["replicas"], 3);
+    // What the manager stops applying is removed: a port and a label.
+    let v2 = write(&c, "v2.yaml", APP_V2);
+    c.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &v2]);
+    let d = deploy(&c);
+    assert_eq!(d["metadata"]["labels"], serde_json::json!({"app": "web"}));
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["env"][0]["name"],
+        "MODE"
+    );
+    // Creating with apply, and a server dry run that stores nothing.
+    let cm = write(
+        &c,
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ssa}\ndata: {a: \"1\"}\n",
+    );
+    c.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", &cm]);
+    c.kubectl_fails(&["get", "cm", "ssa"]);
+    c.kubectl(&["apply", "--server-side", "-f", &cm]);
+    assert_eq!(
+        c.kubectl(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+}

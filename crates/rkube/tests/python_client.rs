@@ -22,7 +22,7 @@ fn python_kubernetes_client_creates_patches_lists_and_watches() {
         "merge patch",
         "json patch",
         "strategic merge patch",
-        "apply patch refused",
+        "apply patch",
         "list",
         "watch",
         "404",

@@ -51,13 +51,12 @@ apps.patch_namespaced_deployment("pyweb", NS, {"spec": {"template": {"spec": {"c
 names = [c.name for c in apps.read_namespaced_deployment("pyweb", NS).spec.template.spec.containers]
 check("strategic merge patch", names == ["web", "side"], names)
 
-# server-side apply is not built yet: a clear 415, not a silent merge
-try:
-    core.patch_namespaced_config_map("py", NS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "py"}},
-                                     field_manager="py", _content_type="application/apply-patch+yaml")
-    check("apply patch refused", False, "accepted")
-except ApiException as e:
-    check("apply patch refused", e.status == 415, e.status)
+# server-side apply
+applied = core.patch_namespaced_config_map(
+    "py-ssa", NS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "py-ssa"}, "data": {"k": "v"}},
+    field_manager="py", _content_type="application/apply-patch+yaml")
+managers = [(m.manager, m.operation) for m in applied.metadata.managed_fields]
+check("apply patch", applied.data == {"k": "v"} and ("py", "Apply") in managers, managers)
 
 # list with a selector
 items = core.list_namespaced_config_map(NS, label_selector="from=python").items
