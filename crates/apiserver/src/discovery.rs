@@ -38,7 +38,7 @@ fn verbs(_kind: &Kind) -> Vec<&'static str> {
 
 fn sub_verbs(sub: &str) -> Vec<&'static str> {
     match sub {
-        "binding" => vec!["create"],
+        "binding" | "token" => vec!["create"],
         _ => vec!["get", "patch", "update"],
     }
 }
@@ -47,6 +47,7 @@ fn sub_kind(kind: &Kind, sub: &str) -> (&'static str, &'static str, &'static str
     match sub {
         "scale" => ("autoscaling", "v1", "Scale"),
         "binding" => ("", "v1", "Binding"),
+        "token" => ("authentication.k8s.io", "v1", "TokenRequest"),
         _ => (kind.group, kind.version, kind.kind),
     }
 }

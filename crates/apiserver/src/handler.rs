@@ -206,8 +206,11 @@ async fn route(
             _ => text_response(StatusCode::OK, "ok"),
         });
     }
-    let user = user.ok_or_else(ApiError::unauthorized)?;
     let headers = req.headers().clone();
+    let user = match user {
+        Some(u) => u,
+        None => pipeline::authenticate_token(&state, &headers).await?,
+    };
     let user = pipeline::impersonate(user, &headers)?;
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let get_only = |r: Response<Body>| -> Result<Response<Body>, ApiError> {
@@ -358,6 +361,7 @@ async fn route(
         ("get", Some("scale")) => ctx.get_scale(&name).await,
         ("create", None) => ctx.create(&body, content_type.as_deref()).await,
         ("create", Some("binding")) => ctx.bind(&name, &body, content_type.as_deref()).await,
+        ("create", Some("token")) => ctx.token(&name, &body, content_type.as_deref()).await,
         ("update", sub) => ctx.update(&name, sub, &body, content_type.as_deref()).await,
         ("patch", sub) => ctx.patch(&name, sub, &body, content_type.as_deref()).await,
         ("delete", None) => ctx.delete(&name, &body).await,
@@ -1200,6 +1204,91 @@ impl Ctx {
         let mut r = self.object_response(StatusCode::OK, &updated);
         add_warnings(&mut r, &warnings.into_inner().unwrap_or_default());
         Ok(r)
+    }
+
+    /// `serviceaccounts/<name>/token`: issue a signed token for the service account.
+    async fn token(
+        &self,
+        name: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let media = codec::media_type(content_type)?;
+        let req = match media {
+            Media::Protobuf => protobuf::to_json_as(
+                "authentication.k8s.io/v1",
+                "TokenRequest",
+                "serviceaccounts/token",
+                body,
+            )?,
+            Media::Json | Media::Yaml => {
+                let v = codec::parse_body(body, media)?;
+                if v.get("kind").is_some_and(|k| k != "TokenRequest") {
+                    return Err(ApiError::bad_request(
+                        "the body must be an authentication.k8s.io/v1 TokenRequest",
+                    ));
+                }
+                v
+            }
+            _ => {
+                return Err(ApiError::unsupported_media_type(
+                    content_type.unwrap_or_default(),
+                ))
+            }
+        };
+        let (sa, _) = self.load(name).await?;
+        let expiration = req["spec"]["expirationSeconds"].as_i64().unwrap_or(3600);
+        if expiration < 600 {
+            return Err(ApiError::invalid(
+                "TokenRequest",
+                name,
+                vec![apimachinery::Cause::invalid(
+                    "spec.expirationSeconds",
+                    expiration,
+                    "may not specify a duration less than 10 minutes",
+                )],
+            ));
+        }
+        let audiences: Vec<String> = req["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .filter(|a: &Vec<String>| !a.is_empty())
+            .unwrap_or_else(|| vec![crate::tokens::ISSUER.to_string()]);
+        let now = chrono::Utc::now();
+        let expires = now + chrono::Duration::seconds(expiration);
+        let ns = self.ns().unwrap_or_default();
+        let claims = crate::tokens::service_account_claims(
+            ns,
+            name,
+            meta_str(&sa, "uid"),
+            &audiences,
+            now.timestamp(),
+            expires.timestamp(),
+        );
+        let token = self
+            .state
+            .signer
+            .sign(&claims)
+            .map_err(|_| ApiError::internal("signing the token failed"))?;
+        let mut spec = json!({"audiences": audiences, "expirationSeconds": expiration});
+        if req["spec"]["boundObjectRef"].is_object() {
+            spec["boundObjectRef"] = req["spec"]["boundObjectRef"].clone();
+        }
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({
+                "kind": "TokenRequest",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"name": name, "namespace": ns, "creationTimestamp": now_rfc3339()},
+                "spec": spec,
+                "status": {"token": token, "expirationTimestamp": expires.format("%Y-%m-%dT%H:%M:%SZ").to_string()},
+            }),
+        ))
     }
 
     /// Server-side apply: `body` is the manager's complete intent for the fields it manages.

@@ -14,6 +14,7 @@ mod protobuf;
 mod registry;
 mod strategy;
 mod table;
+mod tokens;
 mod watch;
 mod watchcache;
 
@@ -30,11 +31,14 @@ use tokio::sync::watch as tokio_watch;
 
 pub use pipeline::UserInfo;
 pub use registry::KINDS;
+pub use tokens::TokenSigner;
 
 /// Shared by every request.
 pub struct State {
     pub store: Arc<dyn Store>,
     pub cache: Arc<watchcache::WatchCache>,
+    /// Signs and verifies service account tokens.
+    pub signer: TokenSigner,
     pub shutdown: tokio_watch::Receiver<bool>,
 }
 
@@ -52,12 +56,14 @@ impl ApiServer {
         addr: SocketAddr,
         tls: rustls::ServerConfig,
         compaction_interval: Duration,
+        signer: TokenSigner,
     ) -> anyhow::Result<ApiServer> {
         let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
         let cache = watchcache::WatchCache::start(store.clone(), shutdown_rx.clone()).await?;
         let state = Arc::new(State {
             store,
             cache,
+            signer,
             shutdown: shutdown_rx.clone(),
         });
         handler::bootstrap(&state).await?;

@@ -36,6 +36,51 @@ pub fn authenticate_connection(certs: Option<&[CertificateDer<'_>]>) -> Option<A
     Some(Arc::new(UserInfo { name, groups }))
 }
 
+/// Authenticate a request that came without a client certificate: a service account token in
+/// `Authorization: Bearer`, whose account must still exist with the uid it was issued for.
+pub async fn authenticate_token(
+    state: &crate::State,
+    headers: &http::HeaderMap,
+) -> Result<Arc<UserInfo>, ApiError> {
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(ApiError::unauthorized)?;
+    let claims = state
+        .signer
+        .verify(token.trim(), chrono::Utc::now().timestamp())
+        .ok_or_else(ApiError::unauthorized)?;
+    let k8s = &claims["kubernetes.io"];
+    let ns = k8s["namespace"]
+        .as_str()
+        .ok_or_else(ApiError::unauthorized)?;
+    let name = k8s["serviceaccount"]["name"]
+        .as_str()
+        .ok_or_else(ApiError::unauthorized)?;
+    let uid = k8s["serviceaccount"]["uid"].as_str().unwrap_or_default();
+    let sas = lookup("", "v1", "serviceaccounts")
+        .ok_or_else(|| ApiError::internal("no serviceaccounts kind"))?;
+    let kv = state
+        .store
+        .get(&sas.key(Some(ns), name))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(ApiError::unauthorized)?;
+    let sa: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+    if sa["metadata"]["uid"].as_str() != Some(uid) {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(Arc::new(UserInfo {
+        name: format!("system:serviceaccount:{ns}:{name}"),
+        groups: vec![
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{ns}"),
+            "system:authenticated".into(),
+        ],
+    }))
+}
+
 /// Paths anyone may read, as upstream's `system:public-info-viewer` allows.
 pub fn is_public(path: &str) -> bool {
     matches!(

@@ -21,6 +21,16 @@ const MAGIC: &[u8] = b"k8s\0";
 
 /// Decode a protobuf body into the JSON object it stands for.
 pub fn to_json(kind: &Kind, body: &[u8]) -> Result<Value, ApiError> {
+    to_json_as(&kind.api_version(), kind.kind, &kind.qualified(), body)
+}
+
+/// Decode a protobuf body that must carry `api_version`/`kind` (a subresource's own type, say).
+pub fn to_json_as(
+    expected_api_version: &str,
+    expected_kind: &str,
+    what: &str,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let rest = body.strip_prefix(MAGIC).ok_or_else(|| {
         ApiError::bad_request("protobuf body does not start with the k8s\\0 envelope")
     })?;
@@ -30,27 +40,26 @@ pub fn to_json(kind: &Kind, body: &[u8]) -> Result<Value, ApiError> {
     let tm = unknown.type_meta.unwrap_or_default();
     let api_version = tm.api_version.unwrap_or_default();
     let kind_name = tm.kind.unwrap_or_default();
-    if api_version != kind.api_version() || kind_name != kind.kind {
+    if api_version != expected_api_version || kind_name != expected_kind {
         return Err(ApiError::bad_request(format!(
-            "the API version in the data ({api_version}) does not match the expected API version ({})",
-            kind.api_version()
+            "the API version in the data ({api_version}) does not match the expected API version ({expected_api_version})"
         )));
     }
     let raw = unknown.raw.unwrap_or_default();
-    let mut out = match (kind.group, kind.kind) {
-        ("", "ConfigMap") => config_map(decode(&raw)?)?,
-        ("", "Secret") => secret(decode(&raw)?)?,
-        ("", "Namespace") => namespace(decode(&raw)?)?,
-        ("", "ServiceAccount") => service_account(decode(&raw)?)?,
-        ("scheduling.k8s.io", "PriorityClass") => priority_class(decode(&raw)?)?,
-        ("apps", "Deployment") => deployment(decode(&raw)?)?,
-        ("authorization.k8s.io", "SelfSubjectAccessReview") => access_review(decode(&raw)?)?,
-        ("authorization.k8s.io", "SelfSubjectRulesReview") => rules_review(decode(&raw)?)?,
-        ("authentication.k8s.io", "SelfSubjectReview") => self_review(decode(&raw)?)?,
+    let mut out = match (api_version.as_str(), kind_name.as_str()) {
+        ("v1", "ConfigMap") => config_map(decode(&raw)?)?,
+        ("v1", "Secret") => secret(decode(&raw)?)?,
+        ("v1", "Namespace") => namespace(decode(&raw)?)?,
+        ("v1", "ServiceAccount") => service_account(decode(&raw)?)?,
+        ("scheduling.k8s.io/v1", "PriorityClass") => priority_class(decode(&raw)?)?,
+        ("apps/v1", "Deployment") => deployment(decode(&raw)?)?,
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => access_review(decode(&raw)?)?,
+        ("authorization.k8s.io/v1", "SelfSubjectRulesReview") => rules_review(decode(&raw)?)?,
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => self_review(decode(&raw)?)?,
+        ("authentication.k8s.io/v1", "TokenRequest") => token_request(decode(&raw)?)?,
         _ => {
             return Err(ApiError::unsupported_media_type(&format!(
-                "application/vnd.kubernetes.protobuf for {}: not supported by this rkube yet; send JSON",
-                kind.qualified()
+                "application/vnd.kubernetes.protobuf for {what}: not supported by this rkube yet; send JSON"
             )))
         }
     };
@@ -534,6 +543,36 @@ fn rules_review(
         .done();
     r.status = None;
     nothing_left("SelfSubjectRulesReview", &r)?;
+    Ok(into_map(out))
+}
+
+fn token_request(
+    mut r: k8s_pb::api::authentication::v1::TokenRequest,
+) -> Result<Map<String, Value>, ApiError> {
+    let spec = r.spec.take().unwrap_or_default();
+    let bound = spec.bound_object_ref.map(|b| {
+        J::default()
+            .s("kind", b.kind)
+            .s("apiVersion", b.api_version)
+            .s("name", b.name)
+            .s("uid", b.u_id)
+            .done()
+    });
+    let out = J::default()
+        .obj("metadata", Some(object_meta(r.metadata.take())?))
+        .obj(
+            "spec",
+            Some(
+                J::default()
+                    .strs("audiences", spec.audiences)
+                    .i("expirationSeconds", spec.expiration_seconds)
+                    .obj("boundObjectRef", bound)
+                    .done(),
+            ),
+        )
+        .done();
+    r.status = None;
+    nothing_left("TokenRequest", &r)?;
     Ok(into_map(out))
 }
 

@@ -75,6 +75,9 @@ impl Kind {
         if self.plural == "pods" {
             out.push("binding");
         }
+        if self.plural == "serviceaccounts" {
+            out.push("token");
+        }
         out
     }
 

@@ -149,7 +149,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     let addr = SocketAddr::new(args.bind_address, args.port);
     let compaction = std::time::Duration::from_secs(args.compaction_interval_seconds.max(1));
-    let api = apiserver::ApiServer::start(store, addr, pki.serving.clone(), compaction)
+    let signer = apiserver::TokenSigner::load_or_create(
+        &args.data_dir.join("tls").join("service-account.key"),
+    )?;
+    let api = apiserver::ApiServer::start(store, addr, pki.serving.clone(), compaction, signer)
         .await
         .with_context(|| format!("starting the API server on {addr}"))?;
     let host_for_clients = if args.bind_address.is_unspecified() {

@@ -545,12 +545,7 @@ async fn bad_requests_get_a_status_with_the_right_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_a_client_certificate_are_unauthorized() {
     let c = Cluster::start();
-    let kc = std::fs::read_to_string(c.kubeconfig()).unwrap();
-    let server = kc
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .unwrap()
-        .to_string();
+    let server = c.server_url();
     let ca = c.data_dir().join("tls/ca.crt");
     for (path, want) in [
         ("/api/v1/namespaces", "401"),

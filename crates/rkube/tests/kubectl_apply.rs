@@ -567,3 +567,55 @@ fn server_side_apply_with_conflicts_and_force() {
         "1"
     );
 }
+
+#[test]
+fn create_token_and_authenticate_with_it() {
+    let c = Cluster::start();
+    c.kubectl(&["create", "serviceaccount", "bot"]);
+    let token = c.kubectl(&["create", "token", "bot"]).trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let server = c.server_url();
+    let ca = c.data_dir().join("tls/ca.crt");
+    let as_bot = |extra: &[&str], token: &str| {
+        let mut args = vec![
+            "--kubeconfig=/dev/null",
+            "--server",
+            &server,
+            "--certificate-authority",
+            ca.to_str().unwrap(),
+            "--token",
+            token,
+        ];
+        args.extend_from_slice(extra);
+        c.kubectl_output(&args)
+    };
+    let who = as_bot(
+        &[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ],
+        &token,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&who.stdout),
+        "system:serviceaccount:default:bot"
+    );
+    let pods = as_bot(&["get", "pods"], &token);
+    assert!(
+        String::from_utf8_lossy(&pods.stderr).contains("Forbidden"),
+        "no RBAC yet: a service account may do nothing"
+    );
+    let junk = as_bot(&["get", "pods"], "not.a.token");
+    assert!(String::from_utf8_lossy(&junk.stderr).contains("Unauthorized"));
+    let err = c.kubectl_fails(&["create", "token", "bot", "--duration=1m"]);
+    assert!(
+        err.contains("may not specify a duration less than 10 minutes"),
+        "{err}"
+    );
+    // Deleting the account revokes its tokens.
+    c.kubectl(&["delete", "sa", "bot"]);
+    let gone = as_bot(&["auth", "whoami"], &token);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("Unauthorized"));
+}

@@ -56,6 +56,15 @@ impl Cluster {
         self.dir.path().join("kubeconfig.yaml")
     }
 
+    /// The API server's URL, as the kubeconfig names it.
+    pub fn server_url(&self) -> String {
+        let kc = std::fs::read_to_string(self.kubeconfig()).expect("kubeconfig");
+        kc.lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .expect("a server in the kubeconfig")
+            .to_string()
+    }
+
     /// (Re)start the server process on the same data dir and wait until it is ready.
     pub fn boot(&mut self) {
         let mut cmd = Command::new(rkube_bin());
