@@ -294,6 +294,8 @@ fn build_openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
             s["x-kubernetes-group-version-kind"] =
                 json!([{"group": k.group, "version": k.version, "kind": k.kind}]);
         }
+        let meta = apimachinery::patch_meta::for_kind(k.group, k.kind);
+        annotate_patch_meta(&mut schemas, &name, meta, 0);
     }
     Some(json!({
         "openapi": "3.0.0",
@@ -301,6 +303,56 @@ fn build_openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
         "paths": paths,
         "components": {"schemas": schemas},
     }))
+}
+
+/// Mark the merge lists of a schema (and of the schemas it refers to) with
+/// `x-kubernetes-patch-strategy` and `x-kubernetes-patch-merge-key`, from the same table that
+/// drives strategic merge patch.
+fn annotate_patch_meta(
+    schemas: &mut serde_json::Map<String, Value>,
+    name: &str,
+    meta: &'static apimachinery::strategic::TypeMeta,
+    depth: usize,
+) {
+    use apimachinery::strategic::ListStrategy;
+    if depth > 16 {
+        return;
+    }
+    let target = |prop: &Value| -> Option<String> {
+        let r = prop
+            .get("$ref")
+            .or_else(|| prop.pointer("/allOf/0/$ref"))
+            .or_else(|| prop.pointer("/items/$ref"))?;
+        r.as_str()?.rsplit('/').next().map(String::from)
+    };
+    let mut follow = Vec::new();
+    if let Some(props) = schemas
+        .get_mut(name)
+        .and_then(|s| s.get_mut("properties"))
+        .and_then(Value::as_object_mut)
+    {
+        for (field, f) in meta.fields {
+            let Some(prop) = props.get_mut(*field) else {
+                continue;
+            };
+            match f.list {
+                ListStrategy::MergeByKey(key) => {
+                    prop["x-kubernetes-patch-strategy"] = json!("merge");
+                    prop["x-kubernetes-patch-merge-key"] = json!(key);
+                }
+                ListStrategy::MergePrimitive => {
+                    prop["x-kubernetes-patch-strategy"] = json!("merge")
+                }
+                ListStrategy::Replace => {}
+            }
+            if let (Some(ty), Some(t)) = (f.ty, target(prop)) {
+                follow.push((t, ty));
+            }
+        }
+    }
+    for (t, ty) in follow {
+        annotate_patch_meta(schemas, &t, ty, depth + 1);
+    }
 }
 
 /// Hex SHA-free content hash for the `?hash=` that clients cache by.
@@ -369,6 +421,13 @@ mod tests {
             "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
         ));
         assert!(!wants_aggregated("application/json, */*"));
+        let apps = openapi_v3_gv("apps", "v1").unwrap();
+        let schemas = &apps["components"]["schemas"];
+        let ctr = &schemas["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
+        assert_eq!(ctr["x-kubernetes-patch-strategy"], "merge");
+        assert_eq!(ctr["x-kubernetes-patch-merge-key"], "name");
+        let env = &schemas["io.k8s.api.core.v1.Container"]["properties"]["env"];
+        assert_eq!(env["x-kubernetes-patch-merge-key"], "name");
         let idx = openapi_v3_index();
         assert!(idx["paths"]["apis/apps/v1"]["serverRelativeURL"]
             .as_str()
