@@ -418,9 +418,23 @@ pub fn record_update(
     subresource: &str,
     meta: Option<&'static TypeMeta>,
 ) {
+    let after = fields_of(new, meta);
+    let Some(old) = old else {
+        // A create: every field is the creator's.
+        let entry = Entry {
+            manager: manager.into(),
+            operation: "Update".into(),
+            api_version: api_version.into(),
+            time: now.into(),
+            fields: after,
+            subresource: subresource.into(),
+        };
+        set_entries(new, vec![entry]);
+        return;
+    };
+    let old = Some(old);
     let mut list = old.map(entries).unwrap_or_default();
     let before = old.map(|o| fields_of(o, meta)).unwrap_or_default();
-    let after = fields_of(new, meta);
     let mut changed = Vec::new();
     for leaf in after.leaves() {
         let differs = match old {
