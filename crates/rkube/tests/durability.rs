@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{eventually, free_port, Cluster};
+use common::{eventually, Cluster};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams};
 use kube::ResourceExt;
@@ -15,7 +15,7 @@ const WRITERS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
-    let mut c = Cluster::start_with(free_port(), &[]);
+    let mut c = Cluster::start();
     // name → (acknowledged value, acknowledged resourceVersion)
     let acked: Arc<Mutex<Vec<(String, String, i64)>>> = Arc::default();
     // Errors while the server was up (not acknowledged, so not checked, but reported).
@@ -120,7 +120,7 @@ fn rand_u64() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_is_clean_and_the_cluster_is_as_it_was() {
-    let mut c = Cluster::start_with(free_port(), &[]);
+    let mut c = Cluster::start();
     c.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep}\ndata: {a: b}\n");
     let rv_before = c.kubectl(&[
         "get",

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use common::{free_port, Cluster};
+use common::Cluster;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -92,7 +92,7 @@ async fn wait_model(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watcher_survives_a_server_restart_without_loss_or_duplicates() {
-    let mut c = Cluster::start_with(free_port(), &[]);
+    let mut c = Cluster::start();
     let client = c.client().await;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
 

@@ -22,14 +22,6 @@ pub fn rkube_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rkube"))
 }
 
-/// A port that was free a moment ago (for tests that restart a server on the same port).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 impl Cluster {
     /// Start a server with `--port 0` and wait for its ready line.
     pub fn start() -> Cluster {
@@ -99,6 +91,16 @@ impl Cluster {
             "kubeconfig.yaml must exist when ready"
         );
         self.child = Some(child);
+        // Restarts reuse the port the server picked: never a port the test chose and released,
+        // which another test's server could take in between.
+        if self.port == 0 {
+            let url = self.server_url();
+            self.port = url
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("a port in the server URL");
+        }
     }
 
     /// SIGTERM and wait: returns the exit status.
