@@ -647,6 +647,51 @@ impl Ctx {
     }
 
     async fn list(&self) -> Result<Response<Body>, ApiError> {
+        // A whole, current list (what `kubectl get -o json` and informers ask for) streams from
+        // one store snapshot; pages, past revisions and tables take the general path.
+        let whole = !self.table
+            && self.query.get("limit").is_none()
+            && self.query.get("continue").is_none()
+            && matches!(self.query.get("resourceVersion"), None | Some("0"));
+        if whole {
+            let (labels, fields) = self.selectors()?;
+            let rs = self
+                .state
+                .store
+                .range_stream(&self.kind.prefix(self.ns()), 1000)
+                .await
+                .map_err(|e| self.err("", e))?;
+            let kind = self.kind;
+            let meta = json!({"resourceVersion": rs.revision.0.to_string()});
+            let stream = object::list_from_store(
+                kind.kind,
+                &kind.api_version(),
+                &meta,
+                rs.chunks,
+                move |o| object::matches(kind, o, &labels, &fields),
+            );
+            // Drive the stream from a task; the body reads a small channel (and stops the task
+            // by going away when the client does).
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(b) = futures::StreamExt::next(&mut stream).await {
+                    if tx.send(b).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let body = http_body_util::StreamBody::new(futures::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                |b| Ok::<_, Infallible>(hyper::body::Frame::data(b)),
+            ));
+            let mut r = Response::new(BodyExt::boxed(body));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(r);
+        }
         let (items, rev, token) = self.list_objects().await?;
         let mut meta = json!({"resourceVersion": rev.to_string()});
         if let Some(t) = token {

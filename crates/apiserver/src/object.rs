@@ -216,14 +216,7 @@ pub fn list_stream(
     items: Vec<Stored>,
 ) -> impl futures::Stream<Item = Bytes> + Send + 'static {
     const CHUNK: usize = 256 * 1024;
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(b"{\"kind\":");
-    let _ = serde_json::to_writer(&mut head, &format!("{kind}List"));
-    head.extend_from_slice(b",\"apiVersion\":");
-    let _ = serde_json::to_writer(&mut head, api_version);
-    head.extend_from_slice(b",\"metadata\":");
-    let _ = serde_json::to_writer(&mut head, meta);
-    head.extend_from_slice(b",\"items\":[");
+    let head = list_head(kind, api_version, meta);
     let mut items = items.into_iter().peekable();
     let mut first = true;
     let mut head = Some(head);
@@ -250,6 +243,87 @@ pub fn list_stream(
         head = Some(Vec::with_capacity(CHUNK + 4096));
         Some(Bytes::from(buf))
     }))
+}
+
+/// A whole list straight from the store: each chunk of stored values is stamped, filtered and
+/// sent as one body chunk, so the store read overlaps with sending and memory holds a few
+/// chunks. A store error mid-way ends the body early (the client sees a truncated list and
+/// retries); nothing else can be said once the 200 has gone out.
+pub fn list_from_store(
+    kind: &str,
+    api_version: &str,
+    meta: &Value,
+    chunks: std::pin::Pin<
+        Box<dyn futures::Stream<Item = store::Result<Vec<store::KeyValue>>> + Send>,
+    >,
+    keep: impl Fn(&Stored) -> bool + Send + 'static,
+) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    use futures::StreamExt;
+    struct St<F> {
+        head: Option<Vec<u8>>,
+        chunks: std::pin::Pin<
+            Box<dyn futures::Stream<Item = store::Result<Vec<store::KeyValue>>> + Send>,
+        >,
+        first: bool,
+        done: bool,
+        keep: F,
+    }
+    let st = St {
+        head: Some(list_head(kind, api_version, meta)),
+        chunks,
+        first: true,
+        done: false,
+        keep,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if let Some(h) = st.head.take() {
+            return Some((Bytes::from(h), st));
+        }
+        loop {
+            if st.done {
+                return None;
+            }
+            match st.chunks.next().await {
+                Some(Ok(kvs)) => {
+                    let mut buf =
+                        Vec::with_capacity(kvs.iter().map(|kv| kv.value.len() + 40).sum());
+                    for kv in kvs {
+                        let obj = Stored::from_store(&kv.value, kv.mod_revision.0);
+                        if (st.keep)(&obj) {
+                            if !st.first {
+                                buf.push(b',');
+                            }
+                            st.first = false;
+                            buf.extend_from_slice(&obj.json);
+                        }
+                    }
+                    if !buf.is_empty() {
+                        return Some((Bytes::from(buf), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "list: store read failed mid-stream");
+                    return None;
+                }
+                None => {
+                    st.done = true;
+                    return Some((Bytes::from_static(b"]}"), st));
+                }
+            }
+        }
+    })
+}
+
+fn list_head(kind: &str, api_version: &str, meta: &Value) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"{\"kind\":");
+    let _ = serde_json::to_writer(&mut head, &format!("{kind}List"));
+    head.extend_from_slice(b",\"apiVersion\":");
+    let _ = serde_json::to_writer(&mut head, api_version);
+    head.extend_from_slice(b",\"metadata\":");
+    let _ = serde_json::to_writer(&mut head, meta);
+    head.extend_from_slice(b",\"items\":[");
+    head
 }
 
 #[cfg(test)]
@@ -282,6 +356,51 @@ mod tests {
             let v: Value = serde_json::from_slice(&chunks.concat()).unwrap();
             assert_eq!(v["items"].as_array().unwrap().len(), n);
             assert_eq!(v["kind"], "XList");
+        }
+    }
+
+    #[test]
+    fn lists_from_store_chunks_filter_and_stay_valid_json() {
+        use futures::StreamExt;
+        let kv = |i: usize| store::KeyValue {
+            key: format!("/k/{i}"),
+            value: Bytes::from(format!(r#"{{"kind":"X","metadata":{{"name":"n{i}"}}}}"#)),
+            create_revision: store::Revision(1),
+            mod_revision: store::Revision(i as i64 + 1),
+        };
+        for (chunks, keep_even, want) in [
+            (vec![vec![kv(0), kv(1)], vec![kv(2)]], false, 3usize),
+            (vec![vec![kv(0), kv(1)], vec![kv(2), kv(3)]], true, 2),
+            (vec![vec![kv(1)], vec![kv(3)]], true, 0),
+            (vec![], false, 0),
+        ] {
+            let stream: std::pin::Pin<
+                Box<dyn futures::Stream<Item = store::Result<Vec<store::KeyValue>>> + Send>,
+            > = Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)));
+            let out: Vec<Bytes> = futures::executor::block_on(
+                list_from_store(
+                    "X",
+                    "v1",
+                    &json!({"resourceVersion": "9"}),
+                    stream,
+                    move |o| {
+                        !keep_even
+                            || o.meta_str("name")
+                                .trim_start_matches('n')
+                                .parse::<usize>()
+                                .unwrap()
+                                % 2
+                                == 0
+                    },
+                )
+                .collect(),
+            );
+            let v: Value = serde_json::from_slice(&out.concat()).unwrap();
+            assert_eq!(v["items"].as_array().unwrap().len(), want);
+            assert_eq!(v["metadata"]["resourceVersion"], "9");
+            if want > 0 {
+                assert!(v["items"][0]["metadata"]["resourceVersion"].is_string());
+            }
         }
     }
 

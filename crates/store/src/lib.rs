@@ -118,6 +118,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event>> + Send>>;
 
+/// A range read at one revision, delivered in chunks (for lists too large to hold at once).
+pub struct RangeStream {
+    /// The revision every chunk is read at.
+    pub revision: Revision,
+    pub chunks: Pin<Box<dyn Stream<Item = Result<Vec<KeyValue>>> + Send>>,
+}
+
 /// The storage seam. Implementations: [`SqliteStore`] (embedded); an etcd backend is planned.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -125,6 +132,21 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
     /// Keys under a prefix, at the current or a past revision.
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse>;
+    /// Every key under `prefix` at the current revision, in key order, in chunks of about
+    /// `chunk` keys. The default reads it all at once; backends may stream.
+    async fn range_stream(&self, prefix: &str, chunk: usize) -> Result<RangeStream> {
+        let _ = chunk;
+        let resp = self
+            .range(RangeRequest {
+                prefix: prefix.to_string(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(RangeStream {
+            revision: resp.revision,
+            chunks: Box::pin(futures::stream::once(async move { Ok(resp.kvs) })),
+        })
+    }
     /// Create `key`; fails with `AlreadyExists` if it exists.
     async fn create(&self, key: &str, value: Bytes) -> Result<Revision>;
     /// Replace `key` if its modification revision is `expected`.

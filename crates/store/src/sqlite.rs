@@ -543,6 +543,78 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn range_stream(&self, prefix: &str, chunk: usize) -> Result<crate::RangeStream> {
+        // One read transaction (one snapshot) for the whole list; rows go out in chunks through
+        // a small bounded channel, so memory holds a few chunks, not the list.
+        let (rev_tx, rev_rx) = oneshot::channel::<Result<Revision>>();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<KeyValue>>>(4);
+        let shared = self.shared.clone();
+        let prefix = prefix.to_string();
+        let chunk = chunk.max(1);
+        tokio::task::spawn_blocking(move || {
+            let conn = shared.readers.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => match open_connection(&shared.path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = rev_tx.send(Err(e));
+                        return;
+                    }
+                },
+            };
+            let run = |conn: &Connection| -> Result<()> {
+                conn.execute_batch("BEGIN").map_err(backend)?;
+                let (current, _) = read_revisions(conn)?;
+                if rev_tx.send(Ok(Revision(current))).is_err() {
+                    return Ok(());
+                }
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT key, create_revision, mod_revision, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map(params![prefix, prefix_end(&prefix)], |r| {
+                        Ok(KeyValue {
+                            key: r.get(0)?,
+                            create_revision: Revision(r.get(1)?),
+                            mod_revision: Revision(r.get(2)?),
+                            value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                        })
+                    })
+                    .map_err(backend)?;
+                let mut buf = Vec::with_capacity(chunk);
+                for row in rows {
+                    buf.push(row.map_err(backend)?);
+                    if buf.len() == chunk && tx.blocking_send(Ok(std::mem::take(&mut buf))).is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                if !buf.is_empty() {
+                    let _ = tx.blocking_send(Ok(buf));
+                }
+                Ok(())
+            };
+            let out = run(&conn);
+            let _ = conn.execute_batch("COMMIT");
+            if let Err(e) = out {
+                let _ = tx.blocking_send(Err(e));
+            }
+            if let Ok(mut pool) = shared.readers.lock() {
+                if pool.len() < READ_POOL {
+                    pool.push(conn);
+                }
+            }
+        });
+        let revision = rev_rx.await.map_err(|_| StoreError::Closed)??;
+        Ok(crate::RangeStream {
+            revision,
+            chunks: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        })
+    }
+
     async fn create(&self, key: &str, value: Bytes) -> Result<Revision> {
         match self
             .write(WriteOp::Create {

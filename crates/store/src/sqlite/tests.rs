@@ -225,3 +225,29 @@ async fn oversized_values_are_refused() {
     ));
     assert!(s.get("/big").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn range_stream_is_one_snapshot_in_chunks() {
+    let (_d, s) = open();
+    for i in 0..25 {
+        s.create(&format!("/s/{i:02}"), b("v")).await.unwrap();
+    }
+    s.create("/t/other", b("x")).await.unwrap();
+    let mut rs = s.range_stream("/s/", 10).await.unwrap();
+    let at = rs.revision;
+    // Writes after the stream started are not in it.
+    s.create("/s/99", b("late")).await.unwrap();
+    s.delete("/s/00", None).await.unwrap();
+    let mut sizes = Vec::new();
+    let mut keys = Vec::new();
+    while let Some(chunk) = rs.chunks.next().await {
+        let chunk = chunk.unwrap();
+        sizes.push(chunk.len());
+        keys.extend(chunk.into_iter().map(|kv| kv.key));
+    }
+    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(keys.len(), 25);
+    assert_eq!(keys[0], "/s/00");
+    assert!(keys.iter().all(|k| k.starts_with("/s/") && k != "/s/99"));
+    assert!(at < s.current_revision().await.unwrap());
+}
