@@ -1404,34 +1404,29 @@ impl Ctx {
                 .collect();
             e
         };
+        let apply_to = |live: Option<&Value>| {
+            let now = now_rfc3339();
+            managed::apply(
+                live,
+                &applied,
+                manager,
+                force,
+                &kind.api_version(),
+                &now,
+                meta,
+            )
+            .map_err(conflict)
+        };
         let (obj, code) = match self.load(name).await {
             Err(e) if e.code == 404 => {
-                let obj = managed::apply(
-                    None,
-                    &applied,
-                    manager,
-                    force,
-                    &kind.api_version(),
-                    &now_rfc3339(),
-                    meta,
-                )
-                .map_err(conflict)?;
+                let obj = apply_to(None)?;
                 (self.create_object(obj).await?, StatusCode::CREATED)
             }
             Err(e) => return Err(e),
             Ok(_) => {
                 let updated = self
                     .guaranteed_update(name, None, None, |cur| {
-                        let mut out = managed::apply(
-                            Some(cur),
-                            &applied,
-                            manager,
-                            force,
-                            &kind.api_version(),
-                            &now_rfc3339(),
-                            meta,
-                        )
-                        .map_err(conflict)?;
+                        let mut out = apply_to(Some(cur))?;
                         if !pins_rv {
                             if let Some(m) = out["metadata"].as_object_mut() {
                                 m.remove("resourceVersion");

@@ -228,6 +228,16 @@ fn current_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
         .map_err(backend)
 }
 
+/// A row of `(key, create_revision, mod_revision, value)`.
+fn row_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
+    Ok(KeyValue {
+        key: r.get(0)?,
+        create_revision: Revision(r.get(1)?),
+        mod_revision: Revision(r.get(2)?),
+        value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+    })
+}
+
 fn append_log(
     conn: &Connection,
     key: &str,
@@ -575,14 +585,7 @@ impl Store for SqliteStore {
                     )
                     .map_err(backend)?;
                 let rows = stmt
-                    .query_map(params![prefix, prefix_end(&prefix)], |r| {
-                        Ok(KeyValue {
-                            key: r.get(0)?,
-                            create_revision: Revision(r.get(1)?),
-                            mod_revision: Revision(r.get(2)?),
-                            value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
-                        })
-                    })
+                    .query_map(params![prefix, prefix_end(&prefix)], row_kv)
                     .map_err(backend)?;
                 let mut buf = Vec::with_capacity(chunk);
                 for row in rows {
@@ -710,14 +713,7 @@ fn range_in_txn(conn: &Connection, req: &RangeRequest) -> Result<RangeResponse> 
         };
         let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
         let rows = stmt
-            .query_map(params![lower, end, fetch], |r| {
-                Ok(KeyValue {
-                    key: r.get(0)?,
-                    create_revision: Revision(r.get(1)?),
-                    mod_revision: Revision(r.get(2)?),
-                    value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
-                })
-            })
+            .query_map(params![lower, end, fetch], row_kv)
             .map_err(backend)?;
         for row in rows {
             kvs.push(row.map_err(backend)?);
@@ -738,14 +734,7 @@ fn range_in_txn(conn: &Connection, req: &RangeRequest) -> Result<RangeResponse> 
         };
         let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
         let rows = stmt
-            .query_map(params![lower, end, fetch, at], |r| {
-                Ok(KeyValue {
-                    key: r.get(0)?,
-                    create_revision: Revision(r.get(1)?),
-                    mod_revision: Revision(r.get(2)?),
-                    value: Bytes::from(r.get::<_, Vec<u8>>(3)?),
-                })
-            })
+            .query_map(params![lower, end, fetch, at], row_kv)
             .map_err(backend)?;
         for row in rows {
             kvs.push(row.map_err(backend)?);
