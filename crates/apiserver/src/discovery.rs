@@ -222,14 +222,18 @@ fn gv_path(group: &str, version: &str) -> String {
 /// leaves validation to the server; and the schemas of its kinds, generated from the k8s-openapi
 /// types (descriptions included), each kind's schema tagged with its group-version-kind, which
 /// is what `kubectl explain` reads.
-pub fn openapi_v3_gv(group: &str, version: &str) -> Option<Value> {
+/// Served as built: serialised once, handed out as shared bytes.
+pub fn openapi_v3_gv(group: &str, version: &str) -> Option<bytes::Bytes> {
     use std::collections::HashMap;
     use std::sync::OnceLock;
-    static DOCS: OnceLock<HashMap<(&'static str, &'static str), Value>> = OnceLock::new();
+    static DOCS: OnceLock<HashMap<(&'static str, &'static str), bytes::Bytes>> = OnceLock::new();
     let docs = DOCS.get_or_init(|| {
         group_versions()
             .into_iter()
-            .filter_map(|(g, v)| build_openapi_v3_gv(g, v).map(|d| ((g, v), d)))
+            .filter_map(|(g, v)| {
+                let doc = build_openapi_v3_gv(g, v)?;
+                Some(((g, v), bytes::Bytes::from(serde_json::to_vec(&doc).ok()?)))
+            })
             .collect()
     });
     docs.iter()
@@ -356,10 +360,10 @@ fn annotate_patch_meta(
 }
 
 /// Hex SHA-free content hash for the `?hash=` that clients cache by.
-pub fn content_hash(v: &Value) -> String {
+pub fn content_hash(doc: &[u8]) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.to_string().hash(&mut h);
+    doc.hash(&mut h);
     format!("{:016X}", h.finish())
 }
 
@@ -421,7 +425,7 @@ mod tests {
             "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
         ));
         assert!(!wants_aggregated("application/json, */*"));
-        let apps = openapi_v3_gv("apps", "v1").unwrap();
+        let apps: Value = serde_json::from_slice(&openapi_v3_gv("apps", "v1").unwrap()).unwrap();
         let schemas = &apps["components"]["schemas"];
         let ctr = &schemas["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
         assert_eq!(ctr["x-kubernetes-patch-strategy"], "merge");

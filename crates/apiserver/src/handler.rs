@@ -32,7 +32,12 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
-    let mut r = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    json_bytes_response(code, serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// A JSON body that is already serialised.
+fn json_bytes_response(code: StatusCode, json: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(json));
     *r.status_mut() = code;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -268,15 +273,15 @@ async fn route(
             ))
         }
         ["openapi", "v3", "api", v] => {
-            return get_only(json_response(
+            return get_only(json_bytes_response(
                 StatusCode::OK,
-                &discovery::openapi_v3_gv("", v).ok_or_else(nf)?,
+                discovery::openapi_v3_gv("", v).ok_or_else(nf)?,
             ))
         }
         ["openapi", "v3", "apis", g, v] => {
-            return get_only(json_response(
+            return get_only(json_bytes_response(
                 StatusCode::OK,
-                &discovery::openapi_v3_gv(g, v).ok_or_else(nf)?,
+                discovery::openapi_v3_gv(g, v).ok_or_else(nf)?,
             ))
         }
         _ => {}
