@@ -8,7 +8,9 @@
 //! What it is not: it knows nothing about Kubernetes, HTTP or JSON. Keys are strings, values
 //! are bytes. The API server turns [`StoreError`]s into HTTP statuses.
 
+mod etcd;
 mod sqlite;
+pub mod testing;
 
 use std::fmt;
 use std::pin::Pin;
@@ -16,6 +18,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures::Stream;
 
+pub use etcd::{EtcdConfig, EtcdStore};
 pub use sqlite::SqliteStore;
 
 /// The largest value the store accepts, as etcd's default request limit.
@@ -108,6 +111,10 @@ pub enum StoreError {
     },
     #[error("value of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    /// The backend cannot answer now (no quorum, unreachable, timed out); a write's outcome
+    /// may be unknown, but it was never acknowledged.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("store is closed")]
     Closed,
     #[error("storage backend: {0}")]
@@ -125,7 +132,7 @@ pub struct RangeStream {
     pub chunks: Pin<Box<dyn Stream<Item = Result<Vec<KeyValue>>> + Send>>,
 }
 
-/// The storage seam. Implementations: [`SqliteStore`] (embedded); an etcd backend is planned.
+/// The storage seam. Implementations: [`SqliteStore`] (embedded) and [`EtcdStore`].
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The newest value of `key`, if it exists.

@@ -751,7 +751,12 @@ fn range_in_txn(conn: &Connection, req: &RangeRequest) -> Result<RangeResponse> 
     })
 }
 
+/// Events replayed from the log per read: a watcher holds at most one page in memory.
+const REPLAY_PAGE: i64 = 1000;
+
 /// Replay, then follow live events; on lag, replay again from the last delivered revision.
+/// Replay reads the log a page at a time, only when the previous page has been consumed, so a
+/// watcher far behind costs one page of memory, not its whole backlog.
 fn watch_stream(
     store: SqliteStore,
     prefix: String,
@@ -760,9 +765,12 @@ fn watch_stream(
     struct St {
         store: SqliteStore,
         prefix: String,
+        /// The newest revision delivered (or skipped as not ours).
         last: i64,
         rx: Option<broadcast::Receiver<Arc<Event>>>,
         pending: std::collections::VecDeque<Event>,
+        /// The log may hold more after `last` than the pages read so far.
+        replaying: bool,
         done: bool,
     }
     let st = St {
@@ -771,6 +779,7 @@ fn watch_stream(
         last: after.0,
         rx: None,
         pending: Default::default(),
+        replaying: false,
         done: false,
     };
     futures::stream::unfold(st, |mut st| async move {
@@ -785,36 +794,27 @@ fn watch_stream(
             if st.rx.is_none() {
                 // Subscribe before replaying so nothing falls between the two.
                 st.rx = Some(st.store.shared.events.subscribe());
-                loop {
-                    let prefix = st.prefix.clone();
-                    let last = st.last;
-                    let res = st
-                        .store
-                        .read(move |conn| {
-                            check_not_compacted(conn, last)?;
-                            replay(conn, &prefix, last, 1000)
-                        })
-                        .await;
-                    match res {
-                        Ok(evs) => {
-                            let n = evs.len();
-                            if let Some(ev) = evs.last() {
-                                st.last = ev.revision().0;
-                            }
-                            st.pending.extend(evs);
-                            if n < 1000 {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            st.done = true;
-                            return Some((Err(e), st));
-                        }
+                st.replaying = true;
+            }
+            if st.replaying {
+                let prefix = st.prefix.clone();
+                let last = st.last;
+                let res = st
+                    .store
+                    .read(move |conn| {
+                        check_not_compacted(conn, last)?;
+                        replay(conn, &prefix, last, REPLAY_PAGE)
+                    })
+                    .await;
+                match res {
+                    Ok(evs) => {
+                        st.replaying = evs.len() as i64 == REPLAY_PAGE;
+                        st.pending.extend(evs);
                     }
-                }
-                // `last` moved during replay; rewind it so pending events set it as they go.
-                if let Some(first) = st.pending.front() {
-                    st.last = first.revision().0 - 1;
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
                 }
                 continue;
             }
@@ -828,6 +828,7 @@ fn watch_stream(
                     return Some((Ok((*ev).clone()), st));
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind the live broadcast: drop it and catch up from the log.
                     st.rx = None;
                 }
                 Err(broadcast::error::RecvError::Closed) => {
