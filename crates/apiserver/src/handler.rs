@@ -87,6 +87,7 @@ pub fn store_error(kind: &Kind, name: &str, e: StoreError) -> ApiError {
         )),
         StoreError::FutureRevision { .. } => ApiError::timeout("Too large resource version"),
         StoreError::TooLarge { .. } => ApiError::too_large("etcdserver: request is too large"),
+        StoreError::Unavailable(_) => ApiError::new(503, "ServiceUnavailable", e.to_string()),
         StoreError::Closed | StoreError::Backend(_) => ApiError::internal(e.to_string()),
     }
 }

@@ -65,7 +65,7 @@ pub async fn authenticate_token(
         .store
         .get(&sas.key(Some(ns), name))
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| crate::handler::store_error(sas, "", e))?
         .ok_or_else(ApiError::unauthorized)?;
     let sa: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
     if sa["metadata"]["uid"].as_str() != Some(uid) {
@@ -248,7 +248,7 @@ pub async fn admit(
     let kv = store
         .get(&namespaces.key(None, ns))
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| crate::handler::store_error(namespaces, "", e))?;
     let Some(kv) = kv else {
         return Err(ApiError::not_found("namespaces", ns).on("", "namespaces", ns));
     };

@@ -50,13 +50,17 @@ struct Ring {
     events: VecDeque<Arc<CachedEvent>>,
     /// Every event with a revision greater than this is in `events`.
     complete_after: i64,
+    /// Live events; replaced (closing every receiver) when the cache starts over.
+    tx: broadcast::Sender<Arc<CachedEvent>>,
 }
 
 pub struct WatchCache {
     ring: RwLock<Ring>,
-    tx: broadcast::Sender<Arc<CachedEvent>>,
     revision: watch::Sender<i64>,
 }
+
+/// The longest pause between attempts to resume the store watch.
+const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where a new watcher's events come from.
 pub enum Subscription {
@@ -79,8 +83,8 @@ impl WatchCache {
             ring: RwLock::new(Ring {
                 events: VecDeque::new(),
                 complete_after: start.0,
+                tx,
             }),
-            tx,
             revision,
         });
         let mut stream = store.watch("/registry/", start).await?;
@@ -94,23 +98,55 @@ impl WatchCache {
                         Some(Ok(ev)) => {
                             last = ev.revision().0;
                             c.push(Arc::new(from_store_event(&ev)));
+                            continue;
                         }
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "watch cache: store watch failed; resuming");
-                            match store.watch("/registry/", Revision(last)).await {
-                                Ok(s) => stream = s,
-                                Err(e) => {
-                                    tracing::error!(error = %e, "watch cache: cannot resume");
-                                    return;
-                                }
+                        }
+                        None => tracing::warn!("watch cache: store watch ended; resuming"),
+                    }
+                }
+                // Resume from the last revision seen, for as long as it takes (the store may be
+                // down for a while), backing off up to MAX_RETRY between attempts.
+                let mut pause = std::time::Duration::from_millis(50);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    match store.watch("/registry/", Revision(last)).await {
+                        Ok(s) => {
+                            stream = s;
+                            break;
+                        }
+                        Err(store::StoreError::Compacted { .. }) => {
+                            // What happened meanwhile is gone from history: start over from now.
+                            // Every live watcher is cut off and resumes or relists on its own.
+                            if let Ok(now) = store.current_revision().await {
+                                tracing::warn!(from = last, to = now.0, "watch cache: history compacted while disconnected; starting over");
+                                c.reset(now.0);
+                                last = now.0;
                             }
                         }
-                        None => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watch cache: cannot resume yet");
+                            pause = (pause * 2).min(MAX_RETRY);
+                        }
                     }
                 }
             }
         });
         Ok(cache)
+    }
+
+    /// Forget the ring and close every live receiver: the cache continues from `revision`.
+    fn reset(&self, revision: i64) {
+        if let Ok(mut ring) = self.ring.write() {
+            ring.events.clear();
+            ring.complete_after = revision;
+            ring.tx = broadcast::channel(BROADCAST_CAPACITY).0;
+        }
+        self.revision.send_replace(revision);
     }
 
     fn push(&self, ev: Arc<CachedEvent>) {
@@ -123,7 +159,7 @@ impl WatchCache {
             }
             ring.events.push_back(ev.clone());
             // Broadcast under the lock so that subscribe() sees ring and channel consistently.
-            let _ = self.tx.send(ev);
+            let _ = ring.tx.send(ev);
         }
         self.revision.send_replace(rev);
     }
@@ -147,7 +183,7 @@ impl WatchCache {
         if after < ring.complete_after {
             return Subscription::TooOld;
         }
-        let rx = self.tx.subscribe();
+        let rx = ring.tx.subscribe();
         let start = ring.events.partition_point(|e| e.revision <= after);
         let replay = ring.events.range(start..).cloned().collect();
         Subscription::Cached(replay, rx)

@@ -30,6 +30,15 @@ pub struct ServerArgs {
     /// `sqlite://PATH` for the embedded store (default: in the data dir), or an etcd cluster.
     #[arg(long, env = "RKUBE_DATASTORE_ENDPOINT")]
     pub datastore_endpoint: Option<String>,
+    /// PEM CA bundle that verifies the etcd members (https endpoints).
+    #[arg(long, env = "RKUBE_DATASTORE_CAFILE")]
+    pub datastore_cafile: Option<PathBuf>,
+    /// PEM client certificate for etcd.
+    #[arg(long, env = "RKUBE_DATASTORE_CERTFILE")]
+    pub datastore_certfile: Option<PathBuf>,
+    /// PEM key of the client certificate for etcd.
+    #[arg(long, env = "RKUBE_DATASTORE_KEYFILE")]
+    pub datastore_keyfile: Option<PathBuf>,
     /// Comma list of components to leave out.
     #[arg(long, env = "RKUBE_DISABLE", value_delimiter = ',')]
     pub disable: Vec<String>,
@@ -39,34 +48,81 @@ pub struct ServerArgs {
     /// An existing CRI socket instead of a supervised runtime.
     #[arg(long, env = "RKUBE_CONTAINER_RUNTIME_ENDPOINT")]
     pub container_runtime_endpoint: Option<String>,
-    /// How often store history is compacted (tests shorten it).
-    #[arg(
-        long,
-        env = "RKUBE_COMPACTION_INTERVAL_SECONDS",
-        default_value_t = 300,
-        hide = true
-    )]
+    /// How often store history is compacted; each compaction keeps the last interval's
+    /// revisions, so watchers and paged lists can resume within 1-2 intervals.
+    #[arg(long, env = "RKUBE_COMPACTION_INTERVAL_SECONDS", default_value_t = 300)]
     pub compaction_interval_seconds: u64,
     /// Registries to pull from over plain HTTP (repeatable).
     #[arg(long, env = "RKUBE_INSECURE_REGISTRY")]
     pub insecure_registry: Vec<String>,
 }
 
-fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>> {
-    let path = match args.datastore_endpoint.as_deref() {
-        None => args.data_dir.join("db").join("state.db"),
-        Some(ep) if ep.starts_with("sqlite://") => PathBuf::from(&ep["sqlite://".len()..]),
-        Some(ep) if ep.starts_with("http://") || ep.starts_with("https://") => bail!(
-            "--datastore-endpoint {ep}: etcd is not supported by this build yet (the etcd backend is planned); use the embedded store"
-        ),
-        Some(ep) => bail!("--datastore-endpoint {ep}: expected sqlite://PATH or http(s)://HOST:PORT"),
-    };
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Where the data lives: the embedded store (a path) or an etcd cluster.
+pub enum Datastore {
+    Sqlite(PathBuf),
+    Etcd(store::EtcdConfig),
+}
+
+/// Parse `--datastore-endpoint` and the etcd TLS flags.
+pub fn datastore(
+    endpoint: Option<&str>,
+    data_dir: &Path,
+    cafile: Option<&Path>,
+    certfile: Option<&Path>,
+    keyfile: Option<&Path>,
+) -> Result<Datastore> {
+    match endpoint {
+        None => Ok(Datastore::Sqlite(data_dir.join("db").join("state.db"))),
+        Some(ep) if ep.starts_with("sqlite://") => {
+            Ok(Datastore::Sqlite(PathBuf::from(&ep["sqlite://".len()..])))
+        }
+        Some(ep) if ep.starts_with("http://") || ep.starts_with("https://") => {
+            let mut config = store::EtcdConfig::from_url(ep)
+                .map_err(|e| anyhow::anyhow!("--datastore-endpoint {ep}: {e}"))?;
+            if ep.starts_with("http://") && (cafile.is_some() || certfile.is_some()) {
+                bail!("--datastore-cafile/--datastore-certfile need an https:// endpoint");
+            }
+            config.ca_file = cafile.map(Path::to_path_buf);
+            config.cert_file = certfile.map(Path::to_path_buf);
+            config.key_file = keyfile.map(Path::to_path_buf);
+            Ok(Datastore::Etcd(config))
+        }
+        Some(ep) => {
+            bail!("--datastore-endpoint {ep}: expected sqlite://PATH or http(s)://HOST:PORT[,HOST:PORT...]")
+        }
     }
-    let store =
-        store::SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Arc::new(store))
+}
+
+/// Open the datastore (connecting to etcd and checking that it answers).
+pub async fn open_datastore(ds: Datastore) -> Result<Arc<dyn Store>> {
+    match ds {
+        Datastore::Sqlite(path) => {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let store = store::SqliteStore::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        Datastore::Etcd(config) => {
+            let endpoints = config.endpoints.join(",");
+            let store = store::EtcdStore::connect(config)
+                .await
+                .with_context(|| format!("connecting to etcd at {endpoints}"))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>> {
+    let ds = datastore(
+        args.datastore_endpoint.as_deref(),
+        &args.data_dir,
+        args.datastore_cafile.as_deref(),
+        args.datastore_certfile.as_deref(),
+        args.datastore_keyfile.as_deref(),
+    )?;
+    open_datastore(ds).await
 }
 
 fn hostname() -> String {
@@ -124,7 +180,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
     fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let store = open_store(&args)?;
+    let store = open_store(&args).await?;
 
     let mut addresses = vec![
         IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::{eventually, Cluster};
@@ -13,15 +14,20 @@ use kube::ResourceExt;
 const ITERATIONS: usize = 20;
 const WRITERS: usize = 8;
 
+/// One acknowledged write: the object, the value, the resourceVersion it got.
+type Ack = (String, String, i64);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let mut c = Cluster::start();
-    // name → (acknowledged value, acknowledged resourceVersion)
-    let acked: Arc<Mutex<Vec<(String, String, i64)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
+    // Writes in flight when the server died: they may or may not have landed.
+    let in_flight: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     // Errors while the server was up (not acknowledged, so not checked, but reported).
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut max_rv = 0i64;
     let mut failed_total = 0usize;
+    let mut updates_total = 0usize;
     for iteration in 0..ITERATIONS {
         let client = c.client().await;
         let api: Api<ConfigMap> = Api::namespaced(client, "default");
@@ -32,32 +38,55 @@ async fn acknowledged_writes_survive_kill_9() {
             let api = api.clone();
             let acked = acked.clone();
             let errors = errors.clone();
+            let in_flight = in_flight.clone();
             tasks.push(tokio::spawn(async move {
+                let mut updates = 0usize;
                 for seq in 0.. {
+                    // Create an object, then update it a few times (each update is a CAS on the
+                    // resourceVersion the previous write was acknowledged with).
                     let name = format!("it{iteration}-w{w}-{seq}");
-                    let value = format!("{iteration}/{w}/{seq}");
-                    let obj: ConfigMap = serde_json::from_value(serde_json::json!({
-                        "apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": name}, "data": {"v": value},
-                    }))
-                    .unwrap();
-                    match api.create(&PostParams::default(), &obj).await {
-                        Ok(created) => {
-                            let rv: i64 = created.resource_version().unwrap().parse().unwrap();
-                            acked.lock().unwrap().push((name, value, rv));
-                        }
-                        // The server died under us: this write was never acknowledged.
-                        Err(kube::Error::HyperError(_) | kube::Error::Service(_)) => return,
-                        // Anything else is not an acknowledgement either; keep writing.
-                        Err(e) => {
-                            let mut errs = errors.lock().unwrap();
-                            errs.push(e.to_string());
-                            if errs.len() > 1000 {
-                                return;
+                    let mut rv: Option<String> = None;
+                    for version in 0..=(seq % 4) {
+                        let value = format!("{iteration}/{w}/{seq}/{version}");
+                        let mut obj: ConfigMap = serde_json::from_value(serde_json::json!({
+                            "apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": name}, "data": {"v": value},
+                        }))
+                        .unwrap();
+                        obj.metadata.resource_version = rv.clone();
+                        let res = match &rv {
+                            None => api.create(&PostParams::default(), &obj).await,
+                            Some(_) => api.replace(&name, &PostParams::default(), &obj).await,
+                        };
+                        match res {
+                            Ok(written) => {
+                                let got = written.resource_version().unwrap();
+                                acked.lock().unwrap().push((
+                                    name.clone(),
+                                    value,
+                                    got.parse().unwrap(),
+                                ));
+                                updates += usize::from(rv.is_some());
+                                rv = Some(got);
+                            }
+                            // The server died under us: this write was never acknowledged.
+                            Err(kube::Error::HyperError(_) | kube::Error::Service(_)) => {
+                                in_flight.lock().unwrap().insert(name, value);
+                                return updates;
+                            }
+                            // Anything else is not an acknowledgement either; go on.
+                            Err(e) => {
+                                let mut errs = errors.lock().unwrap();
+                                errs.push(e.to_string());
+                                if errs.len() > 1000 {
+                                    return updates;
+                                }
+                                break;
                             }
                         }
                     }
                 }
+                updates
             }));
         }
         // Kill after a random number of acknowledged writes in this iteration.
@@ -72,26 +101,54 @@ async fn acknowledged_writes_survive_kill_9() {
         .unwrap();
         c.kill9();
         for t in tasks {
-            t.await.unwrap();
+            updates_total += t.await.unwrap();
         }
         c.boot();
 
         let client = c.client().await;
         let api: Api<ConfigMap> = Api::namespaced(client, "default");
         let list = api.list(&ListParams::default()).await.unwrap();
-        let present: std::collections::HashMap<String, String> = list
+        let present: HashMap<String, (String, i64)> = list
             .items
             .iter()
-            .map(|c| (c.name_any(), c.data.as_ref().unwrap()["v"].clone()))
+            .map(|c| {
+                (
+                    c.name_any(),
+                    (
+                        c.data.as_ref().unwrap()["v"].clone(),
+                        c.resource_version().unwrap().parse().unwrap(),
+                    ),
+                )
+            })
             .collect();
-        let acked_now = acked.lock().unwrap().clone();
-        for (name, value, rv) in &acked_now {
-            assert_eq!(
-                present.get(name),
-                Some(value),
-                "acknowledged write {name} lost after kill -9 (iteration {iteration})"
-            );
+        // The newest acknowledged write of each object.
+        let mut newest: HashMap<String, (String, i64)> = HashMap::new();
+        for (name, value, rv) in acked.lock().unwrap().iter() {
             max_rv = max_rv.max(*rv);
+            let e = newest.entry(name.clone()).or_insert((value.clone(), *rv));
+            if *rv >= e.1 {
+                *e = (value.clone(), *rv);
+            }
+        }
+        let in_flight_now = in_flight.lock().unwrap().clone();
+        for (name, (value, rv)) in &newest {
+            let Some((got, got_rv)) = present.get(name) else {
+                panic!("acknowledged object {name} lost after kill -9 (iteration {iteration})");
+            };
+            if got == value {
+                assert_eq!(
+                    got_rv, rv,
+                    "{name}: the acknowledged value with another resourceVersion"
+                );
+            } else {
+                // Only a later write that was in flight at the kill may have replaced it.
+                assert_eq!(
+                    in_flight_now.get(name),
+                    Some(got),
+                    "acknowledged write {name}={value} lost after kill -9 (iteration {iteration}); found {got}"
+                );
+                assert!(got_rv > rv, "{name}: resourceVersion went backwards");
+            }
         }
         let list_rv: i64 = list.metadata.resource_version.unwrap().parse().unwrap();
         assert!(
@@ -100,7 +157,7 @@ async fn acknowledged_writes_survive_kill_9() {
         );
     }
     println!(
-        "crash test: {ITERATIONS} kill -9 iterations, {} acknowledged writes all present after restart ({} writes failed while the server was up)",
+        "crash test: {ITERATIONS} kill -9 iterations, {} acknowledged writes ({updates_total} of them updates) all present with their values after restart ({} writes failed while the server was up)",
         acked.lock().unwrap().len(),
         failed_total + errors.lock().unwrap().len()
     );

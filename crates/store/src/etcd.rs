@@ -15,7 +15,7 @@
 //! - Every unary call has a deadline; a cluster without quorum answers `Unavailable` within it,
 //!   never a false success.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,7 +81,9 @@ impl EtcdConfig {
 }
 
 struct Shared {
-    client: Client,
+    /// One client per member; requests go to `current` and move on when it cannot be reached.
+    clients: Vec<Client>,
+    current: AtomicUsize,
     timeout: Duration,
     compacted: AtomicI64,
 }
@@ -158,21 +160,19 @@ impl EtcdStore {
             }
             options = options.with_tls(tls);
         }
-        let client = tokio::time::timeout(
-            config.request_timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| {
-            StoreError::Unavailable(format!(
-                "no etcd member of {:?} answered within {:?}",
-                config.endpoints, config.request_timeout
-            ))
-        })?
-        .map_err(|e| StoreError::Unavailable(format!("connecting to etcd: {e}")))?;
+        // A client per member rather than one balanced channel: a balanced channel keeps
+        // sending to a dead member, so half the requests would fail while one member is down.
+        let mut clients = Vec::new();
+        for endpoint in &config.endpoints {
+            let client = Client::connect([endpoint], Some(options.clone()))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("etcd {endpoint}: {e}")))?;
+            clients.push(client);
+        }
         let store = EtcdStore {
             shared: Arc::new(Shared {
-                client,
+                clients,
+                current: AtomicUsize::new(0),
                 timeout: config.request_timeout,
                 compacted: AtomicI64::new(0),
             }),
@@ -182,22 +182,45 @@ impl EtcdStore {
         Ok(store)
     }
 
-    fn client(&self) -> Client {
-        self.shared.client.clone()
-    }
-
-    /// Run one call with the store's deadline and map its error.
-    async fn call<T, F>(&self, what: &str, fut: F) -> Result<T>
+    /// Run one call with the store's deadline, on the member in use or, when that one cannot
+    /// take the request (unreachable, or without a leader), on the next; map the error.
+    /// A request is retried elsewhere only when it was certainly not carried out.
+    async fn call<T, F, Fut>(&self, what: &str, at: Option<i64>, mut f: F) -> Result<T>
     where
-        F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.shared.timeout, fut).await {
+        let attempts = async {
+            let n = self.shared.clients.len();
+            let start = self.shared.current.load(Ordering::Relaxed);
+            let mut best: Option<etcd_client::Error> = None;
+            for i in 0..n {
+                let idx = (start + i) % n;
+                match f(self.shared.clients[idx].clone()).await {
+                    Ok(v) => {
+                        if idx != start {
+                            self.shared.current.store(idx, Ordering::Relaxed);
+                        }
+                        return Ok(v);
+                    }
+                    Err(e) => match not_carried_out(&e) {
+                        NotCarriedOut::Unreachable => {
+                            best.get_or_insert(e);
+                        }
+                        NotCarriedOut::NoLeader => best = Some(e),
+                        NotCarriedOut::Unknown => return Err(e),
+                    },
+                }
+            }
+            Err(best.expect("at least one member"))
+        };
+        match tokio::time::timeout(self.shared.timeout, attempts).await {
             Err(_) => Err(StoreError::Unavailable(format!(
                 "etcd {what}: no answer within {:?} (the outcome of a write is unknown)",
                 self.shared.timeout
             ))),
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.map_error(what, e, None)),
+            Ok(Err(e)) => Err(self.map_error(what, e, at)),
         }
     }
 
@@ -237,12 +260,14 @@ impl EtcdStore {
     /// Learn the compacted revision: a watch from revision 1 is refused with it.
     async fn probe_compacted(&self) {
         let probe = async {
-            let mut client = self.client();
-            let mut stream = client
-                .watch(
-                    "\0rkube-compaction-probe",
-                    Some(WatchOptions::new().with_start_revision(1)),
-                )
+            let mut stream = self
+                .call("watch", None, |mut c| async move {
+                    c.watch(
+                        "\0rkube-compaction-probe",
+                        Some(WatchOptions::new().with_start_revision(1)),
+                    )
+                    .await
+                })
                 .await
                 .ok()?;
             // The first message is the creation; a compacted start is cancelled right after.
@@ -296,15 +321,15 @@ impl EtcdStore {
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let mut client = self.client();
-        match tokio::time::timeout(self.shared.timeout, client.get(from, Some(options))).await {
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd range: no answer within {:?}",
-                self.shared.timeout
-            ))),
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
-                let err = self.map_error("range", e, Some(revision));
+        let res = self
+            .call("range", Some(revision), |mut c| {
+                let (from, options) = (from.clone(), options.clone());
+                async move { c.get(from, Some(options)).await }
+            })
+            .await;
+        match res {
+            Ok(r) => Ok(r),
+            Err(err) => {
                 if let StoreError::Backend(m) = &err {
                     if m.contains("future revision") {
                         let current = self.current_revision().await.unwrap_or_default();
@@ -320,6 +345,30 @@ impl EtcdStore {
     }
 }
 
+enum NotCarriedOut {
+    /// The member could not be reached: the request never left.
+    Unreachable,
+    /// The member has no leader and refused the request.
+    NoLeader,
+    /// Anything else: an answer, or an outcome we cannot know.
+    Unknown,
+}
+
+fn not_carried_out(e: &etcd_client::Error) -> NotCarriedOut {
+    let text = match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    };
+    let text = text.to_ascii_lowercase();
+    if text.contains("no leader") {
+        NotCarriedOut::NoLeader
+    } else if text.contains("tcp connect") || text.contains("connection refused") {
+        NotCarriedOut::Unreachable
+    } else {
+        NotCarriedOut::Unknown
+    }
+}
+
 fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Revision {
     Revision(h.map(|h| h.revision()).unwrap_or_default())
 }
@@ -327,8 +376,9 @@ fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Revision {
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut client = self.client();
-        let resp = self.call("get", client.get(key, None)).await?;
+        let resp = self
+            .call("get", None, |mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(to_kv))
     }
 
@@ -403,8 +453,12 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value.to_vec(), None)]);
-        let mut client = self.client();
-        let resp = self.call("create", client.txn(txn)).await?;
+        let resp = self
+            .call("create", None, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Err(StoreError::AlreadyExists {
                 key: key.to_string(),
@@ -419,8 +473,12 @@ impl Store for EtcdStore {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected.0)])
             .and_then([TxnOp::put(key, value.to_vec(), None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.client();
-        let resp = self.call("update", client.txn(txn)).await?;
+        let resp = self
+            .call("update", None, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Err(Self::failed_compare(key, expected, &resp.op_responses()));
         }
@@ -439,8 +497,12 @@ impl Store for EtcdStore {
                 Some(etcd_client::DeleteOptions::new().with_prev_key()),
             )])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.client();
-        let resp = self.call("delete", client.txn(txn)).await?;
+        let resp = self
+            .call("delete", None, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         let ops = resp.op_responses();
         if !resp.succeeded() {
             return Err(Self::failed_compare(
@@ -486,12 +548,11 @@ impl Store for EtcdStore {
             .with_start_revision(after.0 + 1)
             .with_prev_key()
             .with_progress_notify();
-        let mut client = self.client();
         let stream = self
-            .call(
-                "watch",
-                client.watch(prefix.as_bytes().to_vec(), Some(options)),
-            )
+            .call("watch", None, |mut c| {
+                let options = options.clone();
+                async move { c.watch(prefix.as_bytes().to_vec(), Some(options)).await }
+            })
             .await?;
         let store = self.clone();
         struct St {
@@ -608,8 +669,12 @@ impl Store for EtcdStore {
                 compacted: Revision(compacted),
             });
         }
-        let mut client = self.client();
-        match self.call("compact", client.compact(revision.0, None)).await {
+        match self
+            .call("compact", Some(revision.0), |mut c| async move {
+                c.compact(revision.0, None).await
+            })
+            .await
+        {
             Ok(_) => {
                 self.note_compacted(revision.0);
                 Ok(())
@@ -628,15 +693,14 @@ impl Store for EtcdStore {
 
     async fn current_revision(&self) -> Result<Revision> {
         // A linearizable read of one (absent) key: its header carries the cluster's revision.
-        let mut client = self.client();
         let resp = self
-            .call(
-                "revision",
-                client.get(
+            .call("revision", None, |mut c| async move {
+                c.get(
                     "\0rkube-revision",
                     Some(GetOptions::new().with_count_only()),
-                ),
-            )
+                )
+                .await
+            })
             .await?;
         Ok(header_revision(resp.header()))
     }

@@ -29,15 +29,37 @@ pub struct EtcdCluster {
     token: String,
 }
 
+/// Ports below the kernel's ephemeral range (32768 and up by default), so that neither outgoing
+/// connections nor servers started with port 0 can take a port a member is about to bind. Each
+/// process walks the range from its own starting point; within a process no port is handed out
+/// twice.
+const PORT_RANGE: std::ops::Range<u32> = 20_000..32_000;
+
 fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    // Hold every listener until all ports are picked, so the picks are distinct.
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id().wrapping_mul(7919)) % span + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = (PORT_RANGE.start + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    if ports.len() < n {
+        return Err(std::io::Error::other("no free loopback ports for etcd"));
+    }
+    Ok(ports)
 }
 
 /// Whether the member at `port` reports itself healthy (it has a leader and answers).

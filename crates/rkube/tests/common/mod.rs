@@ -231,11 +231,15 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.client_config().await).expect("client")
+    }
+
+    /// kube-rs's client configuration for this cluster (its default retries 429/503/504).
+    pub async fn client_config(&self) -> kube::Config {
         let kc = kube::config::Kubeconfig::read_from(self.kubeconfig()).expect("kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
-            .expect("client config");
-        kube::Client::try_from(config).expect("client")
+            .expect("client config")
     }
 }
 
