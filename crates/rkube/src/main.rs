@@ -59,6 +59,9 @@ enum Command {
         #[arg(long)]
         kubeconfig: PathBuf,
     },
+    /// Move a datastore into an empty etcd cluster: copy every key, advance and compact the
+    /// target's history past the source's revision, then compare both. Stop the server first.
+    Migrate(server::MigrateArgs),
     /// N simulated nodes in one process.
     HollowNodes {
         #[arg(long)]
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
             .await;
             Ok(())
         }),
+        Command::Migrate(args) => runtime.block_on(server::migrate(args)),
         Command::Kubelet { .. } => return not_yet("kubelet"),
         Command::Proxy { .. } => return not_yet("proxy"),
         Command::HollowNodes { .. } => return not_yet("hollow-nodes"),

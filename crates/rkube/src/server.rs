@@ -125,6 +125,59 @@ async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>> {
     open_datastore(ds).await
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// The server's data dir (its embedded store is the default source).
+    #[arg(long, env = "RKUBE_DATA_DIR", default_value = "/var/lib/rkube")]
+    pub data_dir: PathBuf,
+    /// The source, as `--datastore-endpoint` takes it (default: the data dir's embedded store).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The target etcd cluster: `http(s)://HOST:PORT[,HOST:PORT...]`; it must hold no keys.
+    #[arg(long)]
+    pub to: String,
+    /// PEM CA bundle that verifies the target's members.
+    #[arg(long, env = "RKUBE_DATASTORE_CAFILE")]
+    pub datastore_cafile: Option<PathBuf>,
+    /// PEM client certificate for the target.
+    #[arg(long, env = "RKUBE_DATASTORE_CERTFILE")]
+    pub datastore_certfile: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, env = "RKUBE_DATASTORE_KEYFILE")]
+    pub datastore_keyfile: Option<PathBuf>,
+}
+
+/// `rkube migrate`: copy, advance, compact, verify.
+pub async fn migrate(args: MigrateArgs) -> Result<()> {
+    let from = datastore(args.from.as_deref(), &args.data_dir, None, None, None)?;
+    if let Datastore::Sqlite(path) = &from {
+        if !path.exists() {
+            bail!("no embedded store at {}", path.display());
+        }
+    }
+    let to = datastore(
+        Some(&args.to),
+        &args.data_dir,
+        args.datastore_cafile.as_deref(),
+        args.datastore_certfile.as_deref(),
+        args.datastore_keyfile.as_deref(),
+    )?;
+    if !matches!(to, Datastore::Etcd(_)) {
+        bail!("--to {}: the target must be an etcd cluster (http(s)://)", args.to);
+    }
+    let source = open_datastore(from).await?;
+    let target = open_datastore(to).await?;
+    let say = |m: &str| println!("rkube migrate: {m}");
+    let report = store::migrate::migrate(source, target, &say)
+        .await
+        .context("migration")?;
+    println!(
+        "rkube migrate: done: {} keys moved; start the server with --datastore-endpoint {}",
+        report.keys, args.to
+    );
+    Ok(())
+}
+
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())

@@ -317,6 +317,8 @@ impl EtcdStore {
         limit: i64,
         revision: i64,
     ) -> Result<etcd_client::GetResponse> {
+        // etcd refuses an empty key: "\0" is the smallest one.
+        let from = if from.is_empty() { vec![0] } else { from };
         let mut options = GetOptions::new().with_range(end).with_limit(limit);
         if revision > 0 {
             options = options.with_revision(revision);

@@ -9,6 +9,7 @@
 //! are bytes. The API server turns [`StoreError`]s into HTTP statuses.
 
 mod etcd;
+pub mod migrate;
 mod sqlite;
 pub mod testing;
 

@@ -15,7 +15,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub port: u16,
-    extra: Vec<String>,
+    pub extra: Vec<String>,
 }
 
 pub fn rkube_bin() -> PathBuf {
@@ -38,6 +38,11 @@ impl Cluster {
         };
         c.boot();
         c
+    }
+
+    /// Flags for the next boot (after `stop`/`kill9`).
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
     }
 
     pub fn data_dir(&self) -> &Path {
