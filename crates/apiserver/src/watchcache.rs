@@ -189,3 +189,71 @@ impl WatchCache {
         Subscription::Cached(replay, rx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(revision: i64) -> Arc<CachedEvent> {
+        Arc::new(CachedEvent {
+            kind: EventKind::Put,
+            key: format!("/registry/configmaps/default/c{revision}"),
+            revision,
+            object: Stored::from_store(br#"{"metadata":{"name":"c"}}"#, revision),
+            prev: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_slow_watcher_is_cut_off_and_memory_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(store::SqliteStore::open(dir.path().join("s.db")).unwrap());
+        let (_stop, shutdown) = watch::channel(false);
+        let cache = WatchCache::start(store, shutdown).await.unwrap();
+        let Subscription::Cached(replay, mut slow) = cache.subscribe(0) else {
+            panic!("a fresh cache covers its start");
+        };
+        assert!(replay.is_empty());
+        let total = (RING_CAPACITY + BROADCAST_CAPACITY) as i64 + 10;
+        for rev in 1..=total {
+            cache.push(event(rev));
+        }
+        // The watcher that never read is told it lagged (the API ends its watch: it resumes or
+        // relists), instead of holding every event for it.
+        assert!(matches!(
+            slow.recv().await,
+            Err(broadcast::error::RecvError::Lagged(_))
+        ));
+        let ring = cache.ring.read().unwrap();
+        assert_eq!(ring.events.len(), RING_CAPACITY);
+        assert_eq!(ring.complete_after, total - RING_CAPACITY as i64);
+        drop(ring);
+        // Older starts than the ring holds fall back to the store.
+        assert!(matches!(cache.subscribe(5), Subscription::TooOld));
+        assert!(matches!(
+            cache.subscribe(total - 5),
+            Subscription::Cached(ref r, _) if r.len() == 5
+        ));
+    }
+
+    #[tokio::test]
+    async fn reset_closes_live_watchers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(store::SqliteStore::open(dir.path().join("s.db")).unwrap());
+        let (_stop, shutdown) = watch::channel(false);
+        let cache = WatchCache::start(store, shutdown).await.unwrap();
+        cache.push(event(1));
+        let Subscription::Cached(_, mut rx) = cache.subscribe(1) else {
+            panic!("covered");
+        };
+        cache.reset(100);
+        assert!(matches!(
+            rx.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        assert!(matches!(cache.subscribe(50), Subscription::TooOld));
+        assert_eq!(cache.revision(), 100);
+    }
+}

@@ -163,7 +163,10 @@ pub async fn migrate(args: MigrateArgs) -> Result<()> {
         args.datastore_keyfile.as_deref(),
     )?;
     if !matches!(to, Datastore::Etcd(_)) {
-        bail!("--to {}: the target must be an etcd cluster (http(s)://)", args.to);
+        bail!(
+            "--to {}: the target must be an etcd cluster (http(s)://)",
+            args.to
+        );
     }
     let source = open_datastore(from).await?;
     let target = open_datastore(to).await?;

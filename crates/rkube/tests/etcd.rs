@@ -259,16 +259,61 @@ async fn migrate_an_embedded_store_into_etcd() {
     let mut c = Cluster::start();
     c.kubectl(&["create", "namespace", "shop"]);
     for i in 0..30 {
-        c.kubectl(&["create", "configmap", &format!("c{i}"), "-n", "shop", &format!("--from-literal=k={i}")]);
+        c.kubectl(&[
+            "create",
+            "configmap",
+            &format!("c{i}"),
+            "-n",
+            "shop",
+            &format!("--from-literal=k={i}"),
+        ]);
     }
-    c.kubectl(&["create", "deployment", "web", "-n", "shop", "--image=busybox"]);
-    c.kubectl(&["create", "secret", "generic", "s", "-n", "shop", "--from-literal=p=w"]);
+    c.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        "shop",
+        "--image=busybox",
+    ]);
+    c.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "shop",
+        "--from-literal=p=w",
+    ]);
     // Some history beyond the live keys, so the source's revision is well ahead of its key count.
     for i in 0..50 {
-        c.kubectl(&["annotate", "cm", "c0", "-n", "shop", "--overwrite", &format!("n={i}")]);
+        c.kubectl(&[
+            "annotate",
+            "cm",
+            "c0",
+            "-n",
+            "shop",
+            "--overwrite",
+            &format!("n={i}"),
+        ]);
     }
-    let before = c.kubectl(&["get", "cm,deploy,secret", "-n", "shop", "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}"]);
-    let old_rv = c.kubectl(&["get", "cm", "c0", "-n", "shop", "-o", "jsonpath={.metadata.resourceVersion}"]);
+    let before = c.kubectl(&[
+        "get",
+        "cm,deploy,secret",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}",
+    ]);
+    let old_rv = c.kubectl(&[
+        "get",
+        "cm",
+        "c0",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
     let old_rv: i64 = old_rv.parse().unwrap();
     c.stop();
 
@@ -284,7 +329,11 @@ async fn migrate_an_embedded_store_into_etcd() {
     };
     let out = migrate(&c);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "migrate failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "migrate failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("verified:"), "{stdout}");
     // A second run into the now non-empty etcd is refused, clearly.
     let again = migrate(&c);
@@ -302,13 +351,31 @@ async fn migrate_an_embedded_store_into_etcd() {
     std::mem::swap(&mut on_etcd.dir, &mut c.dir);
     on_etcd.set_extra(&["--datastore-endpoint", &etcd.endpoint()]);
     on_etcd.boot();
-    let after = on_etcd.kubectl(&["get", "cm,deploy,secret", "-n", "shop", "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}"]);
+    let after = on_etcd.kubectl(&[
+        "get",
+        "cm,deploy,secret",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}",
+    ]);
     assert_eq!(after, before);
     let new_rv: i64 = on_etcd
-        .kubectl(&["get", "cm", "c0", "-n", "shop", "-o", "jsonpath={.metadata.resourceVersion}"])
+        .kubectl(&[
+            "get",
+            "cm",
+            "c0",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
         .parse()
         .unwrap();
-    assert!(new_rv > old_rv, "resourceVersion went backwards: {new_rv} <= {old_rv}");
+    assert!(
+        new_rv > old_rv,
+        "resourceVersion went backwards: {new_rv} <= {old_rv}"
+    );
     let api: Api<ConfigMap> = Api::namespaced(on_etcd.client().await, "shop");
     use futures::StreamExt;
     let mut s = api

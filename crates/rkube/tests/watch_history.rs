@@ -163,21 +163,35 @@ async fn history_across_restart(mut c: Cluster) {
 
     let mut results = Vec::new();
     for w in watchers {
-        results.push(tokio::time::timeout(Duration::from_secs(120), w).await.unwrap().unwrap());
+        results.push(
+            tokio::time::timeout(Duration::from_secs(120), w)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     // The store's history: one fresh watch from the same start, after the fact.
     let history = follow(api.clone(), start, Arc::default()).await;
     let revs: Vec<i64> = history.iter().map(|s| s.2).collect();
-    assert!(revs.windows(2).all(|w| w[0] < w[1]), "history is ordered and unique");
+    assert!(
+        revs.windows(2).all(|w| w[0] < w[1]),
+        "history is ordered and unique"
+    );
     for (i, seen) in results.iter().enumerate() {
         assert_eq!(seen.len(), history.len(), "watcher {i}: event count");
-        assert_eq!(seen, &history, "watcher {i} differs from the store's history");
+        assert_eq!(
+            seen, &history,
+            "watcher {i} differs from the store's history"
+        );
     }
     // And every acknowledged write is in that history.
     let in_history: std::collections::HashSet<(String, i64)> =
         history.iter().map(|s| (s.1.clone(), s.2)).collect();
     for a in acked.lock().unwrap().iter() {
-        assert!(in_history.contains(a), "acknowledged write {a:?} missing from history");
+        assert!(
+            in_history.contains(a),
+            "acknowledged write {a:?} missing from history"
+        );
     }
     println!(
         "watch history: {WATCHERS} watchers x {} events across a kill -9 restart ({} resumes), equal to the store's history; {} acknowledged writes all in it",
@@ -196,5 +210,9 @@ async fn watch_history_across_restart_embedded() {
 async fn watch_history_across_restart_etcd() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(dir.path(), 1).expect("etcd");
-    history_across_restart(Cluster::start_with(0, &["--datastore-endpoint", &etcd.endpoint()])).await;
+    history_across_restart(Cluster::start_with(
+        0,
+        &["--datastore-endpoint", &etcd.endpoint()],
+    ))
+    .await;
 }

@@ -47,3 +47,43 @@ async fn a_watcher_far_behind_replays_page_by_page() {
         assert_eq!(w.next().await.unwrap().unwrap().revision().0, expected);
     }
 }
+
+#[tokio::test]
+async fn compaction_removes_superseded_history_in_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(dir.path().join("state.db")).unwrap();
+    let mut revs = Vec::new();
+    for k in 0..10 {
+        revs.push(s.create(&format!("/k/{k}"), b("0")).await.unwrap());
+    }
+    // Enough history for several compaction steps.
+    let rounds = (COMPACT_STEP as usize * 2) / 10 + 5;
+    for i in 1..rounds {
+        for (k, rev) in revs.iter_mut().enumerate() {
+            *rev = s
+                .update(&format!("/k/{k}"), Bytes::from(i.to_string()), *rev)
+                .await
+                .unwrap();
+        }
+    }
+    s.create("/gone", b("x")).await.unwrap();
+    s.delete("/gone", None).await.unwrap();
+    let before = s.current_revision().await.unwrap();
+    s.compact(before).await.unwrap();
+    let rows: i64 = s
+        .read(|c| {
+            c.query_row("SELECT COUNT(*) FROM log", [], |r| r.get(0))
+                .map_err(backend)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows, 10, "only the live value of each key is left");
+    assert_eq!(s.compacted_revision().await.unwrap(), before);
+    let kv = s.get("/k/3").await.unwrap().unwrap();
+    assert_eq!(kv.value, Bytes::from((rounds - 1).to_string()));
+    // Previous values still come with events after the compaction point.
+    let mut w = s.watch("/k/", before).await.unwrap();
+    s.update("/k/3", b("new"), kv.mod_revision).await.unwrap();
+    let ev = w.next().await.unwrap().unwrap();
+    assert_eq!(ev.prev.unwrap().value, kv.value);
+}
