@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up and start a working rkube cluster on this machine: install what is missing, build the
 # release binary, and run `rkube server` in the foreground (Ctrl-C stops it cleanly).
-# Environment: RKUBE_DATA_DIR (default /var/lib/rkube), RKUBE_PORT (default 6443).
+# Environment: RKUBE_DATA_DIR (default /var/lib/rkube), RKUBE_PORT (default 6443); extra
+# arguments go to `rkube server` (e.g. --datastore-endpoint http://HOST:2379).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -21,4 +22,4 @@ command -v kubectl >/dev/null || echo "note: kubectl is not installed; the clust
 cargo build --release
 data_dir="${RKUBE_DATA_DIR:-/var/lib/rkube}"
 echo "starting rkube server (data dir $data_dir); then: export KUBECONFIG=$data_dir/kubeconfig.yaml" >&2
-exec ./target/release/rkube server --data-dir "$data_dir" --port "${RKUBE_PORT:-6443}"
+exec ./target/release/rkube server --data-dir "$data_dir" --port "${RKUBE_PORT:-6443}" "$@"

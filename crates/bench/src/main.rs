@@ -50,6 +50,16 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         lists: usize,
     },
+    /// The embedded store and Debian's etcd side by side, same workload through the same API
+    /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
+    Datastores {
+        /// The rkube binary (default: next to this one).
+        #[arg(long)]
+        rkube: Option<PathBuf>,
+        /// Seconds per measured phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 struct Server {
@@ -60,10 +70,15 @@ struct Server {
 
 impl Server {
     fn start(bin: &PathBuf) -> Result<Server> {
+        Server::start_with(bin, &[])
+    }
+
+    fn start_with(bin: &PathBuf, extra: &[&str]) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(bin)
             .args(["server", "--port", "0", "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -321,6 +336,176 @@ async fn api_bench(
     Ok(())
 }
 
+/// One backend's figures.
+#[derive(Default, Debug)]
+struct StoreFigures {
+    writes_1: f64,
+    writes_64: f64,
+    reads_64: f64,
+    watch_p50: f64,
+    watch_p99: f64,
+}
+
+/// Create ConfigMaps from `clients` clients for `secs`; returns acknowledged creates per second.
+async fn write_rate(server: &Server, prefix: &str, clients: usize, secs: u64) -> Result<f64> {
+    let client = server.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": format!("{prefix}-{c}-{n}")},
+                    "data": {"k": "v".repeat(200)},
+                }))
+                .expect("configmap");
+                api.create(&PostParams::default(), &cm).await?;
+                n += 1;
+            }
+            Ok::<_, kube::Error>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn store_figures(server: &Server, secs: u64) -> Result<StoreFigures> {
+    let mut f = StoreFigures {
+        writes_1: write_rate(server, "one", 1, secs).await?,
+        writes_64: write_rate(server, "many", 64, secs).await?,
+        ..Default::default()
+    };
+    // Reads: GETs of objects that exist, from 64 clients (linearizable on both stores).
+    let client = server.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..64usize {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                api.get(&format!("many-{c}-{}", n % 10)).await?;
+                n += 1;
+            }
+            Ok::<_, kube::Error>(n)
+        }));
+    }
+    let mut reads = 0;
+    for t in tasks {
+        reads += t.await??;
+    }
+    f.reads_64 = reads as f64 / start.elapsed().as_secs_f64();
+    // Watch delivery: one watcher, 200 creates at about 50/s, create call → event received.
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let rv = api
+        .list(&ListParams::default().limit(1))
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let epoch = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    let wapi = api.clone();
+    let stream = wapi
+        .watch(
+            &WatchParams::default().labels("bench=watch").timeout(290),
+            &rv,
+        )
+        .await?;
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(Ok(ev)) = stream.next().await {
+            if let WatchEvent::Added(cm) = ev {
+                let sent: u64 = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("t"))
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                let now = epoch.elapsed().as_micros() as u64;
+                let _ = tx.send(Duration::from_micros(now.saturating_sub(sent)));
+            }
+        }
+    });
+    let events = 200;
+    for i in 0..events {
+        let t = epoch.elapsed().as_micros() as u64;
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("watch-{i}"), "labels": {"bench": "watch"}},
+            "data": {"t": t.to_string()},
+        }))?;
+        api.create(&PostParams::default(), &cm).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut lat = Vec::new();
+    while lat.len() < events {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(d)) => lat.push(d),
+            _ => break,
+        }
+    }
+    f.watch_p50 = pct(&mut lat, 0.5);
+    f.watch_p99 = pct(&mut lat, 0.99);
+    Ok(f)
+}
+
+async fn datastores_bench(bin: PathBuf, secs: u64) -> Result<()> {
+    let etcd_dir = tempfile::tempdir()?;
+    let etcd = store::testing::EtcdCluster::start(etcd_dir.path(), 1)?;
+    let version = Command::new("etcd").arg("--version").output()?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    println!(
+        "datastores: same workload through rkube's API server; {secs} s per phase; etcd: {}",
+        version.lines().next().unwrap_or("?")
+    );
+    let embedded = {
+        let server = Server::start(&bin)?;
+        store_figures(&server, secs).await?
+    };
+    let on_etcd = {
+        let server = Server::start_with(&bin, &["--datastore-endpoint", &etcd.endpoint()])?;
+        store_figures(&server, secs).await?
+    };
+    println!("| measure | embedded (SQLite, synchronous=FULL) | etcd 1 member (default fsync) | embedded / etcd |");
+    println!("| --- | --- | --- | --- |");
+    let row = |name: &str, a: f64, b: f64, unit: &str| {
+        println!("| {name} | {a:.0} {unit} | {b:.0} {unit} | {:.2}x |", a / b);
+    };
+    row(
+        "durable creates, 1 client",
+        embedded.writes_1,
+        on_etcd.writes_1,
+        "/s",
+    );
+    row(
+        "durable creates, 64 clients",
+        embedded.writes_64,
+        on_etcd.writes_64,
+        "/s",
+    );
+    row(
+        "GETs, 64 clients",
+        embedded.reads_64,
+        on_etcd.reads_64,
+        "/s",
+    );
+    println!(
+        "| watch delivery p50 / p99 | {:.1} / {:.1} ms | {:.1} / {:.1} ms | |",
+        embedded.watch_p50, embedded.watch_p99, on_etcd.watch_p50, on_etcd.watch_p99
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -369,6 +554,13 @@ async fn main() -> Result<()> {
                 None => std::env::current_exe()?.with_file_name("rkube"),
             };
             api_bench(bin, pods, clients, watchers, lists).await
+        }
+        Cmd::Datastores { rkube, seconds } => {
+            let bin = match rkube {
+                Some(b) => b,
+                None => std::env::current_exe()?.with_file_name("rkube"),
+            };
+            datastores_bench(bin, seconds).await
         }
     }
 }
