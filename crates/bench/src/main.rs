@@ -287,19 +287,7 @@ async fn api_bench(
                 return;
             };
             let _ = rtx.send(());
-            let mut stream = std::pin::pin!(stream);
-            while let Some(Ok(ev)) = stream.next().await {
-                if let WatchEvent::Added(cm) = ev {
-                    let sent: u64 = cm
-                        .data
-                        .as_ref()
-                        .and_then(|d| d.get("t"))
-                        .and_then(|t| t.parse().ok())
-                        .unwrap_or(0);
-                    let now = epoch.elapsed().as_micros() as u64;
-                    let _ = tx.send(Duration::from_micros(now.saturating_sub(sent)));
-                }
-            }
+            record_deliveries(stream, epoch, tx).await;
         });
     }
     for r in ready {
@@ -334,6 +322,27 @@ async fn api_bench(
         server.rss_mib()
     );
     Ok(())
+}
+
+/// For each ADDED event, how long after its `data.t` (microseconds since `epoch`) it arrived.
+async fn record_deliveries(
+    stream: impl futures::Stream<Item = kube::Result<WatchEvent<ConfigMap>>>,
+    epoch: Instant,
+    tx: tokio::sync::mpsc::UnboundedSender<Duration>,
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(Ok(ev)) = stream.next().await {
+        if let WatchEvent::Added(cm) = ev {
+            let sent: u64 = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("t"))
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            let now = epoch.elapsed().as_micros() as u64;
+            let _ = tx.send(Duration::from_micros(now.saturating_sub(sent)));
+        }
+    }
 }
 
 /// One backend's figures.
@@ -421,21 +430,7 @@ async fn store_figures(server: &Server, secs: u64) -> Result<StoreFigures> {
             &rv,
         )
         .await?;
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(Ok(ev)) = stream.next().await {
-            if let WatchEvent::Added(cm) = ev {
-                let sent: u64 = cm
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get("t"))
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(0);
-                let now = epoch.elapsed().as_micros() as u64;
-                let _ = tx.send(Duration::from_micros(now.saturating_sub(sent)));
-            }
-        }
-    });
+    tokio::spawn(record_deliveries(stream, epoch, tx));
     let events = 200;
     for i in 0..events {
         let t = epoch.elapsed().as_micros() as u64;

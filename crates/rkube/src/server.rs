@@ -30,15 +30,8 @@ pub struct ServerArgs {
     /// `sqlite://PATH` for the embedded store (default: in the data dir), or an etcd cluster.
     #[arg(long, env = "RKUBE_DATASTORE_ENDPOINT")]
     pub datastore_endpoint: Option<String>,
-    /// PEM CA bundle that verifies the etcd members (https endpoints).
-    #[arg(long, env = "RKUBE_DATASTORE_CAFILE")]
-    pub datastore_cafile: Option<PathBuf>,
-    /// PEM client certificate for etcd.
-    #[arg(long, env = "RKUBE_DATASTORE_CERTFILE")]
-    pub datastore_certfile: Option<PathBuf>,
-    /// PEM key of the client certificate for etcd.
-    #[arg(long, env = "RKUBE_DATASTORE_KEYFILE")]
-    pub datastore_keyfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub datastore_tls: DatastoreTls,
     /// Comma list of components to leave out.
     #[arg(long, env = "RKUBE_DISABLE", value_delimiter = ',')]
     pub disable: Vec<String>,
@@ -57,6 +50,20 @@ pub struct ServerArgs {
     pub insecure_registry: Vec<String>,
 }
 
+/// TLS towards etcd (https endpoints).
+#[derive(Args, Debug, Clone, Default)]
+pub struct DatastoreTls {
+    /// PEM CA bundle that verifies the etcd members.
+    #[arg(long, env = "RKUBE_DATASTORE_CAFILE")]
+    pub datastore_cafile: Option<PathBuf>,
+    /// PEM client certificate for etcd.
+    #[arg(long, env = "RKUBE_DATASTORE_CERTFILE")]
+    pub datastore_certfile: Option<PathBuf>,
+    /// PEM key of the client certificate for etcd.
+    #[arg(long, env = "RKUBE_DATASTORE_KEYFILE")]
+    pub datastore_keyfile: Option<PathBuf>,
+}
+
 /// Where the data lives: the embedded store (a path) or an etcd cluster.
 pub enum Datastore {
     Sqlite(PathBuf),
@@ -64,13 +71,10 @@ pub enum Datastore {
 }
 
 /// Parse `--datastore-endpoint` and the etcd TLS flags.
-pub fn datastore(
-    endpoint: Option<&str>,
-    data_dir: &Path,
-    cafile: Option<&Path>,
-    certfile: Option<&Path>,
-    keyfile: Option<&Path>,
-) -> Result<Datastore> {
+pub fn datastore(endpoint: Option<&str>, data_dir: &Path, tls: &DatastoreTls) -> Result<Datastore> {
+    let cafile = tls.datastore_cafile.as_deref();
+    let certfile = tls.datastore_certfile.as_deref();
+    let keyfile = tls.datastore_keyfile.as_deref();
     match endpoint {
         None => Ok(Datastore::Sqlite(data_dir.join("db").join("state.db"))),
         Some(ep) if ep.starts_with("sqlite://") => {
@@ -118,9 +122,7 @@ async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>> {
     let ds = datastore(
         args.datastore_endpoint.as_deref(),
         &args.data_dir,
-        args.datastore_cafile.as_deref(),
-        args.datastore_certfile.as_deref(),
-        args.datastore_keyfile.as_deref(),
+        &args.datastore_tls,
     )?;
     open_datastore(ds).await
 }
@@ -136,32 +138,23 @@ pub struct MigrateArgs {
     /// The target etcd cluster: `http(s)://HOST:PORT[,HOST:PORT...]`; it must hold no keys.
     #[arg(long)]
     pub to: String,
-    /// PEM CA bundle that verifies the target's members.
-    #[arg(long, env = "RKUBE_DATASTORE_CAFILE")]
-    pub datastore_cafile: Option<PathBuf>,
-    /// PEM client certificate for the target.
-    #[arg(long, env = "RKUBE_DATASTORE_CERTFILE")]
-    pub datastore_certfile: Option<PathBuf>,
-    /// PEM key of the client certificate.
-    #[arg(long, env = "RKUBE_DATASTORE_KEYFILE")]
-    pub datastore_keyfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub datastore_tls: DatastoreTls,
 }
 
 /// `rkube migrate`: copy, advance, compact, verify.
 pub async fn migrate(args: MigrateArgs) -> Result<()> {
-    let from = datastore(args.from.as_deref(), &args.data_dir, None, None, None)?;
+    let from = datastore(
+        args.from.as_deref(),
+        &args.data_dir,
+        &DatastoreTls::default(),
+    )?;
     if let Datastore::Sqlite(path) = &from {
         if !path.exists() {
             bail!("no embedded store at {}", path.display());
         }
     }
-    let to = datastore(
-        Some(&args.to),
-        &args.data_dir,
-        args.datastore_cafile.as_deref(),
-        args.datastore_certfile.as_deref(),
-        args.datastore_keyfile.as_deref(),
-    )?;
+    let to = datastore(Some(&args.to), &args.data_dir, &args.datastore_tls)?;
     if !matches!(to, Datastore::Etcd(_)) {
         bail!(
             "--to {}: the target must be an etcd cluster (http(s)://)",

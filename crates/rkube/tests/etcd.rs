@@ -254,6 +254,32 @@ async fn three_members_survive_one_failure_and_refuse_writes_without_quorum() {
     );
 }
 
+/// Every ConfigMap, Deployment and Secret in `shop` with its data, one per line.
+fn shop_contents(c: &Cluster) -> String {
+    c.kubectl(&[
+        "get",
+        "cm,deploy,secret",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}",
+    ])
+}
+
+fn rv_of_c0(c: &Cluster) -> i64 {
+    c.kubectl(&[
+        "get",
+        "cm",
+        "c0",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ])
+    .parse()
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_an_embedded_store_into_etcd() {
     let mut c = Cluster::start();
@@ -297,24 +323,8 @@ async fn migrate_an_embedded_store_into_etcd() {
             &format!("n={i}"),
         ]);
     }
-    let before = c.kubectl(&[
-        "get",
-        "cm,deploy,secret",
-        "-n",
-        "shop",
-        "-o",
-        "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}",
-    ]);
-    let old_rv = c.kubectl(&[
-        "get",
-        "cm",
-        "c0",
-        "-n",
-        "shop",
-        "-o",
-        "jsonpath={.metadata.resourceVersion}",
-    ]);
-    let old_rv: i64 = old_rv.parse().unwrap();
+    let before = shop_contents(&c);
+    let old_rv = rv_of_c0(&c);
     c.stop();
 
     let dir = tempfile::tempdir().unwrap();
@@ -351,27 +361,8 @@ async fn migrate_an_embedded_store_into_etcd() {
     std::mem::swap(&mut on_etcd.dir, &mut c.dir);
     on_etcd.set_extra(&["--datastore-endpoint", &etcd.endpoint()]);
     on_etcd.boot();
-    let after = on_etcd.kubectl(&[
-        "get",
-        "cm,deploy,secret",
-        "-n",
-        "shop",
-        "-o",
-        "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.data}{\"\\n\"}{end}",
-    ]);
-    assert_eq!(after, before);
-    let new_rv: i64 = on_etcd
-        .kubectl(&[
-            "get",
-            "cm",
-            "c0",
-            "-n",
-            "shop",
-            "-o",
-            "jsonpath={.metadata.resourceVersion}",
-        ])
-        .parse()
-        .unwrap();
+    assert_eq!(shop_contents(&on_etcd), before);
+    let new_rv = rv_of_c0(&on_etcd);
     assert!(
         new_rv > old_rv,
         "resourceVersion went backwards: {new_rv} <= {old_rv}"

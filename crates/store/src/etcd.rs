@@ -25,8 +25,8 @@ use etcd_client::{
 };
 
 use crate::{
-    Event, EventKind, KeyValue, RangeRequest, RangeResponse, RangeStream, Result, Revision, Store,
-    StoreError, WatchStream, MAX_VALUE_BYTES,
+    check_size, Event, EventKind, KeyValue, RangeRequest, RangeResponse, RangeStream, Result,
+    Revision, Store, StoreError, WatchStream, MAX_VALUE_BYTES,
 };
 
 /// How to reach an etcd cluster.
@@ -114,16 +114,6 @@ fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
         create_revision: Revision(kv.create_revision()),
         mod_revision: Revision(kv.mod_revision()),
     }
-}
-
-fn check_size(value: &Bytes) -> Result<()> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(StoreError::TooLarge {
-            size: value.len(),
-            limit: MAX_VALUE_BYTES,
-        });
-    }
-    Ok(())
 }
 
 impl EtcdStore {

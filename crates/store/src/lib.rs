@@ -173,6 +173,17 @@ pub trait Store: Send + Sync + 'static {
     async fn compacted_revision(&self) -> Result<Revision>;
 }
 
+/// Refuse a value over [`MAX_VALUE_BYTES`] before it reaches a backend.
+pub(crate) fn check_size(value: &Bytes) -> Result<()> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(StoreError::TooLarge {
+            size: value.len(),
+            limit: MAX_VALUE_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// The smallest string greater than every string that starts with `prefix`.
 pub fn prefix_end(prefix: &str) -> String {
     // Keys are ASCII paths; appending the largest scalar value bounds them.

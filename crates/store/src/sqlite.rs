@@ -29,8 +29,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    prefix_end, Event, EventKind, KeyValue, RangeRequest, RangeResponse, Result, Revision, Store,
-    StoreError, WatchStream, MAX_VALUE_BYTES,
+    check_size, prefix_end, Event, EventKind, KeyValue, RangeRequest, RangeResponse, Result,
+    Revision, Store, StoreError, WatchStream,
 };
 
 const SCHEMA: &str = "
@@ -208,16 +208,6 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?
     }
-}
-
-fn check_size(value: &Bytes) -> Result<()> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(StoreError::TooLarge {
-            size: value.len(),
-            limit: MAX_VALUE_BYTES,
-        });
-    }
-    Ok(())
 }
 
 fn current_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
