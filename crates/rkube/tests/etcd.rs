@@ -380,3 +380,95 @@ async fn migrate_an_embedded_store_into_etcd() {
     }
     on_etcd.kubectl(&["create", "configmap", "new", "-n", "shop"]);
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn etcd_pki(
+    dir: &std::path::Path,
+) -> (
+    store::testing::ClientTls,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    };
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let (server_cert, server_key) = leaf("server", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert, client_key) = leaf("client", ExtendedKeyUsagePurpose::ClientAuth);
+    (
+        store::testing::ClientTls {
+            ca: ca_path,
+            cert: server_cert,
+            key: server_key,
+        },
+        client_cert,
+        client_key,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, client_cert, client_key) = etcd_pki(dir.path());
+    let ca = tls.ca.clone();
+    let etcd = EtcdCluster::start_with(dir.path(), 1, Some(tls)).expect("etcd with TLS");
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let (ca, cert, key) = (
+        ca.to_str().unwrap().to_string(),
+        client_cert.to_str().unwrap().to_string(),
+        client_key.to_str().unwrap().to_string(),
+    );
+    // Without a client certificate etcd refuses us: the server says so and exits.
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::rkube_bin())
+        .args(["server", "--port", "0", "--data-dir"])
+        .arg(data.path())
+        .args(["--datastore-endpoint", &endpoint, "--datastore-cafile", &ca])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("etcd"), "unclear failure: {stderr}");
+    // With one, everything works.
+    let c = Cluster::start_with(
+        0,
+        &[
+            "--datastore-endpoint",
+            &endpoint,
+            "--datastore-cafile",
+            &ca,
+            "--datastore-certfile",
+            &cert,
+            "--datastore-keyfile",
+            &key,
+        ],
+    );
+    c.kubectl(&["create", "configmap", "tls", "--from-literal=a=b"]);
+    assert_eq!(
+        c.kubectl(&["get", "cm", "tls", "-o", "jsonpath={.data.a}"]),
+        "b"
+    );
+}

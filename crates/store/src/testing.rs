@@ -14,10 +14,21 @@ use std::time::{Duration, Instant};
 /// framing, so values up to [`crate::MAX_VALUE_BYTES`] fit (etcd's default is 1.5 MiB exactly).
 pub const ETCD_MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 
+/// Certificates for a member's client endpoint (PEM files): clients must present a
+/// certificate signed by `ca`.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` (and `/metrics`), also when clients speak TLS.
+    metrics_port: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -25,6 +36,7 @@ struct Member {
 /// An etcd cluster of one or more members on 127.0.0.1.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    tls: Option<ClientTls>,
     initial_cluster: String,
     token: String,
 }
@@ -62,7 +74,8 @@ fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     Ok(ports)
 }
 
-/// Whether the member at `port` reports itself healthy (it has a leader and answers).
+/// Whether the member whose metrics listener is `port` reports itself healthy (it has a leader
+/// and answers).
 pub fn healthy(port: u16) -> bool {
     let Ok(mut s) =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
@@ -83,14 +96,24 @@ pub fn healthy(port: u16) -> bool {
 impl EtcdCluster {
     /// Start `n` members under `dir` and wait until the cluster has a leader.
     pub fn start(dir: &Path, n: usize) -> std::io::Result<EtcdCluster> {
+        EtcdCluster::start_with(dir, n, None)
+    }
+
+    /// Start `n` members whose client endpoints speak TLS and require client certificates.
+    pub fn start_with(
+        dir: &Path,
+        n: usize,
+        tls: Option<ClientTls>,
+    ) -> std::io::Result<EtcdCluster> {
         let mut last_err = None;
         for attempt in 0..3 {
-            let ports = free_ports(2 * n)?;
+            let ports = free_ports(3 * n)?;
             let members: Vec<Member> = (0..n)
                 .map(|i| Member {
                     name: format!("m{i}"),
-                    client_port: ports[2 * i],
-                    peer_port: ports[2 * i + 1],
+                    client_port: ports[3 * i],
+                    peer_port: ports[3 * i + 1],
+                    metrics_port: ports[3 * i + 2],
                     dir: dir.join(format!("etcd-{attempt}-m{i}")),
                     child: None,
                 })
@@ -102,6 +125,7 @@ impl EtcdCluster {
                 .join(",");
             let mut cluster = EtcdCluster {
                 members,
+                tls: tls.clone(),
                 initial_cluster,
                 token: format!("rkube-test-{}-{attempt}", std::process::id()),
             };
@@ -124,9 +148,21 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(m.dir.join("etcd.log"))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new("etcd")
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
+        let mut cmd = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -134,6 +170,7 @@ impl EtcdCluster {
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &initial_cluster])
             .args(["--initial-cluster-state", "new"])
@@ -172,7 +209,7 @@ impl EtcdCluster {
                         m.name
                     )));
                 }
-                if !healthy(m.client_port) {
+                if !healthy(m.metrics_port) {
                     all = false;
                 }
             }
@@ -186,19 +223,21 @@ impl EtcdCluster {
         }
     }
 
-    /// `http://127.0.0.1:P1,127.0.0.1:P2,...`: what `--datastore-endpoint` takes.
+    /// `http(s)://127.0.0.1:P1,127.0.0.1:P2,...`: what `--datastore-endpoint` takes.
     pub fn endpoint(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let hosts: Vec<String> = self
             .members
             .iter()
             .map(|m| format!("127.0.0.1:{}", m.client_port))
             .collect();
-        format!("http://{}", hosts.join(","))
+        format!("{scheme}://{}", hosts.join(","))
     }
 
     /// The client URL of one member.
     pub fn member_endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
     }
 
     pub fn len(&self) -> usize {
