@@ -141,7 +141,7 @@ async fn kubectl_on_etcd_and_410_after_compaction() {
 async fn three_members_survive_one_failure_and_refuse_writes_without_quorum() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(dir.path(), 3).expect("etcd cluster");
-    let c = on_etcd(&etcd, &[]);
+    let mut c = on_etcd(&etcd, &[]);
     // Without kube-rs's retries of 503, so that each write's own answer is seen.
     let mut config = c.client_config().await;
     config.default_retry = false;
@@ -183,6 +183,15 @@ async fn three_members_survive_one_failure_and_refuse_writes_without_quorum() {
             }
         }
     }
+
+    // The server also starts with the first member it is given down.
+    c.stop();
+    c.boot();
+    let (name, value) = next();
+    write(&api, &name, &value)
+        .await
+        .expect("write after a restart with one member down");
+    acked.insert(name, value);
 
     // Two of three down: no quorum. Once the first write fails, none may succeed.
     etcd.kill(1);
