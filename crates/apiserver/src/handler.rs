@@ -910,6 +910,7 @@ impl Ctx {
         if kind.kind == "Pod" && kind.group.is_empty() {
             let qos = pod_qos(&obj);
             obj["status"] = json!({"phase": "Pending", "qosClass": qos});
+            self.admit_priority(&mut obj).await?;
         }
         let name = meta_str(&obj, "name").to_string();
         let causes = strategy::validate(kind, &obj);
@@ -1024,6 +1025,8 @@ impl Ctx {
             // What this write may change: status only through /status, the rest only through the main resource.
             if kind.status {
                 match sub {
+                    // The binding subresource sets spec.nodeName and a status condition at once.
+                    Some("binding") => {}
                     Some("status") => {
                         let status = new.get("status").cloned();
                         new = cur.clone();
@@ -1556,7 +1559,8 @@ impl Ctx {
                 vec![apimachinery::Cause::required("target.name")],
             ));
         }
-        self.guaranteed_update(name, None, Some(&self.manager), |cur| {
+        // One write, as upstream's binding storage does: the node name and PodScheduled=True.
+        self.guaranteed_update(name, Some("binding"), Some(&self.manager), |cur| {
             let bound = cur["spec"]["nodeName"].as_str().unwrap_or_default();
             if !bound.is_empty() {
                 return Err(ApiError::conflict(
@@ -1575,32 +1579,94 @@ impl Ctx {
             }
             let mut new = cur.clone();
             new["spec"]["nodeName"] = json!(node);
+            let conds = new["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
+            conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now_rfc3339()}));
+            new["status"]["conditions"] = json!(conds);
             Ok(new)
         })
         .await?;
-        // Record PodScheduled=True through the status path, as upstream's binding does.
-        let status_ctx = Ctx {
-            manager: self.manager.clone(),
-            state: self.state.clone(),
-            kind: self.kind,
-            namespace: self.namespace.clone(),
-            query: Query(HashMap::new()),
-            table: false,
-        };
-        status_ctx
-            .guaranteed_update(name, Some("status"), Some(&self.manager), |cur| {
-                let mut new = cur.clone();
-                let conds = new["status"]["conditions"].as_array().cloned().unwrap_or_default();
-                let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
-                conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now_rfc3339()}));
-                new["status"]["conditions"] = json!(conds);
-                Ok(new)
-            })
-            .await?;
         Ok(json_response(
             StatusCode::CREATED,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
         ))
+    }
+
+    /// The Priority admission step: `spec.priority` (and `preemptionPolicy`) from the pod's
+    /// PriorityClass, or from the global default class, or 0, as upstream resolves them.
+    async fn admit_priority(&self, pod: &mut Value) -> Result<(), ApiError> {
+        let Some(classes) = crate::registry::lookup("scheduling.k8s.io", "v1", "priorityclasses")
+        else {
+            return Ok(());
+        };
+        let wanted = pod["spec"]["priorityClassName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let class: Option<Value> = match wanted.as_str() {
+            "system-node-critical" => Some(json!({"value": 2000001000})),
+            "system-cluster-critical" => Some(json!({"value": 2000000000})),
+            "" => {
+                // The global default, if one is marked so.
+                let list = self
+                    .state
+                    .store
+                    .range(store::RangeRequest {
+                        prefix: classes.prefix(None),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| store_error(classes, "", e))?;
+                list.kvs
+                    .iter()
+                    .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+                    .find(|c| c["globalDefault"] == json!(true))
+            }
+            name => {
+                let kv = self
+                    .state
+                    .store
+                    .get(&classes.key(None, name))
+                    .await
+                    .map_err(|e| store_error(classes, name, e))?;
+                match kv.and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok()) {
+                    Some(c) => Some(c),
+                    None => {
+                        return Err(ApiError::forbidden(format!(
+                            "pods \"{}\" is forbidden: no PriorityClass with name {name} was found",
+                            meta_str(pod, "name")
+                        )))
+                    }
+                }
+            }
+        };
+        let value = class
+            .as_ref()
+            .and_then(|c| c["value"].as_i64())
+            .unwrap_or(0);
+        if let Some(given) = pod["spec"]["priority"].as_i64() {
+            if given != value {
+                return Err(ApiError::forbidden(format!(
+                    "pods \"{}\" is forbidden: the integer value of priority ({given}) must not be provided in pod spec; priority admission controller computed {value} from the given PriorityClass name",
+                    meta_str(pod, "name")
+                )));
+            }
+        }
+        pod["spec"]["priority"] = json!(value);
+        if let Some(c) = &class {
+            if let Some(name) = c["metadata"]["name"].as_str() {
+                if wanted.is_empty() {
+                    pod["spec"]["priorityClassName"] = json!(name);
+                }
+            }
+            if pod["spec"].get("preemptionPolicy").is_none() {
+                pod["spec"]["preemptionPolicy"] = c
+                    .get("preemptionPolicy")
+                    .cloned()
+                    .unwrap_or(json!("PreemptLowerPriority"));
+            }
+        }
+        Ok(())
     }
 
     /// Delete options from the body (a DeleteOptions) and the query string.

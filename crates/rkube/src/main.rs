@@ -43,6 +43,9 @@ enum Command {
     Scheduler {
         #[arg(long)]
         kubeconfig: PathBuf,
+        /// A KubeSchedulerConfiguration file (profiles, plugins, weights).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// The controller manager alone.
     ControllerManager {
@@ -114,7 +117,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) | Command::Apiserver(args) => runtime.block_on(server::run(args)),
         Command::Agent { .. } => return not_yet("agent"),
-        Command::Scheduler { .. } => return not_yet("scheduler"),
+        Command::Scheduler { kubeconfig, config } => runtime.block_on(async move {
+            let config = match config {
+                Some(path) => scheduler::Configuration::parse(
+                    &std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?,
+                )?,
+                None => scheduler::Configuration::default(),
+            };
+            config.profiles()?;
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            scheduler::run(client, config, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }),
         Command::ControllerManager { kubeconfig } => runtime.block_on(async move {
             let client = client_from_kubeconfig(&kubeconfig).await?;
             controllers::run(client, async {

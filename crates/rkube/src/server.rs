@@ -283,6 +283,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             let _ = stop.changed().await;
         })));
     }
+    if !args.disable.iter().any(|d| d == "scheduler") {
+        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let mut stop = stop_rx.clone();
+        components.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) =
+                scheduler::run(client, scheduler::Configuration::default(), shutdown).await
+            {
+                tracing::error!(error = %e, "scheduler stopped");
+            }
+        }));
+    }
     println!(
         "rkube: ready: kubeconfig {} (API server {url})",
         kubeconfig_path.display()

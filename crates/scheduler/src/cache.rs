@@ -1,0 +1,394 @@
+//! The scheduler's view of the cluster: every node with the pods on it and what they use,
+//! including pods the scheduler has *assumed* onto a node while their binding is in flight,
+//! so that asynchronous binds can never overcommit a node.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+use crate::resources::{node_allocatable, pod_non_zero_requests, pod_requests, Resource};
+
+/// A pod with what the scheduler needs of it computed once.
+#[derive(Debug)]
+pub struct PodInfo {
+    pub pod: Arc<Pod>,
+    pub key: String,
+    pub uid: String,
+    pub requests: Resource,
+    pub non_zero_cpu: i64,
+    pub non_zero_memory: i64,
+    pub priority: i32,
+    /// Has pod affinity or anti-affinity terms.
+    pub has_affinity: bool,
+    /// (protocol, hostIP, hostPort) of every container port with a host port.
+    pub host_ports: Vec<(String, String, i32)>,
+}
+
+pub fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+impl PodInfo {
+    pub fn new(pod: Arc<Pod>) -> PodInfo {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let requests = pod_requests(&spec);
+        let (non_zero_cpu, non_zero_memory) = pod_non_zero_requests(&spec);
+        let host_ports = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                p.host_port.filter(|hp| *hp > 0).map(|hp| {
+                    (
+                        p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        p.host_ip.clone().unwrap_or_else(|| "0.0.0.0".into()),
+                        hp,
+                    )
+                })
+            })
+            .collect();
+        PodInfo {
+            key: pod_key(&pod),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            requests,
+            non_zero_cpu,
+            non_zero_memory,
+            priority: spec.priority.unwrap_or(0),
+            has_affinity: spec
+                .affinity
+                .as_ref()
+                .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some()),
+            host_ports,
+            pod,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.pod.metadata.namespace.as_deref().unwrap_or_default()
+    }
+
+    pub fn labels(&self) -> &std::collections::BTreeMap<String, String> {
+        static EMPTY: std::sync::OnceLock<std::collections::BTreeMap<String, String>> =
+            std::sync::OnceLock::new();
+        self.pod
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap_or_else(|| EMPTY.get_or_init(Default::default))
+    }
+}
+
+/// One node and what runs (or is assumed to run) on it.
+#[derive(Debug)]
+pub struct NodeInfo {
+    pub name: String,
+    pub node: Arc<Node>,
+    pub allocatable: Resource,
+    pub requested: Resource,
+    pub non_zero_cpu: i64,
+    pub non_zero_memory: i64,
+    pub pods: Vec<Arc<PodInfo>>,
+    pub used_ports: HashSet<(String, String, i32)>,
+    /// Images present on the node (name → size), from its status.
+    pub images: HashMap<String, i64>,
+}
+
+impl NodeInfo {
+    fn new(node: Arc<Node>) -> NodeInfo {
+        let mut info = NodeInfo {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            allocatable: node_allocatable(&node),
+            requested: Resource::default(),
+            non_zero_cpu: 0,
+            non_zero_memory: 0,
+            pods: Vec::new(),
+            used_ports: HashSet::new(),
+            images: HashMap::new(),
+            node: node.clone(),
+        };
+        info.set_node(node);
+        info
+    }
+
+    fn set_node(&mut self, node: Arc<Node>) {
+        self.allocatable = node_allocatable(&node);
+        self.images = node
+            .status
+            .as_ref()
+            .and_then(|s| s.images.as_ref())
+            .map(|imgs| {
+                imgs.iter()
+                    .flat_map(|i| {
+                        let size = i.size_bytes.unwrap_or(0);
+                        i.names.iter().flatten().map(move |n| (n.clone(), size))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.node = node;
+    }
+
+    fn add_pod(&mut self, p: Arc<PodInfo>) {
+        self.requested.add(&p.requests);
+        self.requested.pods += 1;
+        self.non_zero_cpu += p.non_zero_cpu;
+        self.non_zero_memory += p.non_zero_memory;
+        for port in &p.host_ports {
+            self.used_ports.insert(port.clone());
+        }
+        self.pods.push(p);
+    }
+
+    fn remove_pod(&mut self, uid: &str) -> Option<Arc<PodInfo>> {
+        let i = self.pods.iter().position(|p| p.uid == uid)?;
+        let p = self.pods.swap_remove(i);
+        self.requested.sub(&p.requests);
+        self.requested.pods -= 1;
+        self.non_zero_cpu -= p.non_zero_cpu;
+        self.non_zero_memory -= p.non_zero_memory;
+        for port in &p.host_ports {
+            if !self.pods.iter().any(|o| o.host_ports.contains(port)) {
+                self.used_ports.remove(port);
+            }
+        }
+        Some(p)
+    }
+
+    /// This node as it would be without the pods in `uids` (for preemption's what-ifs).
+    pub fn without(&self, uids: &HashSet<String>) -> NodeInfo {
+        let mut n = NodeInfo::new(self.node.clone());
+        for p in &self.pods {
+            if !uids.contains(&p.uid) {
+                n.add_pod(p.clone());
+            }
+        }
+        n
+    }
+
+    pub fn labels(&self) -> &std::collections::BTreeMap<String, String> {
+        static EMPTY: std::sync::OnceLock<std::collections::BTreeMap<String, String>> =
+            std::sync::OnceLock::new();
+        self.node
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap_or_else(|| EMPTY.get_or_init(Default::default))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PodState {
+    node: String,
+    assumed: bool,
+}
+
+/// Nodes in a stable order plus where every known pod is.
+#[derive(Default, Debug)]
+pub struct Cache {
+    pub nodes: Vec<NodeInfo>,
+    index: HashMap<String, usize>,
+    pods: HashMap<String, PodState>,
+    /// Pods that arrived before their node.
+    orphans: HashMap<String, Vec<Arc<PodInfo>>>,
+    /// How many counted pods have pod (anti-)affinity (when none, InterPodAffinity skips).
+    with_affinity: usize,
+}
+
+/// Whether a pod still occupies its node (terminal pods do not).
+pub fn occupies_node(pod: &Pod) -> bool {
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    )
+}
+
+impl Cache {
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.index.get(name).map(|i| &self.nodes[*i])
+    }
+
+    pub fn upsert_node(&mut self, node: Node) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let node = Arc::new(node);
+        match self.index.get(&name) {
+            Some(i) => self.nodes[*i].set_node(node),
+            None => {
+                let mut info = NodeInfo::new(node);
+                for p in self.orphans.remove(&name).unwrap_or_default() {
+                    info.add_pod(p);
+                }
+                self.index.insert(name, self.nodes.len());
+                self.nodes.push(info);
+            }
+        }
+    }
+
+    pub fn remove_node(&mut self, name: &str) {
+        let Some(i) = self.index.remove(name) else {
+            return;
+        };
+        let info = self.nodes.swap_remove(i);
+        if i < self.nodes.len() {
+            let moved = self.nodes[i].name.clone();
+            self.index.insert(moved, i);
+        }
+        // Its pods wait for the node to come back (or for their own deletion).
+        self.orphans.insert(name.to_string(), info.pods);
+    }
+
+    pub fn pods_with_affinity(&self) -> usize {
+        self.with_affinity
+    }
+
+    fn place(&mut self, node: &str, p: Arc<PodInfo>) {
+        if p.has_affinity {
+            self.with_affinity += 1;
+        }
+        match self.index.get(node) {
+            Some(i) => self.nodes[*i].add_pod(p),
+            None => self.orphans.entry(node.to_string()).or_default().push(p),
+        }
+    }
+
+    fn unplace(&mut self, node: &str, uid: &str) {
+        let removed = match self.index.get(node) {
+            Some(i) => self.nodes[*i].remove_pod(uid),
+            None => self.orphans.get_mut(node).and_then(|v| {
+                let i = v.iter().position(|p| p.uid == uid)?;
+                Some(v.swap_remove(i))
+            }),
+        };
+        if removed.is_some_and(|p| p.has_affinity) {
+            self.with_affinity -= 1;
+        }
+    }
+
+    /// A pod bound to a node (seen through the API): count it there, replacing an assumption.
+    pub fn upsert_bound_pod(&mut self, pod: Arc<Pod>) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        if let Some(old) = self.pods.remove(&uid) {
+            self.unplace(&old.node, &uid);
+        }
+        if !occupies_node(&pod) || node.is_empty() {
+            return;
+        }
+        self.place(&node, Arc::new(PodInfo::new(pod)));
+        self.pods.insert(
+            uid,
+            PodState {
+                node,
+                assumed: false,
+            },
+        );
+    }
+
+    pub fn remove_pod(&mut self, uid: &str) {
+        if let Some(old) = self.pods.remove(uid) {
+            self.unplace(&old.node, uid);
+        }
+    }
+
+    /// Count `pod` on `node` before its binding is confirmed.
+    pub fn assume(&mut self, pod: Arc<PodInfo>, node: &str) {
+        let uid = pod.uid.clone();
+        if let Some(old) = self.pods.remove(&uid) {
+            self.unplace(&old.node, &uid);
+        }
+        self.place(node, pod);
+        self.pods.insert(
+            uid,
+            PodState {
+                node: node.to_string(),
+                assumed: true,
+            },
+        );
+    }
+
+    /// The binding failed: the assumption goes.
+    pub fn forget(&mut self, uid: &str) {
+        if matches!(self.pods.get(uid), Some(PodState { assumed: true, .. })) {
+            self.remove_pod(uid);
+        }
+    }
+
+    /// Every pod counted from the API (not assumed).
+    pub fn bound_uids(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .filter(|(_, s)| !s.assumed)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    pub fn is_assumed(&self, uid: &str) -> bool {
+        matches!(self.pods.get(uid), Some(PodState { assumed: true, .. }))
+    }
+
+    /// Where a pod is counted, if anywhere.
+    pub fn node_of(&self, uid: &str) -> Option<&str> {
+        self.pods.get(uid).map(|s| s.node.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cpu: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"allocatable": {"cpu": cpu, "memory": "1Gi", "pods": "110"}},
+        }))
+        .unwrap()
+    }
+
+    fn pod(uid: &str, node: Option<&str>, cpu: &str) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": uid, "namespace": "default", "uid": uid},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn assumed_pods_count_until_confirmed_or_forgotten() {
+        let mut c = Cache::default();
+        c.upsert_node(node("n1", "2"));
+        c.assume(Arc::new(PodInfo::new(pod("a", None, "1"))), "n1");
+        assert_eq!(c.node("n1").unwrap().requested.milli_cpu, 1000);
+        // The informer confirms: counted once, no longer assumed.
+        c.upsert_bound_pod(pod("a", Some("n1"), "1"));
+        assert_eq!(c.node("n1").unwrap().requested.milli_cpu, 1000);
+        assert!(!c.is_assumed("a"));
+        c.assume(Arc::new(PodInfo::new(pod("b", None, "500m"))), "n1");
+        c.forget("b");
+        assert_eq!(c.node("n1").unwrap().requested.milli_cpu, 1000);
+        assert_eq!(c.node("n1").unwrap().requested.pods, 1);
+        c.remove_pod("a");
+        assert!(c.node("n1").unwrap().requested.is_zero());
+    }
+
+    #[test]
+    fn pods_seen_before_their_node_are_counted_when_it_arrives() {
+        let mut c = Cache::default();
+        c.upsert_bound_pod(pod("a", Some("n2"), "1"));
+        c.upsert_node(node("n1", "2"));
+        c.upsert_node(node("n2", "2"));
+        assert_eq!(c.node("n2").unwrap().requested.milli_cpu, 1000);
+        c.remove_node("n1");
+        assert_eq!(c.nodes.len(), 1);
+        assert_eq!(c.node("n2").unwrap().pods.len(), 1);
+    }
+}

@@ -1,0 +1,536 @@
+//! scheduler: places pending pods on nodes, as upstream's kube-scheduler does, reaching the
+//! cluster only through the API (kube-rs watchers in, `pods/binding` and events out).
+//!
+//! - `cache`: nodes and the pods counted on them, with assumed pods (bound in our head while the
+//!   binding is in flight), so asynchronous binds never overcommit a node.
+//! - `queue`: active / backoff / unschedulable sub-queues; cluster events move parked pods back.
+//! - `framework`: the extension points as one plugin trait; `plugins`: the in-tree plugins.
+//! - `config`: KubeSchedulerConfiguration → profiles.
+//! - this file: the informers, the scheduling cycle, binding, and what users see (the
+//!   PodScheduled condition, Scheduled/FailedScheduling events, nominatedNodeName).
+
+pub mod cache;
+pub mod config;
+pub mod framework;
+pub mod plugins;
+pub mod queue;
+pub mod resources;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::json;
+
+use cache::{pod_key, Cache, PodInfo};
+use framework::{fit_error_message, Code, CycleState, Profile, Status};
+use queue::{Outcome, Queue};
+
+pub use config::Configuration;
+
+/// Why a pod could not be placed.
+struct Failure {
+    statuses: HashMap<String, Status>,
+    message: String,
+    state: CycleState,
+}
+
+pub struct Scheduler {
+    client: Client,
+    profiles: HashMap<String, Arc<Profile>>,
+    cache: Mutex<Cache>,
+    queue: Arc<Queue>,
+    next_start: AtomicUsize,
+    events: tokio::sync::mpsc::Sender<EventRecord>,
+    /// The last Unschedulable message written per pod, to not rewrite the same condition.
+    last_failure: Mutex<HashMap<String, String>>,
+    binds: Arc<tokio::sync::Semaphore>,
+}
+
+struct EventRecord {
+    pod: Arc<Pod>,
+    kind: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+/// Run the scheduler until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Configuration,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let profiles = config.profiles()?;
+    let (etx, erx) = tokio::sync::mpsc::channel(10_000);
+    let s = Arc::new(Scheduler {
+        client: client.clone(),
+        profiles,
+        cache: Mutex::new(Cache::default()),
+        queue: Queue::new(),
+        next_start: AtomicUsize::new(0),
+        events: etx,
+        last_failure: Mutex::default(),
+        binds: Arc::new(tokio::sync::Semaphore::new(64)),
+    });
+    let (nodes_synced_tx, nodes_synced) = tokio::sync::oneshot::channel();
+    let (pods_synced_tx, pods_synced) = tokio::sync::oneshot::channel();
+    let tasks = vec![
+        tokio::spawn(s.clone().watch_nodes(nodes_synced_tx)),
+        tokio::spawn(s.clone().watch_pods(pods_synced_tx)),
+        tokio::spawn(record_events(client.clone(), erx)),
+        tokio::spawn({
+            let q = s.queue.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    q.flush_unschedulable();
+                }
+            }
+        }),
+    ];
+    let main = async {
+        // Never schedule from a partial view: wait for both initial lists.
+        let _ = nodes_synced.await;
+        let _ = pods_synced.await;
+        tracing::info!(profiles = ?s.profiles.keys().collect::<Vec<_>>(), "scheduler: caches synced; scheduling");
+        s.clone().schedule_loop().await;
+    };
+    tokio::select! {
+        _ = main => {}
+        _ = shutdown => {}
+    }
+    s.queue.close();
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+impl Scheduler {
+    fn wants(&self, pod: &Pod) -> bool {
+        let spec = pod.spec.as_ref();
+        let name = spec
+            .and_then(|s| s.scheduler_name.as_deref())
+            .unwrap_or("default-scheduler");
+        spec.and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default()
+            .is_empty()
+            && pod.metadata.deletion_timestamp.is_none()
+            && cache::occupies_node(pod)
+            && self.profiles.contains_key(name)
+    }
+
+    async fn watch_nodes(self: Arc<Self>, synced: tokio::sync::oneshot::Sender<()>) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut synced = Some(synced);
+        let mut seen: Option<HashSet<String>> = None;
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(n)) => {
+                    if let Some(seen) = seen.as_mut() {
+                        seen.insert(n.metadata.name.clone().unwrap_or_default());
+                    }
+                    self.cache.lock().unwrap().upsert_node(n);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(seen) = seen.take() {
+                        let mut c = self.cache.lock().unwrap();
+                        let gone: Vec<String> = c
+                            .nodes
+                            .iter()
+                            .map(|n| n.name.clone())
+                            .filter(|n| !seen.contains(n))
+                            .collect();
+                        for n in gone {
+                            c.remove_node(&n);
+                        }
+                    }
+                    if let Some(tx) = synced.take() {
+                        let _ = tx.send(());
+                    }
+                    self.queue.move_all();
+                }
+                Ok(watcher::Event::Apply(n)) => {
+                    self.cache.lock().unwrap().upsert_node(n);
+                    self.queue.move_all();
+                }
+                Ok(watcher::Event::Delete(n)) => {
+                    self.cache
+                        .lock()
+                        .unwrap()
+                        .remove_node(n.metadata.name.as_deref().unwrap_or_default());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler: node watch error");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    fn apply_pod(&self, pod: Pod) {
+        let key = pod_key(&pod);
+        let bound = !pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default()
+            .is_empty();
+        if bound {
+            self.queue.delete(&key);
+            let frees = !cache::occupies_node(&pod) || pod.metadata.deletion_timestamp.is_some();
+            self.cache.lock().unwrap().upsert_bound_pod(Arc::new(pod));
+            if frees {
+                self.queue.move_all();
+            }
+        } else if self.wants(&pod) {
+            self.queue
+                .add_or_update(Arc::new(PodInfo::new(Arc::new(pod))));
+        } else {
+            self.queue.delete(&key);
+        }
+    }
+
+    async fn watch_pods(self: Arc<Self>, synced: tokio::sync::oneshot::Sender<()>) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let mut synced = Some(synced);
+        let mut seen: Option<HashSet<String>> = None;
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(p)) => {
+                    if let Some(seen) = seen.as_mut() {
+                        seen.insert(p.metadata.uid.clone().unwrap_or_default());
+                    }
+                    self.apply_pod(p);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(seen) = seen.take() {
+                        let mut c = self.cache.lock().unwrap();
+                        for uid in c.bound_uids() {
+                            if !seen.contains(&uid) {
+                                c.remove_pod(&uid);
+                            }
+                        }
+                    }
+                    if let Some(tx) = synced.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(watcher::Event::Apply(p)) => self.apply_pod(p),
+                Ok(watcher::Event::Delete(p)) => {
+                    self.queue.delete(&pod_key(&p));
+                    self.last_failure.lock().unwrap().remove(&pod_key(&p));
+                    let uid = p.metadata.uid.clone().unwrap_or_default();
+                    let was_counted = self.cache.lock().unwrap().node_of(&uid).is_some();
+                    self.cache.lock().unwrap().remove_pod(&uid);
+                    if was_counted {
+                        self.queue.move_all();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler: pod watch error");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// One scheduling cycle: PreFilter, Filter (up to the number of feasible nodes to find),
+    /// PreScore, Score with normalisation and weights; the best node, ties broken in turn.
+    fn schedule_one(
+        &self,
+        profile: &Profile,
+        pod: &PodInfo,
+        cache: &Cache,
+    ) -> Result<String, Box<Failure>> {
+        let mut state = CycleState::default();
+        let total = cache.nodes.len();
+        for p in &profile.pre_filter {
+            let s = p.pre_filter(&mut state, pod, cache);
+            match s.code {
+                Code::Success | Code::Skip => {}
+                _ => {
+                    let statuses = cache
+                        .nodes
+                        .iter()
+                        .map(|n| (n.name.clone(), s.clone()))
+                        .collect();
+                    return Err(Box::new(Failure {
+                        message: fit_error_message(total, &HashMap::new(), Some(&s)),
+                        statuses,
+                        state,
+                    }));
+                }
+            }
+        }
+        let want = profile.nodes_to_find(total);
+        let start = if total == 0 {
+            0
+        } else {
+            self.next_start.load(Ordering::Relaxed) % total
+        };
+        let mut feasible = Vec::new();
+        let mut statuses = HashMap::new();
+        let mut processed = 0;
+        for i in 0..total {
+            let node = &cache.nodes[(start + i) % total];
+            processed += 1;
+            let s = profile.run_filters(&state, pod, node);
+            if s.is_success() {
+                feasible.push(node);
+                if feasible.len() >= want {
+                    break;
+                }
+            } else {
+                statuses.insert(node.name.clone(), s);
+            }
+        }
+        if total > 0 {
+            self.next_start
+                .store((start + processed) % total, Ordering::Relaxed);
+        }
+        if feasible.is_empty() {
+            return Err(Box::new(Failure {
+                message: fit_error_message(total, &statuses, None),
+                statuses,
+                state,
+            }));
+        }
+        if feasible.len() == 1 {
+            return Ok(feasible[0].name.clone());
+        }
+        let mut totals = vec![0i64; feasible.len()];
+        for (plugin, weight) in &profile.score {
+            if plugin.pre_score(&mut state, pod, &feasible, cache).code == Code::Skip {
+                continue;
+            }
+            let mut scores: Vec<i64> = feasible
+                .iter()
+                .map(|n| plugin.score(&state, pod, n))
+                .collect();
+            plugin.normalize(&state, &mut scores);
+            for (t, s) in totals.iter_mut().zip(scores) {
+                *t += weight * s;
+            }
+        }
+        let best = totals.iter().copied().max().unwrap_or(0);
+        let ties: Vec<usize> = (0..feasible.len()).filter(|i| totals[*i] == best).collect();
+        let pick = ties[self.next_start.load(Ordering::Relaxed) % ties.len()];
+        Ok(feasible[pick].name.clone())
+    }
+
+    async fn schedule_loop(self: Arc<Self>) {
+        while let Some(popped) = self.queue.pop().await {
+            let info = popped.info;
+            let name = info
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.scheduler_name.clone())
+                .unwrap_or_else(|| "default-scheduler".into());
+            let Some(profile) = self.profiles.get(&name).cloned() else {
+                self.queue.done(&info.key, Outcome::Done);
+                continue;
+            };
+            let result = {
+                let cache = self.cache.lock().unwrap();
+                match self.schedule_one(&profile, &info, &cache) {
+                    Ok(node) => Ok(node),
+                    Err(f) => {
+                        // PostFilter (preemption) sees the same cache.
+                        let nomination = profile.post_filter.iter().find_map(|p| {
+                            p.post_filter(&f.state, &info, &cache, &f.statuses, &profile)
+                        });
+                        Err((f.message, nomination))
+                    }
+                }
+            };
+            match result {
+                Ok(node) => {
+                    self.cache.lock().unwrap().assume(info.clone(), &node);
+                    let permit = self.binds.clone().acquire_owned().await;
+                    tokio::spawn(self.clone().bind(info, node, permit.ok()));
+                }
+                Err((message, nomination)) => {
+                    let (message, nominated) = match nomination {
+                        Some(Ok(n)) => {
+                            self.preempt(&info, &n.victims);
+                            (format!("{message} preemption: 0/{} nodes are available: {} victim(s) on {} are being preempted.", self.cache.lock().unwrap().nodes.len(), n.victims.len(), n.node), Some(n.node))
+                        }
+                        Some(Err(m)) => (format!("{message} {m}"), None),
+                        None => (message, None),
+                    };
+                    self.queue.done(&info.key, Outcome::Unschedulable);
+                    tokio::spawn(self.clone().report_unschedulable(info, message, nominated));
+                }
+            }
+        }
+    }
+
+    fn preempt(&self, preemptor: &PodInfo, victims: &[Arc<PodInfo>]) {
+        for v in victims {
+            let client = self.client.clone();
+            let victim = v.pod.clone();
+            let events = self.events.clone();
+            let by = preemptor.key.clone();
+            tokio::spawn(async move {
+                let api: Api<Pod> = Api::namespaced(
+                    client,
+                    victim.metadata.namespace.as_deref().unwrap_or_default(),
+                );
+                let name = victim.metadata.name.clone().unwrap_or_default();
+                let res = api.delete(&name, &DeleteParams::default()).await;
+                match res {
+                    Ok(_) => {
+                        let _ = events.try_send(EventRecord {
+                            pod: victim,
+                            kind: "Normal",
+                            reason: "Preempted",
+                            message: format!("Preempted by pod {by}"),
+                        });
+                    }
+                    Err(e) if api_code(&e) == Some(404) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, victim = %name, "scheduler: preemption delete failed")
+                    }
+                }
+            });
+        }
+    }
+
+    async fn bind(
+        self: Arc<Self>,
+        info: Arc<PodInfo>,
+        node: String,
+        _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let ns = info.namespace().to_string();
+        let name = info.pod.metadata.name.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        let binding = json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": name, "namespace": ns, "uid": info.uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        match api
+            .create_subresource::<serde_json::Value, serde_json::Value>(
+                "binding",
+                &name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => {
+                self.queue.done(&info.key, Outcome::Done);
+                self.last_failure.lock().unwrap().remove(&info.key);
+                let _ = self.events.try_send(EventRecord {
+                    pod: info.pod.clone(),
+                    kind: "Normal",
+                    reason: "Scheduled",
+                    message: format!("Successfully assigned {ns}/{name} to {node}"),
+                });
+            }
+            Err(e) => {
+                self.cache.lock().unwrap().forget(&info.uid);
+                let gone = matches!(api_code(&e), Some(404) | Some(409));
+                tracing::debug!(error = %e, pod = %info.key, "scheduler: binding failed");
+                self.queue
+                    .done(&info.key, if gone { Outcome::Done } else { Outcome::Error });
+            }
+        }
+    }
+
+    /// PodScheduled=False/Unschedulable with the message, nominatedNodeName when preempting,
+    /// and a FailedScheduling event; the condition is written only when the message changes.
+    async fn report_unschedulable(
+        self: Arc<Self>,
+        info: Arc<PodInfo>,
+        message: String,
+        nominated: Option<String>,
+    ) {
+        let _ = self.events.try_send(EventRecord {
+            pod: info.pod.clone(),
+            kind: "Warning",
+            reason: "FailedScheduling",
+            message: message.clone(),
+        });
+        {
+            let mut last = self.last_failure.lock().unwrap();
+            if last.get(&info.key) == Some(&message) && nominated.is_none() {
+                return;
+            }
+            last.insert(info.key.clone(), message.clone());
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), info.namespace());
+        let mut status = json!({"conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": message, "lastProbeTime": null,
+            "lastTransitionTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }]});
+        if let Some(n) = nominated {
+            status["nominatedNodeName"] = json!(n);
+        }
+        let name = info.pod.metadata.name.clone().unwrap_or_default();
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": status})),
+            )
+            .await
+        {
+            tracing::debug!(error = %e, pod = %info.key, "scheduler: status update failed");
+        }
+    }
+}
+
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Write core/v1 Events (what `kubectl describe` shows), a few at a time; when the API is slower
+/// than the scheduler, the backlog is bounded and the excess dropped (as upstream's broadcaster).
+async fn record_events(client: Client, mut rx: tokio::sync::mpsc::Receiver<EventRecord>) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(16));
+    while let Some(ev) = rx.recv().await {
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let ns = ev.pod.metadata.namespace.clone().unwrap_or_default();
+            let name = ev.pod.metadata.name.clone().unwrap_or_default();
+            let now = chrono::Utc::now();
+            let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let event = json!({
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": format!("{name}.{:x}", now.timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name,
+                                   "uid": ev.pod.metadata.uid, "resourceVersion": ev.pod.metadata.resource_version},
+                "reason": ev.reason, "message": ev.message, "type": ev.kind,
+                "source": {"component": "default-scheduler"},
+                "reportingComponent": "default-scheduler", "reportingInstance": "default-scheduler",
+                "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+            });
+            let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, &ns);
+            if let Ok(e) = serde_json::from_value(event) {
+                let _ = api.create(&PostParams::default(), &e).await;
+            }
+        });
+    }
+}

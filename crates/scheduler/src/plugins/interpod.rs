@@ -1,0 +1,261 @@
+//! InterPodAffinity: required and preferred pod affinity and anti-affinity over topology
+//! domains, including existing pods' anti-affinity towards the incoming pod.
+//!
+//! Namespaces: a term applies to its `namespaces`, or to the pod's own namespace when none are
+//! given; a `namespaceSelector` of `{}` means every namespace. A non-empty namespaceSelector is
+//! evaluated as "every namespace" too (the scheduler does not watch namespaces yet).
+
+use std::collections::{HashMap, HashSet};
+
+use k8s_openapi::api::core::v1::PodAffinityTerm;
+
+use super::selectors::selector_matches;
+use crate::cache::{Cache, NodeInfo, PodInfo};
+use crate::framework::{CycleState, Plugin, Status, MAX_NODE_SCORE};
+
+const KEY: &str = "InterPodAffinity";
+
+fn term_selects(term: &PodAffinityTerm, owner_ns: &str, candidate: &PodInfo) -> bool {
+    let ns_ok = match (&term.namespaces, &term.namespace_selector) {
+        (Some(list), _) if !list.is_empty() => list.iter().any(|n| n == candidate.namespace()),
+        (_, Some(_)) => true,
+        _ => candidate.namespace() == owner_ns,
+    };
+    ns_ok
+        && term
+            .label_selector
+            .as_ref()
+            .is_some_and(|s| selector_matches(s, candidate.labels()))
+}
+
+fn required(pod: &PodInfo) -> (Vec<PodAffinityTerm>, Vec<PodAffinityTerm>) {
+    let a = pod.pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+    let aff = a
+        .and_then(|a| a.pod_affinity.as_ref())
+        .and_then(|p| {
+            p.required_during_scheduling_ignored_during_execution
+                .clone()
+        })
+        .unwrap_or_default();
+    let anti = a
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|p| {
+            p.required_during_scheduling_ignored_during_execution
+                .clone()
+        })
+        .unwrap_or_default();
+    (aff, anti)
+}
+
+#[derive(Default)]
+struct Pre {
+    /// Per required affinity term: topology values holding a matching pod.
+    affinity: Vec<(String, HashSet<String>)>,
+    /// No pod anywhere matches the affinity terms, but the pod matches them itself.
+    affinity_self_ok: bool,
+    /// (topologyKey, value) pairs the incoming pod's anti-affinity forbids.
+    anti: HashSet<(String, String)>,
+    /// (topologyKey, value) pairs existing pods' anti-affinity forbids.
+    existing_anti: HashSet<(String, String)>,
+}
+
+pub struct InterPodAffinity;
+
+impl Plugin for InterPodAffinity {
+    fn name(&self) -> &'static str {
+        KEY
+    }
+
+    fn pre_filter(&self, state: &mut CycleState, pod: &PodInfo, cache: &Cache) -> Status {
+        let (aff, anti) = required(pod);
+        if aff.is_empty() && anti.is_empty() && cache.pods_with_affinity() == 0 {
+            return Status::skip();
+        }
+        let mut pre = Pre {
+            affinity: aff
+                .iter()
+                .map(|t| (t.topology_key.clone(), HashSet::new()))
+                .collect(),
+            ..Default::default()
+        };
+        let ns = pod.namespace().to_string();
+        for node in &cache.nodes {
+            let labels = node.labels();
+            for existing in &node.pods {
+                for (i, t) in aff.iter().enumerate() {
+                    if let Some(v) = labels.get(&t.topology_key) {
+                        if term_selects(t, &ns, existing) {
+                            pre.affinity[i].1.insert(v.clone());
+                        }
+                    }
+                }
+                for t in &anti {
+                    if let Some(v) = labels.get(&t.topology_key) {
+                        if term_selects(t, &ns, existing) {
+                            pre.anti.insert((t.topology_key.clone(), v.clone()));
+                        }
+                    }
+                }
+                let (_, their_anti) = required(existing);
+                for t in &their_anti {
+                    if let Some(v) = labels.get(&t.topology_key) {
+                        if term_selects(t, existing.namespace(), pod) {
+                            pre.existing_anti
+                                .insert((t.topology_key.clone(), v.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        pre.affinity_self_ok = !aff.is_empty()
+            && pre.affinity.iter().all(|(_, v)| v.is_empty())
+            && aff.iter().all(|t| term_selects(t, &ns, pod));
+        state.write(KEY, pre);
+        Status::success()
+    }
+
+    fn has_filter(&self) -> bool {
+        true
+    }
+
+    fn filter(&self, state: &CycleState, _pod: &PodInfo, node: &NodeInfo) -> Status {
+        let Some(pre) = state.read::<Pre>(KEY) else {
+            return Status::success();
+        };
+        let labels = node.labels();
+        if pre
+            .existing_anti
+            .iter()
+            .any(|(k, v)| labels.get(k) == Some(v))
+        {
+            return Status::unschedulable(
+                "node(s) didn't satisfy existing pods anti-affinity rules",
+            );
+        }
+        if pre.anti.iter().any(|(k, v)| labels.get(k) == Some(v)) {
+            return Status::unschedulable("node(s) didn't match pod anti-affinity rules");
+        }
+        if !pre.affinity.is_empty() {
+            let ok = pre.affinity.iter().all(|(k, values)| {
+                labels
+                    .get(k)
+                    .is_some_and(|v| values.contains(v) || pre.affinity_self_ok)
+            });
+            if !ok {
+                return Status::unschedulable("node(s) didn't match pod affinity rules");
+            }
+        }
+        Status::success()
+    }
+
+    fn pre_score(
+        &self,
+        state: &mut CycleState,
+        pod: &PodInfo,
+        _nodes: &[&NodeInfo],
+        cache: &Cache,
+    ) -> Status {
+        let a = pod.pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+        let pref_aff = a
+            .and_then(|a| a.pod_affinity.as_ref())
+            .and_then(|p| {
+                p.preferred_during_scheduling_ignored_during_execution
+                    .clone()
+            })
+            .unwrap_or_default();
+        let pref_anti = a
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|p| {
+                p.preferred_during_scheduling_ignored_during_execution
+                    .clone()
+            })
+            .unwrap_or_default();
+        if pref_aff.is_empty() && pref_anti.is_empty() && cache.pods_with_affinity() == 0 {
+            return Status::skip();
+        }
+        // Weight per (topologyKey, value).
+        let mut weights: HashMap<(String, String), i64> = HashMap::new();
+        let ns = pod.namespace().to_string();
+        for node in &cache.nodes {
+            let labels = node.labels();
+            for existing in &node.pods {
+                for (terms, sign) in [(&pref_aff, 1i64), (&pref_anti, -1)] {
+                    for w in terms.iter() {
+                        let t = &w.pod_affinity_term;
+                        if let Some(v) = labels.get(&t.topology_key) {
+                            if term_selects(t, &ns, existing) {
+                                *weights
+                                    .entry((t.topology_key.clone(), v.clone()))
+                                    .or_default() += sign * w.weight as i64;
+                            }
+                        }
+                    }
+                }
+                // Symmetry: existing pods' preferences about the incoming pod.
+                let ea = existing.pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+                let their = [
+                    (
+                        ea.and_then(|a| a.pod_affinity.as_ref())
+                            .and_then(|p| {
+                                p.preferred_during_scheduling_ignored_during_execution
+                                    .clone()
+                            })
+                            .unwrap_or_default(),
+                        1i64,
+                    ),
+                    (
+                        ea.and_then(|a| a.pod_anti_affinity.as_ref())
+                            .and_then(|p| {
+                                p.preferred_during_scheduling_ignored_during_execution
+                                    .clone()
+                            })
+                            .unwrap_or_default(),
+                        -1,
+                    ),
+                ];
+                for (terms, sign) in their {
+                    for w in terms {
+                        let t = &w.pod_affinity_term;
+                        if let Some(v) = labels.get(&t.topology_key) {
+                            if term_selects(t, existing.namespace(), pod) {
+                                *weights
+                                    .entry((t.topology_key.clone(), v.clone()))
+                                    .or_default() += sign * w.weight as i64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        state.write("InterPodAffinityScore", weights);
+        Status::success()
+    }
+
+    fn has_score(&self) -> bool {
+        true
+    }
+
+    fn score(&self, state: &CycleState, _pod: &PodInfo, node: &NodeInfo) -> i64 {
+        let Some(w) = state.read::<HashMap<(String, String), i64>>("InterPodAffinityScore") else {
+            return 0;
+        };
+        node.labels()
+            .iter()
+            .map(|(k, v)| w.get(&(k.clone(), v.clone())).copied().unwrap_or(0))
+            .sum()
+    }
+
+    fn normalize(&self, _: &CycleState, scores: &mut [i64]) {
+        let (min, max) = (
+            scores.iter().copied().min().unwrap_or(0),
+            scores.iter().copied().max().unwrap_or(0),
+        );
+        for s in scores.iter_mut() {
+            *s = if max == min {
+                0
+            } else {
+                (*s - min) * MAX_NODE_SCORE / (max - min)
+            };
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! PodTopologySpread: `topologySpreadConstraints` with DoNotSchedule (a filter on skew) and
+//! ScheduleAnyway (a score preferring less crowded domains). Nodes count towards domains when
+//! they match the pod's node affinity and selector (nodeAffinityPolicy Honor, the default);
+//! taints are ignored (nodeTaintsPolicy Ignore, the default). Upstream's cluster-level default
+//! constraints are not applied yet.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::TopologySpreadConstraint;
+
+use super::selectors::selector_matches;
+use super::NodeAffinity;
+use crate::cache::{Cache, NodeInfo, PodInfo};
+use crate::framework::{CycleState, Plugin, Status, MAX_NODE_SCORE};
+
+const KEY: &str = "PodTopologySpread";
+
+fn constraints(pod: &PodInfo, when: &str) -> Vec<TopologySpreadConstraint> {
+    pod.pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.topology_spread_constraints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.when_unsatisfiable == when)
+        .collect()
+}
+
+/// Per constraint: matching pods per domain value (every eligible domain present).
+fn count(
+    pod: &PodInfo,
+    cs: &[TopologySpreadConstraint],
+    cache: &Cache,
+) -> Vec<HashMap<String, i64>> {
+    let mut out = vec![HashMap::new(); cs.len()];
+    for node in &cache.nodes {
+        if !NodeAffinity::required_ok(pod, node) {
+            continue;
+        }
+        for (i, c) in cs.iter().enumerate() {
+            let Some(value) = node.labels().get(&c.topology_key) else {
+                continue;
+            };
+            let n = node
+                .pods
+                .iter()
+                .filter(|p| {
+                    p.namespace() == pod.namespace()
+                        && p.pod.metadata.deletion_timestamp.is_none()
+                        && c.label_selector
+                            .as_ref()
+                            .is_some_and(|s| selector_matches(s, p.labels()))
+                })
+                .count() as i64;
+            *out[i].entry(value.clone()).or_default() += n;
+        }
+    }
+    out
+}
+
+pub struct PodTopologySpread;
+
+struct Pre {
+    constraints: Vec<TopologySpreadConstraint>,
+    counts: Vec<HashMap<String, i64>>,
+}
+
+impl Plugin for PodTopologySpread {
+    fn name(&self) -> &'static str {
+        KEY
+    }
+
+    fn pre_filter(&self, state: &mut CycleState, pod: &PodInfo, cache: &Cache) -> Status {
+        let cs = constraints(pod, "DoNotSchedule");
+        if cs.is_empty() {
+            return Status::skip();
+        }
+        let counts = count(pod, &cs, cache);
+        state.write(
+            KEY,
+            Pre {
+                constraints: cs,
+                counts,
+            },
+        );
+        Status::success()
+    }
+
+    fn has_filter(&self) -> bool {
+        true
+    }
+
+    fn filter(&self, state: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Status {
+        let Some(pre) = state.read::<Pre>(KEY) else {
+            return Status::success();
+        };
+        for (c, counts) in pre.constraints.iter().zip(&pre.counts) {
+            let Some(value) = node.labels().get(&c.topology_key) else {
+                return Status::unresolvable(
+                    "node(s) didn't match pod topology spread constraints (missing required label)",
+                );
+            };
+            let min = counts.values().copied().min().unwrap_or(0);
+            let self_match =
+                c.label_selector
+                    .as_ref()
+                    .is_some_and(|s| selector_matches(s, pod.labels())) as i64;
+            let skew = counts.get(value).copied().unwrap_or(0) + self_match - min;
+            if skew > c.max_skew as i64 {
+                return Status::unschedulable(
+                    "node(s) didn't match pod topology spread constraints",
+                );
+            }
+        }
+        Status::success()
+    }
+
+    fn pre_score(
+        &self,
+        state: &mut CycleState,
+        pod: &PodInfo,
+        _nodes: &[&NodeInfo],
+        cache: &Cache,
+    ) -> Status {
+        let cs = constraints(pod, "ScheduleAnyway");
+        if cs.is_empty() {
+            return Status::skip();
+        }
+        let counts = count(pod, &cs, cache);
+        state.write(
+            "PodTopologySpreadScore",
+            Pre {
+                constraints: cs,
+                counts,
+            },
+        );
+        Status::success()
+    }
+
+    fn has_score(&self) -> bool {
+        true
+    }
+
+    fn score(&self, state: &CycleState, _pod: &PodInfo, node: &NodeInfo) -> i64 {
+        let Some(pre) = state.read::<Pre>("PodTopologySpreadScore") else {
+            return 0;
+        };
+        pre.constraints
+            .iter()
+            .zip(&pre.counts)
+            .map(|(c, counts)| {
+                node.labels()
+                    .get(&c.topology_key)
+                    .and_then(|v| counts.get(v))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    fn normalize(&self, _: &CycleState, scores: &mut [i64]) {
+        // Fewer matching pods in the node's domains is better.
+        let (min, max) = (
+            scores.iter().copied().min().unwrap_or(0),
+            scores.iter().copied().max().unwrap_or(0),
+        );
+        for s in scores.iter_mut() {
+            *s = if max == min {
+                MAX_NODE_SCORE
+            } else {
+                (max - *s) * MAX_NODE_SCORE / (max - min)
+            };
+        }
+    }
+}
