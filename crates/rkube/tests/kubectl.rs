@@ -519,7 +519,7 @@ fn describe_with_events() {
         "app=web",
         "Image:        busybox:1.36",
         "Port:         80/TCP",
-        "QoS Class:        BestEffort",
+        "BestEffort",
         "Testing",
         "something happened to web",
     ] {

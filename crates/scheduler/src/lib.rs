@@ -255,6 +255,13 @@ impl Scheduler {
     ) -> Result<String, Box<Failure>> {
         let mut state = CycleState::default();
         let total = cache.nodes.len();
+        if total == 0 {
+            return Err(Box::new(Failure {
+                statuses: HashMap::new(),
+                message: "no nodes available to schedule pods".into(),
+                state,
+            }));
+        }
         for p in &profile.pre_filter {
             let s = p.pre_filter(&mut state, pod, cache);
             match s.code {
@@ -348,9 +355,13 @@ impl Scheduler {
                     Ok(node) => Ok(node),
                     Err(f) => {
                         // PostFilter (preemption) sees the same cache.
-                        let nomination = profile.post_filter.iter().find_map(|p| {
-                            p.post_filter(&f.state, &info, &cache, &f.statuses, &profile)
-                        });
+                        let nomination = if cache.nodes.is_empty() {
+                            None
+                        } else {
+                            profile.post_filter.iter().find_map(|p| {
+                                p.post_filter(&f.state, &info, &cache, &f.statuses, &profile)
+                            })
+                        };
                         Err((f.message, nomination))
                     }
                 }
