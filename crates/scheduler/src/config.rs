@@ -256,6 +256,35 @@ profiles:
         assert_eq!(packer.score[0].1, 5);
         assert!(packer.filter.iter().all(|p| p.name() != "NodePorts"));
         assert_eq!(packer.percentage_of_nodes_to_score, 30);
+        // MostAllocated prefers the fuller node.
+        let node = |name: &str, used: &str| {
+            let mut c = crate::cache::Cache::default();
+            c.upsert_node(
+                serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}}}))
+                .unwrap(),
+            );
+            if used != "0" {
+                let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "x", "namespace": "d", "uid": "x"},
+                    "spec": {"nodeName": name, "containers": [{"name": "c", "resources": {"requests": {"cpu": used}}}]}})).unwrap();
+                c.upsert_bound_pod(std::sync::Arc::new(p));
+            }
+            c
+        };
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "y", "namespace": "d", "uid": "y"},
+            "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "100m"}}}]}}))
+        .unwrap();
+        let pod = crate::cache::PodInfo::new(std::sync::Arc::new(pod));
+        let state = crate::framework::CycleState::default();
+        let (full, empty) = (node("a", "100m"), node("b", "0"));
+        let fit = &packer.score[0].0;
+        assert!(
+            fit.score(&state, &pod, full.node("a").unwrap())
+                > fit.score(&state, &pod, empty.node("b").unwrap())
+        );
         assert!(Configuration::parse("kind: Other").is_err());
         let bad = Configuration::parse("profiles: [{plugins: {score: {enabled: [{name: Nope}]}}}]")
             .unwrap();

@@ -333,6 +333,7 @@ impl Scheduler {
         let best = totals.iter().copied().max().unwrap_or(0);
         let ties: Vec<usize> = (0..feasible.len()).filter(|i| totals[*i] == best).collect();
         let pick = ties[self.next_start.load(Ordering::Relaxed) % ties.len()];
+        tracing::debug!(pod = %pod.key, ?totals, nodes = ?feasible.iter().map(|n| &n.name).collect::<Vec<_>>(), "scores");
         Ok(feasible[pick].name.clone())
     }
 

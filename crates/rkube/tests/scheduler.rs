@@ -1,0 +1,421 @@
+//! The scheduler end to end: real kubectl against `rkube server`, nodes registered as plain
+//! Node objects (no kubelet), every plugin's placement and its Unschedulable message,
+//! preemption, a pending pod placed when room appears, and a scheduler restart mid-stream.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Stdio};
+
+use common::{eventually, Cluster};
+
+fn node(c: &Cluster, name: &str, cpu: &str, extra_labels: &str, spec: &str) {
+    c.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}{extra_labels}}}\nspec: {{{spec}}}\nstatus:\n  capacity: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n  allocatable: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n"
+    ));
+}
+
+/// A pod requesting `cpu`, with extra spec fields (YAML flow mappings, comma-led).
+fn pod(c: &Cluster, name: &str, cpu: &str, labels: &str, spec: &str) {
+    c.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{{labels}}}}}\nspec: {{containers: [{{name: c, image: busybox, resources: {{requests: {{cpu: \"{cpu}\"}}}}}}]{spec}}}\n"
+    ));
+}
+
+fn node_of(c: &Cluster, pod: &str) -> String {
+    c.kubectl(&["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"])
+}
+
+fn wait_bound(c: &Cluster, pod: &str) -> String {
+    c.eventually(&format!("{pod} bound"), || {
+        let n = node_of(c, pod);
+        (!n.is_empty()).then_some(n)
+    })
+}
+
+/// Wait for PodScheduled=False/Unschedulable and return its message.
+fn wait_unschedulable(c: &Cluster, pod: &str) -> String {
+    c.eventually(&format!("{pod} unschedulable"), || {
+        let out = c.kubectl(&[
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].reason}|{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        ]);
+        let (reason, message) = out.split_once('|')?;
+        (reason == "Unschedulable").then(|| message.to_string())
+    })
+}
+
+#[test]
+fn resources_selectors_taints_ports_and_the_reasons_users_read() {
+    let c = Cluster::start();
+    node(&c, "small", "1", "", "");
+    node(&c, "big", "4", ", disk: ssd", "");
+    node(
+        &c,
+        "gpu",
+        "8",
+        "",
+        "taints: [{key: dedicated, value: gpu, effect: NoSchedule}]",
+    );
+    node(&c, "cordoned", "8", "", "unschedulable: true");
+
+    // NodeResourcesFit: only "big" has 2 cpus free (gpu is tainted, cordoned is cordoned).
+    pod(&c, "needs-2cpu", "2", "", "");
+    assert_eq!(wait_bound(&c, "needs-2cpu"), "big");
+    // NodeAffinity through nodeSelector.
+    pod(&c, "ssd", "100m", "", ", nodeSelector: {disk: ssd}");
+    assert_eq!(wait_bound(&c, "ssd"), "big");
+    // TaintToleration + required node affinity by hostname.
+    pod(
+        &c,
+        "tolerates",
+        "1",
+        "",
+        ", tolerations: [{key: dedicated, operator: Equal, value: gpu, effect: NoSchedule}], affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [gpu]}]}]}}}",
+    );
+    assert_eq!(wait_bound(&c, "tolerates"), "gpu");
+    // Without the toleration: every node says why, in upstream's words.
+    pod(
+        &c,
+        "no-toleration",
+        "100m",
+        "",
+        ", affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [gpu, cordoned]}]}]}}}",
+    );
+    let msg = wait_unschedulable(&c, "no-toleration");
+    assert!(
+        msg.starts_with("0/4 nodes are available: 1 node(s) had untolerated taint {dedicated: gpu}, 1 node(s) were unschedulable, 2 node(s) didn't match Pod's node affinity/selector."),
+        "{msg}"
+    );
+    // NodePorts: a second pod wanting the same host port on the same node does not fit.
+    for name in ["port-a", "port-b"] {
+        pod(
+            &c,
+            name,
+            "10m",
+            "",
+            ", nodeSelector: {kubernetes.io/hostname: small}, hostNetwork: false, containers: [{name: c, image: busybox, ports: [{containerPort: 80, hostPort: 8080}]}]",
+        );
+    }
+    let first = eventually("one port pod bound", &mut || {
+        ["port-a", "port-b"]
+            .into_iter()
+            .find(|p| !node_of(&c, p).is_empty())
+    });
+    let other = if first == "port-a" {
+        "port-b"
+    } else {
+        "port-a"
+    };
+    let msg = wait_unschedulable(&c, other);
+    assert!(
+        msg.contains("1 node(s) didn't have free ports for the requested pod ports"),
+        "{msg}"
+    );
+    // Too big for anything: Insufficient cpu, and the events say so in `kubectl describe`.
+    pod(&c, "huge", "6", "", "");
+    let msg = wait_unschedulable(&c, "huge");
+    assert!(msg.contains("Insufficient cpu"), "{msg}");
+    assert!(msg.contains("preemption:"), "{msg}");
+    let described = c.kubectl(&["describe", "pod", "huge"]);
+    assert!(described.contains("FailedScheduling"), "{described}");
+    // A node with room arrives: the pending pod is placed without anyone touching it.
+    node(&c, "roomy", "16", "", "");
+    assert_eq!(wait_bound(&c, "huge"), "roomy");
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=huge",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("Scheduled"), "{events}");
+    // Nothing is overcommitted.
+    assert_no_overcommit(&c);
+}
+
+/// Sum of cpu requests per node never exceeds the node's allocatable.
+fn assert_no_overcommit(c: &Cluster) {
+    let alloc: HashMap<String, f64> = c
+        .kubectl(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.allocatable.cpu}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .filter_map(|l| {
+            let (n, cpu) = l.split_once(' ')?;
+            Some((n.to_string(), cpu_of(cpu)))
+        })
+        .collect();
+    let mut used: HashMap<String, f64> = HashMap::new();
+    for l in c
+        .kubectl(&["get", "pods", "-A", "-o", "jsonpath={range .items[*]}{.spec.nodeName} {.spec.containers[0].resources.requests.cpu}{\"\\n\"}{end}"])
+        .lines()
+    {
+        let mut parts = l.split(' ');
+        let (Some(n), Some(cpu)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !n.is_empty() {
+            *used.entry(n.to_string()).or_default() += cpu_of(cpu);
+        }
+    }
+    for (n, u) in used {
+        assert!(
+            u <= alloc[&n] + 1e-9,
+            "node {n} overcommitted: {u} > {}",
+            alloc[&n]
+        );
+    }
+}
+
+fn cpu_of(q: &str) -> f64 {
+    match q.strip_suffix('m') {
+        Some(m) => m.parse::<f64>().unwrap_or(0.0) / 1000.0,
+        None => q.parse().unwrap_or(0.0),
+    }
+}
+
+#[test]
+fn pod_affinity_anti_affinity_and_topology_spread() {
+    let c = Cluster::start();
+    for (n, zone) in [("a1", "za"), ("a2", "za"), ("b1", "zb"), ("c1", "zc")] {
+        node(
+            &c,
+            n,
+            "8",
+            &format!(", topology.kubernetes.io/zone: {zone}"),
+            "",
+        );
+    }
+    // Required anti-affinity per zone: three db pods, one per zone; a fourth cannot fit.
+    let anti = ", affinity: {podAntiAffinity: {requiredDuringSchedulingIgnoredDuringExecution: [{topologyKey: topology.kubernetes.io/zone, labelSelector: {matchLabels: {app: db}}}]}}";
+    let mut zones = Vec::new();
+    for i in 0..3 {
+        let name = format!("db-{i}");
+        pod(&c, &name, "100m", "app: db", anti);
+        let n = wait_bound(&c, &name);
+        zones.push(c.kubectl(&[
+            "get",
+            "node",
+            &n,
+            "-o",
+            "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}",
+        ]));
+    }
+    zones.sort();
+    assert_eq!(zones, ["za", "zb", "zc"]);
+    pod(&c, "db-3", "100m", "app: db", anti);
+    let msg = wait_unschedulable(&c, "db-3");
+    // Upstream checks existing pods' anti-affinity first, so that is the reason it gives.
+    assert!(
+        msg.contains("4 node(s) didn't satisfy existing pods anti-affinity rules")
+            || msg.contains("4 node(s) didn't match pod anti-affinity rules"),
+        "{msg}"
+    );
+    // Required affinity: with the db pod in zone b, on the same node.
+    let db_nodes: Vec<String> = (0..3).map(|i| node_of(&c, &format!("db-{i}"))).collect();
+    pod(&c, "cache", "100m", "app: cache", ", affinity: {podAffinity: {requiredDuringSchedulingIgnoredDuringExecution: [{topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: db}}}]}}");
+    assert!(db_nodes.contains(&wait_bound(&c, "cache")));
+    // Affinity to something that does not exist: unschedulable with the affinity reason.
+    pod(&c, "lonely", "100m", "", ", affinity: {podAffinity: {requiredDuringSchedulingIgnoredDuringExecution: [{topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: nothing}}}]}}");
+    let msg = wait_unschedulable(&c, "lonely");
+    assert!(
+        msg.contains("node(s) didn't match pod affinity rules"),
+        "{msg}"
+    );
+    // Topology spread, DoNotSchedule, maxSkew 1 over zones: 6 pods → 2 per zone.
+    let spread = ", topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]";
+    let mut per_zone: HashMap<String, usize> = HashMap::new();
+    for i in 0..6 {
+        let name = format!("web-{i}");
+        pod(&c, &name, "100m", "app: web", spread);
+        let n = wait_bound(&c, &name);
+        let z = c.kubectl(&[
+            "get",
+            "node",
+            &n,
+            "-o",
+            "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}",
+        ]);
+        *per_zone.entry(z).or_default() += 1;
+    }
+    assert_eq!(per_zone.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
+    // A node without the topology label cannot take a pod with that constraint.
+    pod(&c, "spread-nozone", "100m", "app: web", ", nodeSelector: {kubernetes.io/hostname: nozone}, topologySpreadConstraints: [{maxSkew: 1, topologyKey: rack, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]");
+    let msg = wait_unschedulable(&c, "spread-nozone");
+    assert!(msg.contains("0/4 nodes are available"), "{msg}");
+}
+
+#[test]
+fn preemption_evicts_lower_priority_pods_and_places_the_higher() {
+    let c = Cluster::start();
+    c.apply_yaml("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: low}\nvalue: 100\n");
+    c.apply_yaml("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: high}\nvalue: 1000\n");
+    node(&c, "only", "2", "", "");
+    pod(&c, "low-1", "1", "", ", priorityClassName: low");
+    pod(&c, "low-2", "1", "", ", priorityClassName: low");
+    wait_bound(&c, "low-1");
+    wait_bound(&c, "low-2");
+    assert_eq!(
+        c.kubectl(&["get", "pod", "low-1", "-o", "jsonpath={.spec.priority}"]),
+        "100"
+    );
+    pod(&c, "high", "2", "", ", priorityClassName: high");
+    // The victims are deleted gracefully and the preemptor is nominated to their node.
+    c.eventually("nominatedNodeName", || {
+        (c.kubectl(&[
+            "get",
+            "pod",
+            "high",
+            "-o",
+            "jsonpath={.status.nominatedNodeName}",
+        ]) == "only")
+            .then_some(())
+    });
+    for v in ["low-1", "low-2"] {
+        c.eventually("victim terminating", || {
+            let out = c.kubectl_output(&[
+                "get",
+                "pod",
+                v,
+                "-o",
+                "jsonpath={.metadata.deletionTimestamp}",
+            ]);
+            (!out.status.success() || !out.stdout.is_empty()).then_some(())
+        });
+        // No kubelet here: finish the graceful deletion as the kubelet would.
+        c.kubectl(&[
+            "delete",
+            "pod",
+            v,
+            "--grace-period=0",
+            "--force",
+            "--ignore-not-found",
+        ]);
+    }
+    assert_eq!(wait_bound(&c, "high"), "only");
+    // An unknown PriorityClass is refused at admission.
+    let err = c.kubectl_stdin(&["create", "-f", "-"], "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {priorityClassName: nope, containers: [{name: c, image: busybox}]}\n");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("no PriorityClass with name nope was found")
+    );
+    // Equal priority is never preempted.
+    pod(&c, "high-2", "2", "", ", priorityClassName: high");
+    let msg = wait_unschedulable(&c, "high-2");
+    assert!(
+        msg.contains("No preemption victims found for incoming pod"),
+        "{msg}"
+    );
+}
+
+/// A scheduler process, killed when dropped (also when a test fails).
+struct Scheduler(Child);
+
+impl Scheduler {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn start_scheduler(c: &Cluster, config: Option<&std::path::Path>) -> Scheduler {
+    let mut cmd = std::process::Command::new(common::rkube_bin());
+    cmd.args(["scheduler", "--kubeconfig"])
+        .arg(c.kubeconfig())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    if let Some(p) = config {
+        cmd.arg("--config").arg(p);
+    }
+    Scheduler(cmd.spawn().expect("rkube scheduler"))
+}
+
+#[test]
+fn a_restarted_scheduler_double_books_nothing_and_profiles_apply() {
+    let c = Cluster::start_with(0, &["--disable", "scheduler"]);
+    let config = c.data_dir().join("scheduler.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nprofiles:\n- schedulerName: default-scheduler\n- schedulerName: packer\n  plugins:\n    score:\n      disabled: [{name: \"*\"}]\n      enabled: [{name: NodeResourcesFit, weight: 1}]\n  pluginConfig:\n  - name: NodeResourcesFit\n    args: {scoringStrategy: {type: MostAllocated}}\n",
+    )
+    .unwrap();
+    for i in 0..10 {
+        node(&c, &format!("n{i}"), "1", "", "");
+    }
+    let mut sched = start_scheduler(&c, Some(&config));
+    // 40 pods of 500m on 10 nodes of 1 cpu: exactly 20 fit.
+    for i in 0..40 {
+        pod(&c, &format!("p{i:02}"), "500m", "", "");
+    }
+    let bound = |c: &Cluster| {
+        c.kubectl(&[
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count()
+    };
+    eventually("some pods bound", &mut || (bound(&c) >= 5).then_some(()));
+    // Kill it mid-stream and start another.
+    sched.kill();
+    let _sched = start_scheduler(&c, Some(&config));
+    eventually("20 pods bound", &mut || (bound(&c) == 20).then_some(()));
+    eventually("the rest unschedulable", &mut || {
+        let reasons = c.kubectl(&["get", "pods", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"PodScheduled\")].reason}{\"\\n\"}{end}"]);
+        (reasons.lines().filter(|r| *r == "Unschedulable").count() == 20).then_some(())
+    });
+    assert_eq!(bound(&c), 20);
+    assert_no_overcommit(&c);
+
+    // A second profile: MostAllocated packs pods of scheduler "packer" onto one node.
+    // (Tainted, so that the 20 pending pods above do not move in when they appear.)
+    for i in 0..3 {
+        node(
+            &c,
+            &format!("pack{i}"),
+            "4",
+            ", pool: pack",
+            "taints: [{key: pool, value: pack, effect: NoSchedule}]",
+        );
+    }
+    let pack =
+        ", nodeSelector: {pool: pack}, tolerations: [{key: pool, value: pack, effect: NoSchedule}]";
+    for i in 0..3 {
+        pod(
+            &c,
+            &format!("packed{i}"),
+            "100m",
+            "",
+            &format!(", schedulerName: packer{pack}"),
+        );
+    }
+    let nodes: std::collections::HashSet<String> = (0..3)
+        .map(|i| wait_bound(&c, &format!("packed{i}")))
+        .collect();
+    assert_eq!(nodes.len(), 1, "MostAllocated packs: {nodes:?}");
+    // A pod for a scheduler nobody runs is left alone.
+    pod(&c, "other", "100m", "", ", schedulerName: someone-else");
+    pod(&c, "marker", "100m", "", pack);
+    wait_bound(&c, "marker");
+    assert_eq!(node_of(&c, "other"), "");
+    assert_eq!(
+        c.kubectl(&["get", "pod", "other", "-o", "jsonpath={.status.conditions}"]),
+        ""
+    );
+}
