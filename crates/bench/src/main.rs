@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,19 @@ enum Cmd {
         /// LIST repetitions.
         #[arg(long, default_value_t = 10)]
         lists: usize,
+    },
+    /// Scheduler throughput and latency on upstream's scheduler_perf workloads, against
+    /// `rkube server` with the embedded store; a pod counts as scheduled when its binding is
+    /// stored (seen through a watch).
+    Scheduler {
+        /// The rkube binary (default: next to this one).
+        #[arg(long)]
+        rkube: Option<PathBuf>,
+        /// Which workloads: basic, affinity, antiaffinity, spread, preemption (comma list), or all.
+        #[arg(long, default_value = "all")]
+        workloads: String,
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
     },
     /// The embedded store and Debian's etcd side by side, same workload through the same API
     /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
@@ -501,6 +515,260 @@ async fn datastores_bench(bin: PathBuf, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// One scheduler_perf-style workload.
+struct Workload {
+    name: &'static str,
+    nodes: usize,
+    init_pods: usize,
+    measured_pods: usize,
+    /// Node labels by index.
+    node_labels: fn(usize) -> serde_json::Value,
+    /// Extra pod spec for the initial and the measured pods.
+    init_spec: fn(usize) -> serde_json::Value,
+    measured_spec: fn(usize) -> serde_json::Value,
+    node_cpu: &'static str,
+    pod_cpu: &'static str,
+}
+
+fn zone_labels(i: usize) -> serde_json::Value {
+    serde_json::json!({"kubernetes.io/hostname": format!("node-{i}"), "topology.kubernetes.io/zone": format!("zone-{}", i % 10)})
+}
+
+fn no_spec(_: usize) -> serde_json::Value {
+    serde_json::json!({})
+}
+
+fn workloads(nodes: usize) -> Vec<Workload> {
+    vec![
+        Workload {
+            name: "basic",
+            nodes,
+            init_pods: 1000,
+            measured_pods: 10_000,
+            node_labels: zone_labels,
+            init_spec: no_spec,
+            measured_spec: no_spec,
+            node_cpu: "4",
+            pod_cpu: "100m",
+        },
+        Workload {
+            name: "affinity",
+            nodes,
+            init_pods: 1000,
+            measured_pods: 5000,
+            node_labels: zone_labels,
+            init_spec: no_spec,
+            measured_spec: |_| serde_json::json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["zone-0", "zone-1", "zone-2", "zone-3", "zone-4"]}]}]}}}}),
+            node_cpu: "4",
+            pod_cpu: "100m",
+        },
+        Workload {
+            name: "antiaffinity",
+            nodes,
+            init_pods: 1000,
+            measured_pods: 1000,
+            node_labels: zone_labels,
+            init_spec: |_| serde_json::json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"color": "green"}}}]}}}),
+            measured_spec: |_| serde_json::json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"color": "green"}}}]}}}),
+            node_cpu: "4",
+            pod_cpu: "100m",
+        },
+        Workload {
+            name: "spread",
+            nodes,
+            init_pods: 1000,
+            measured_pods: 5000,
+            node_labels: zone_labels,
+            init_spec: no_spec,
+            measured_spec: |_| serde_json::json!({"topologySpreadConstraints": [{"maxSkew": 5, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"color": "green"}}}]}),
+            node_cpu: "4",
+            pod_cpu: "100m",
+        },
+        Workload {
+            name: "preemption",
+            nodes: 500,
+            // Low-priority pods fill every node (4 per node); each measured pod preempts one.
+            init_pods: 2000,
+            measured_pods: 500,
+            node_labels: zone_labels,
+            init_spec: |_| serde_json::json!({"priorityClassName": "bench-low"}),
+            measured_spec: |_| serde_json::json!({"priorityClassName": "bench-high"}),
+            node_cpu: "4",
+            pod_cpu: "1",
+        },
+    ]
+}
+
+/// Create `n` objects from `clients` concurrent tasks.
+async fn create_many<K, F>(api: Api<K>, n: usize, clients: usize, make: F) -> Result<Vec<Instant>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug + Send + Sync + 'static,
+    F: Fn(usize) -> K + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let times = Arc::new(std::sync::Mutex::new(vec![Instant::now(); n]));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (api, make, next, times) = (api.clone(), make.clone(), next.clone(), times.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= n {
+                    return Ok::<_, kube::Error>(());
+                }
+                let obj = make(i);
+                let t = Instant::now();
+                api.create(&PostParams::default(), &obj).await?;
+                times.lock().unwrap()[i] = t;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let times = times.lock().unwrap().clone();
+    Ok(times)
+}
+
+async fn run_workload(bin: &PathBuf, w: &Workload) -> Result<()> {
+    let server = Server::start_with(bin, &["--disable", "controller-manager"])?;
+    let client = server.client().await?;
+    if w.name == "preemption" {
+        let pcs: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
+        for (name, value) in [("bench-low", 10), ("bench-high", 1000)] {
+            pcs.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({
+                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name}, "value": value}))?).await?;
+        }
+    }
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let (labels, cpu) = (w.node_labels, w.node_cpu);
+    create_many(nodes, w.nodes, 32, move |i| {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("node-{i}"), "labels": labels(i)},
+            "status": {"capacity": {"cpu": cpu, "memory": "32Gi", "pods": "110"},
+                       "allocatable": {"cpu": cpu, "memory": "32Gi", "pods": "110"},
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .expect("node")
+    })
+    .await?;
+
+    // Watch bindings: a pod is scheduled when its nodeName is stored.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let bound: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let rv = pods.list(&ListParams::default().limit(1)).await?.metadata.resource_version.unwrap_or_default();
+    {
+        let (pods, bound) = (pods.clone(), bound.clone());
+        tokio::spawn(async move {
+            let mut rv = rv;
+            loop {
+                let Ok(stream) = pods.watch(&WatchParams::default().timeout(290), &rv).await else {
+                    return;
+                };
+                let mut stream = std::pin::pin!(stream);
+                while let Some(Ok(ev)) = stream.next().await {
+                    if let WatchEvent::Added(p) | WatchEvent::Modified(p) = ev {
+                        rv = p.metadata.resource_version.clone().unwrap_or_default();
+                        if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+                            let name = p.metadata.name.clone().unwrap_or_default();
+                            bound.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    // No kubelet: finish graceful deletions (preemption victims) as a kubelet would.
+    if w.name == "preemption" {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = pods.watch(&WatchParams::default().timeout(290), "0").await else {
+                return;
+            };
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(ev)) = stream.next().await {
+                if let WatchEvent::Modified(p) = ev {
+                    if p.metadata.deletion_timestamp.is_some() {
+                        let name = p.metadata.name.clone().unwrap_or_default();
+                        let _ = pods.delete(&name, &kube::api::DeleteParams::default().grace_period(0)).await;
+                    }
+                }
+            }
+        });
+    }
+    let pod_cpu = w.pod_cpu;
+    let make = |prefix: &'static str, spec: fn(usize) -> serde_json::Value| {
+        move |i: usize| -> Pod {
+            let mut s = serde_json::json!({"containers": [{"name": "c", "image": "registry.local/pause:3.9",
+                "resources": {"requests": {"cpu": pod_cpu, "memory": "64Mi"}}}]});
+            if let (Some(m), serde_json::Value::Object(extra)) = (s.as_object_mut(), spec(i)) {
+                m.extend(extra);
+            }
+            serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("{prefix}-{i}"), "labels": {"color": "green"}}, "spec": s}))
+            .expect("pod")
+        }
+    };
+    let wait_bound = |prefix: &'static str, n: usize, within: Duration| {
+        let bound = bound.clone();
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                let count = bound.lock().unwrap().keys().filter(|k| k.starts_with(prefix)).count();
+                if count >= n || Instant::now() > deadline {
+                    return count;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    create_many(pods.clone(), w.init_pods, 32, make("init", w.init_spec)).await?;
+    let init_bound = wait_bound("init-", w.init_pods, Duration::from_secs(300)).await;
+    let start = Instant::now();
+    let created = create_many(pods.clone(), w.measured_pods, 64, make("measured", w.measured_spec)).await?;
+    let created_in = start.elapsed();
+    let n = wait_bound("measured-", w.measured_pods, Duration::from_secs(300)).await;
+    let b = bound.lock().unwrap().clone();
+    let mut lat = Vec::new();
+    let mut last = start;
+    for (i, t) in created.iter().enumerate() {
+        if let Some(done) = b.get(&format!("measured-{i}")) {
+            lat.push(done.saturating_duration_since(*t));
+            last = last.max(*done);
+        }
+    }
+    let elapsed = last.saturating_duration_since(start).as_secs_f64();
+    println!(
+        "| {} | {} | {}/{} | {}/{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} s |",
+        w.name,
+        w.nodes,
+        init_bound,
+        w.init_pods,
+        n,
+        w.measured_pods,
+        n as f64 / elapsed,
+        w.measured_pods as f64 / created_in.as_secs_f64(),
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+        elapsed
+    );
+    println!("  scheduler+server RSS at the end: {:.0} MiB", server.rss_mib());
+    Ok(())
+}
+
+async fn scheduler_bench(bin: PathBuf, which: &str, nodes: usize) -> Result<()> {
+    println!("| workload | nodes | initial pods bound | measured pods bound | pods/s (bound) | pods/s (created) | latency p50 ms | p99 ms | measured span |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for w in workloads(nodes) {
+        if which == "all" || which.split(',').any(|x| x == w.name) {
+            run_workload(&bin, &w).await?;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -549,6 +817,17 @@ async fn main() -> Result<()> {
                 None => std::env::current_exe()?.with_file_name("rkube"),
             };
             api_bench(bin, pods, clients, watchers, lists).await
+        }
+        Cmd::Scheduler {
+            rkube,
+            workloads,
+            nodes,
+        } => {
+            let bin = match rkube {
+                Some(b) => b,
+                None => std::env::current_exe()?.with_file_name("rkube"),
+            };
+            scheduler_bench(bin, &workloads, nodes).await
         }
         Cmd::Datastores { rkube, seconds } => {
             let bin = match rkube {

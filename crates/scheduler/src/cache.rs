@@ -5,9 +5,40 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, PodAffinityTerm, WeightedPodAffinityTerm};
 
 use crate::resources::{node_allocatable, pod_non_zero_requests, pod_requests, Resource};
+
+/// A pod's inter-pod affinity terms.
+#[derive(Debug, Default)]
+pub struct AffinityTerms {
+    pub required_affinity: Vec<PodAffinityTerm>,
+    pub required_anti: Vec<PodAffinityTerm>,
+    pub preferred_affinity: Vec<WeightedPodAffinityTerm>,
+    pub preferred_anti: Vec<WeightedPodAffinityTerm>,
+}
+
+impl AffinityTerms {
+    fn of(spec: &k8s_openapi::api::core::v1::PodSpec) -> AffinityTerms {
+        let a = spec.affinity.as_ref();
+        let pa = a.and_then(|a| a.pod_affinity.as_ref());
+        let anti = a.and_then(|a| a.pod_anti_affinity.as_ref());
+        AffinityTerms {
+            required_affinity: pa
+                .and_then(|p| p.required_during_scheduling_ignored_during_execution.clone())
+                .unwrap_or_default(),
+            required_anti: anti
+                .and_then(|p| p.required_during_scheduling_ignored_during_execution.clone())
+                .unwrap_or_default(),
+            preferred_affinity: pa
+                .and_then(|p| p.preferred_during_scheduling_ignored_during_execution.clone())
+                .unwrap_or_default(),
+            preferred_anti: anti
+                .and_then(|p| p.preferred_during_scheduling_ignored_during_execution.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
 
 /// A pod with what the scheduler needs of it computed once.
 #[derive(Debug)]
@@ -21,6 +52,8 @@ pub struct PodInfo {
     pub priority: i32,
     /// Has pod affinity or anti-affinity terms.
     pub has_affinity: bool,
+    /// Pod (anti-)affinity terms, taken out of the spec once.
+    pub terms: Arc<AffinityTerms>,
     /// (protocol, hostIP, hostPort) of every container port with a host port.
     pub host_ports: Vec<(String, String, i32)>,
 }
@@ -63,6 +96,7 @@ impl PodInfo {
                 .affinity
                 .as_ref()
                 .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some()),
+            terms: Arc::new(AffinityTerms::of(&spec)),
             host_ports,
             pod,
         }

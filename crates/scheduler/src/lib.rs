@@ -50,6 +50,9 @@ pub struct Scheduler {
     events: tokio::sync::mpsc::Sender<EventRecord>,
     /// The last Unschedulable message written per pod, to not rewrite the same condition.
     last_failure: Mutex<HashMap<String, String>>,
+    /// Preemptors and the node their victims are leaving. Each is held (assumed) on that node
+    /// while it waits, so that other pods, and other preemptors, do not count on that room.
+    nominated: Mutex<HashMap<String, String>>,
     binds: Arc<tokio::sync::Semaphore>,
 }
 
@@ -76,6 +79,7 @@ pub async fn run(
         next_start: AtomicUsize::new(0),
         events: etx,
         last_failure: Mutex::default(),
+        nominated: Mutex::default(),
         binds: Arc::new(tokio::sync::Semaphore::new(64)),
     });
     let (nodes_synced_tx, nodes_synced) = tokio::sync::oneshot::channel();
@@ -350,10 +354,20 @@ impl Scheduler {
                 self.queue.done(&info.key, Outcome::Done);
                 continue;
             };
+            let reserved = self.nominated.lock().unwrap().remove(&info.key);
             let result = {
-                let cache = self.cache.lock().unwrap();
+                let mut cache = self.cache.lock().unwrap();
+                if reserved.is_some() {
+                    // Its own reservation must not stand in its way.
+                    cache.forget(&info.uid);
+                }
                 match self.schedule_one(&profile, &info, &cache) {
                     Ok(node) => Ok(node),
+                    Err(f) if reserved.as_deref().is_some_and(|n| victims_leaving(&cache, n, info.priority)) => {
+                        // Victims are still on their way out: wait for them, keep the room.
+                        let node = reserved.clone().unwrap_or_default();
+                        Err((f.message, Some(Ok(framework::Nomination { node, victims: vec![] }))))
+                    }
                     Err(f) => {
                         // PostFilter (preemption) sees the same cache.
                         let nomination = if cache.nodes.is_empty() {
@@ -377,6 +391,11 @@ impl Scheduler {
                     let (message, nominated) = match nomination {
                         Some(Ok(n)) => {
                             self.preempt(&info, &n.victims);
+                            self.cache.lock().unwrap().assume(info.clone(), &n.node);
+                            self.nominated
+                                .lock()
+                                .unwrap()
+                                .insert(info.key.clone(), n.node.clone());
                             (format!("{message} preemption: 0/{} nodes are available: {} victim(s) on {} are being preempted.", self.cache.lock().unwrap().nodes.len(), n.victims.len(), n.node), Some(n.node))
                         }
                         Some(Err(m)) => (format!("{message} {m}"), None),
@@ -505,6 +524,15 @@ impl Scheduler {
             tracing::debug!(error = %e, pod = %info.key, "scheduler: status update failed");
         }
     }
+}
+
+/// Whether lower-priority pods on `node` are still terminating (a preemption under way).
+fn victims_leaving(cache: &Cache, node: &str, priority: i32) -> bool {
+    cache.node(node).is_some_and(|n| {
+        n.pods
+            .iter()
+            .any(|p| p.priority < priority && p.pod.metadata.deletion_timestamp.is_some())
+    })
 }
 
 fn api_code(e: &kube::Error) -> Option<u16> {

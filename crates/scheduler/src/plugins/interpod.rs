@@ -28,35 +28,16 @@ fn term_selects(term: &PodAffinityTerm, owner_ns: &str, candidate: &PodInfo) -> 
             .is_some_and(|s| selector_matches(s, candidate.labels()))
 }
 
-fn required(pod: &PodInfo) -> (Vec<PodAffinityTerm>, Vec<PodAffinityTerm>) {
-    let a = pod.pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
-    let aff = a
-        .and_then(|a| a.pod_affinity.as_ref())
-        .and_then(|p| {
-            p.required_during_scheduling_ignored_during_execution
-                .clone()
-        })
-        .unwrap_or_default();
-    let anti = a
-        .and_then(|a| a.pod_anti_affinity.as_ref())
-        .and_then(|p| {
-            p.required_during_scheduling_ignored_during_execution
-                .clone()
-        })
-        .unwrap_or_default();
-    (aff, anti)
-}
-
 #[derive(Default)]
 struct Pre {
     /// Per required affinity term: topology values holding a matching pod.
     affinity: Vec<(String, HashSet<String>)>,
     /// No pod anywhere matches the affinity terms, but the pod matches them itself.
     affinity_self_ok: bool,
-    /// (topologyKey, value) pairs the incoming pod's anti-affinity forbids.
-    anti: HashSet<(String, String)>,
-    /// (topologyKey, value) pairs existing pods' anti-affinity forbids.
-    existing_anti: HashSet<(String, String)>,
+    /// topologyKey → values the incoming pod's anti-affinity forbids.
+    anti: HashMap<String, HashSet<String>>,
+    /// topologyKey → values existing pods' anti-affinity forbids.
+    existing_anti: HashMap<String, HashSet<String>>,
 }
 
 pub struct InterPodAffinity;
@@ -67,7 +48,7 @@ impl Plugin for InterPodAffinity {
     }
 
     fn pre_filter(&self, state: &mut CycleState, pod: &PodInfo, cache: &Cache) -> Status {
-        let (aff, anti) = required(pod);
+        let (aff, anti) = (&pod.terms.required_affinity, &pod.terms.required_anti);
         if aff.is_empty() && anti.is_empty() && cache.pods_with_affinity() == 0 {
             return Status::skip();
         }
@@ -89,19 +70,26 @@ impl Plugin for InterPodAffinity {
                         }
                     }
                 }
-                for t in &anti {
+                for t in anti {
                     if let Some(v) = labels.get(&t.topology_key) {
                         if term_selects(t, &ns, existing) {
-                            pre.anti.insert((t.topology_key.clone(), v.clone()));
+                            pre.anti
+                                .entry(t.topology_key.clone())
+                                .or_default()
+                                .insert(v.clone());
                         }
                     }
                 }
-                let (_, their_anti) = required(existing);
-                for t in &their_anti {
+                if !existing.has_affinity && aff.is_empty() && anti.is_empty() {
+                    continue;
+                }
+                for t in &existing.terms.required_anti {
                     if let Some(v) = labels.get(&t.topology_key) {
                         if term_selects(t, existing.namespace(), pod) {
                             pre.existing_anti
-                                .insert((t.topology_key.clone(), v.clone()));
+                                .entry(t.topology_key.clone())
+                                .or_default()
+                                .insert(v.clone());
                         }
                     }
                 }
@@ -123,16 +111,16 @@ impl Plugin for InterPodAffinity {
             return Status::success();
         };
         let labels = node.labels();
-        if pre
-            .existing_anti
-            .iter()
-            .any(|(k, v)| labels.get(k) == Some(v))
-        {
+        let forbidden = |m: &HashMap<String, HashSet<String>>| {
+            m.iter()
+                .any(|(k, values)| labels.get(k).is_some_and(|v| values.contains(v)))
+        };
+        if forbidden(&pre.existing_anti) {
             return Status::unschedulable(
                 "node(s) didn't satisfy existing pods anti-affinity rules",
             );
         }
-        if pre.anti.iter().any(|(k, v)| labels.get(k) == Some(v)) {
+        if forbidden(&pre.anti) {
             return Status::unschedulable("node(s) didn't match pod anti-affinity rules");
         }
         if !pre.affinity.is_empty() {
@@ -155,21 +143,7 @@ impl Plugin for InterPodAffinity {
         _nodes: &[&NodeInfo],
         cache: &Cache,
     ) -> Status {
-        let a = pod.pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
-        let pref_aff = a
-            .and_then(|a| a.pod_affinity.as_ref())
-            .and_then(|p| {
-                p.preferred_during_scheduling_ignored_during_execution
-                    .clone()
-            })
-            .unwrap_or_default();
-        let pref_anti = a
-            .and_then(|a| a.pod_anti_affinity.as_ref())
-            .and_then(|p| {
-                p.preferred_during_scheduling_ignored_during_execution
-                    .clone()
-            })
-            .unwrap_or_default();
+        let (pref_aff, pref_anti) = (&pod.terms.preferred_affinity, &pod.terms.preferred_anti);
         if pref_aff.is_empty() && pref_anti.is_empty() && cache.pods_with_affinity() == 0 {
             return Status::skip();
         }
@@ -179,7 +153,7 @@ impl Plugin for InterPodAffinity {
         for node in &cache.nodes {
             let labels = node.labels();
             for existing in &node.pods {
-                for (terms, sign) in [(&pref_aff, 1i64), (&pref_anti, -1)] {
+                for (terms, sign) in [(pref_aff, 1i64), (pref_anti, -1)] {
                     for w in terms.iter() {
                         let t = &w.pod_affinity_term;
                         if let Some(v) = labels.get(&t.topology_key) {
@@ -192,26 +166,12 @@ impl Plugin for InterPodAffinity {
                     }
                 }
                 // Symmetry: existing pods' preferences about the incoming pod.
-                let ea = existing.pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+                if !existing.has_affinity {
+                    continue;
+                }
                 let their = [
-                    (
-                        ea.and_then(|a| a.pod_affinity.as_ref())
-                            .and_then(|p| {
-                                p.preferred_during_scheduling_ignored_during_execution
-                                    .clone()
-                            })
-                            .unwrap_or_default(),
-                        1i64,
-                    ),
-                    (
-                        ea.and_then(|a| a.pod_anti_affinity.as_ref())
-                            .and_then(|p| {
-                                p.preferred_during_scheduling_ignored_during_execution
-                                    .clone()
-                            })
-                            .unwrap_or_default(),
-                        -1,
-                    ),
+                    (&existing.terms.preferred_affinity, 1i64),
+                    (&existing.terms.preferred_anti, -1),
                 ];
                 for (terms, sign) in their {
                     for w in terms {

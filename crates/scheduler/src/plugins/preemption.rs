@@ -48,10 +48,17 @@ impl Plugin for DefaultPreemption {
             }
             // Everything of lower priority goes; then reprieve, most important first, whatever
             // still leaves room.
+            // Pods already terminating are going anyway: not victims, and not counted.
+            let terminating: HashSet<String> = node
+                .pods
+                .iter()
+                .filter(|p| p.pod.metadata.deletion_timestamp.is_some())
+                .map(|p| p.uid.clone())
+                .collect();
             let mut lower: Vec<Arc<PodInfo>> = node
                 .pods
                 .iter()
-                .filter(|p| p.priority < pod.priority)
+                .filter(|p| p.priority < pod.priority && !terminating.contains(&p.uid))
                 .cloned()
                 .collect();
             if lower.is_empty() {
@@ -59,6 +66,7 @@ impl Plugin for DefaultPreemption {
                 continue;
             }
             let mut removed: HashSet<String> = lower.iter().map(|p| p.uid.clone()).collect();
+            removed.extend(terminating.iter().cloned());
             if !profile
                 .run_filters(state, pod, &node.without(&removed))
                 .is_success()
