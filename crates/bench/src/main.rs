@@ -63,6 +63,10 @@ enum Cmd {
         workloads: String,
         #[arg(long, default_value_t = 5000)]
         nodes: usize,
+        /// Create every pod first with the scheduler stopped, then start `rkube scheduler` and
+        /// time it alone (measures the scheduler, not the API's create rate).
+        #[arg(long)]
+        precreate: bool,
     },
     /// The embedded store and Debian's etcd side by side, same workload through the same API
     /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
@@ -631,8 +635,13 @@ where
     Ok(times)
 }
 
-async fn run_workload(bin: &PathBuf, w: &Workload) -> Result<()> {
-    let server = Server::start_with(bin, &["--disable", "controller-manager"])?;
+async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()> {
+    let disable = if precreate {
+        "controller-manager,scheduler"
+    } else {
+        "controller-manager"
+    };
+    let server = Server::start_with(bin, &["--disable", disable])?;
     let client = server.client().await?;
     if w.name == "preemption" {
         let pcs: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(client.clone());
@@ -725,10 +734,26 @@ async fn run_workload(bin: &PathBuf, w: &Workload) -> Result<()> {
         }
     };
     create_many(pods.clone(), w.init_pods, 32, make("init", w.init_spec)).await?;
-    let init_bound = wait_bound("init-", w.init_pods, Duration::from_secs(300)).await;
-    let start = Instant::now();
-    let created = create_many(pods.clone(), w.measured_pods, 64, make("measured", w.measured_spec)).await?;
-    let created_in = start.elapsed();
+    let mut scheduler = None;
+    let (init_bound, start, created, created_in) = if precreate {
+        let created = create_many(pods.clone(), w.measured_pods, 64, make("measured", w.measured_spec)).await?;
+        let start = Instant::now();
+        scheduler = Some(
+            Command::new(bin)
+                .args(["scheduler", "--kubeconfig"])
+                .arg(&server.kubeconfig)
+                .env("RUST_LOG", "warn")
+                .spawn()?,
+        );
+        let init_bound = wait_bound("init-", w.init_pods, Duration::from_secs(300)).await;
+        // Latency is meaningless here (pods waited for the scheduler to start): from its start.
+        (init_bound, start, vec![start; created.len()], Duration::ZERO)
+    } else {
+        let init_bound = wait_bound("init-", w.init_pods, Duration::from_secs(300)).await;
+        let start = Instant::now();
+        let created = create_many(pods.clone(), w.measured_pods, 64, make("measured", w.measured_spec)).await?;
+        (init_bound, start, created, start.elapsed())
+    };
     let n = wait_bound("measured-", w.measured_pods, Duration::from_secs(300)).await;
     let b = bound.lock().unwrap().clone();
     let mut lat = Vec::new();
@@ -749,21 +774,25 @@ async fn run_workload(bin: &PathBuf, w: &Workload) -> Result<()> {
         n,
         w.measured_pods,
         n as f64 / elapsed,
-        w.measured_pods as f64 / created_in.as_secs_f64(),
+        w.measured_pods as f64 / created_in.as_secs_f64().max(f64::MIN_POSITIVE),
         pct(&mut lat, 0.5),
         pct(&mut lat, 0.99),
         elapsed
     );
     println!("  scheduler+server RSS at the end: {:.0} MiB", server.rss_mib());
+    if let Some(mut s) = scheduler {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
     Ok(())
 }
 
-async fn scheduler_bench(bin: PathBuf, which: &str, nodes: usize) -> Result<()> {
+async fn scheduler_bench(bin: PathBuf, which: &str, nodes: usize, precreate: bool) -> Result<()> {
     println!("| workload | nodes | initial pods bound | measured pods bound | pods/s (bound) | pods/s (created) | latency p50 ms | p99 ms | measured span |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for w in workloads(nodes) {
         if which == "all" || which.split(',').any(|x| x == w.name) {
-            run_workload(&bin, &w).await?;
+            run_workload(&bin, &w, precreate).await?;
         }
     }
     Ok(())
@@ -822,12 +851,13 @@ async fn main() -> Result<()> {
             rkube,
             workloads,
             nodes,
+            precreate,
         } => {
             let bin = match rkube {
                 Some(b) => b,
                 None => std::env::current_exe()?.with_file_name("rkube"),
             };
-            scheduler_bench(bin, &workloads, nodes).await
+            scheduler_bench(bin, &workloads, nodes, precreate).await
         }
         Cmd::Datastores { rkube, seconds } => {
             let bin = match rkube {
