@@ -1,10 +1,10 @@
 //! rkube-bench: commands that start a real `rkube server` and print figures for BENCHMARKS.md.
 //! Benchmarks measure; they assert nothing (tests do that).
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -606,7 +606,14 @@ fn workloads(nodes: usize) -> Vec<Workload> {
 /// Create `n` objects from `clients` concurrent tasks.
 async fn create_many<K, F>(api: Api<K>, n: usize, clients: usize, make: F) -> Result<Vec<Instant>>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     F: Fn(usize) -> K + Send + Sync + 'static,
 {
     let make = Arc::new(make);
@@ -667,7 +674,12 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
     // Watch bindings: a pod is scheduled when its nodeName is stored.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let bound: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let rv = pods.list(&ListParams::default().limit(1)).await?.metadata.resource_version.unwrap_or_default();
+    let rv = pods
+        .list(&ListParams::default().limit(1))
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
     {
         let (pods, bound) = (pods.clone(), bound.clone());
         tokio::spawn(async move {
@@ -682,7 +694,11 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
                         rv = p.metadata.resource_version.clone().unwrap_or_default();
                         if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
                             let name = p.metadata.name.clone().unwrap_or_default();
-                            bound.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                            bound
+                                .lock()
+                                .unwrap()
+                                .entry(name)
+                                .or_insert_with(Instant::now);
                         }
                     }
                 }
@@ -701,7 +717,9 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
                 if let WatchEvent::Modified(p) = ev {
                     if p.metadata.deletion_timestamp.is_some() {
                         let name = p.metadata.name.clone().unwrap_or_default();
-                        let _ = pods.delete(&name, &kube::api::DeleteParams::default().grace_period(0)).await;
+                        let _ = pods
+                            .delete(&name, &kube::api::DeleteParams::default().grace_period(0))
+                            .await;
                     }
                 }
             }
@@ -725,7 +743,12 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
         async move {
             let deadline = Instant::now() + within;
             loop {
-                let count = bound.lock().unwrap().keys().filter(|k| k.starts_with(prefix)).count();
+                let count = bound
+                    .lock()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| k.starts_with(prefix))
+                    .count();
                 if count >= n || Instant::now() > deadline {
                     return count;
                 }
@@ -736,7 +759,13 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
     create_many(pods.clone(), w.init_pods, 32, make("init", w.init_spec)).await?;
     let mut scheduler = None;
     let (init_bound, start, created, created_in) = if precreate {
-        let created = create_many(pods.clone(), w.measured_pods, 64, make("measured", w.measured_spec)).await?;
+        let created = create_many(
+            pods.clone(),
+            w.measured_pods,
+            64,
+            make("measured", w.measured_spec),
+        )
+        .await?;
         let start = Instant::now();
         scheduler = Some(
             Command::new(bin)
@@ -747,11 +776,22 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
         );
         let init_bound = wait_bound("init-", w.init_pods, Duration::from_secs(300)).await;
         // Latency is meaningless here (pods waited for the scheduler to start): from its start.
-        (init_bound, start, vec![start; created.len()], Duration::ZERO)
+        (
+            init_bound,
+            start,
+            vec![start; created.len()],
+            Duration::ZERO,
+        )
     } else {
         let init_bound = wait_bound("init-", w.init_pods, Duration::from_secs(300)).await;
         let start = Instant::now();
-        let created = create_many(pods.clone(), w.measured_pods, 64, make("measured", w.measured_spec)).await?;
+        let created = create_many(
+            pods.clone(),
+            w.measured_pods,
+            64,
+            make("measured", w.measured_spec),
+        )
+        .await?;
         (init_bound, start, created, start.elapsed())
     };
     let n = wait_bound("measured-", w.measured_pods, Duration::from_secs(300)).await;
@@ -779,7 +819,10 @@ async fn run_workload(bin: &PathBuf, w: &Workload, precreate: bool) -> Result<()
         pct(&mut lat, 0.99),
         elapsed
     );
-    println!("  scheduler+server RSS at the end: {:.0} MiB", server.rss_mib());
+    println!(
+        "  scheduler+server RSS at the end: {:.0} MiB",
+        server.rss_mib()
+    );
     if let Some(mut s) = scheduler {
         let _ = s.kill();
         let _ = s.wait();

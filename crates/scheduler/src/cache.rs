@@ -25,16 +25,28 @@ impl AffinityTerms {
         let anti = a.and_then(|a| a.pod_anti_affinity.as_ref());
         AffinityTerms {
             required_affinity: pa
-                .and_then(|p| p.required_during_scheduling_ignored_during_execution.clone())
+                .and_then(|p| {
+                    p.required_during_scheduling_ignored_during_execution
+                        .clone()
+                })
                 .unwrap_or_default(),
             required_anti: anti
-                .and_then(|p| p.required_during_scheduling_ignored_during_execution.clone())
+                .and_then(|p| {
+                    p.required_during_scheduling_ignored_during_execution
+                        .clone()
+                })
                 .unwrap_or_default(),
             preferred_affinity: pa
-                .and_then(|p| p.preferred_during_scheduling_ignored_during_execution.clone())
+                .and_then(|p| {
+                    p.preferred_during_scheduling_ignored_during_execution
+                        .clone()
+                })
                 .unwrap_or_default(),
             preferred_anti: anti
-                .and_then(|p| p.preferred_during_scheduling_ignored_during_execution.clone())
+                .and_then(|p| {
+                    p.preferred_during_scheduling_ignored_during_execution
+                        .clone()
+                })
                 .unwrap_or_default(),
         }
     }

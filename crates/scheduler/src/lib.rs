@@ -132,52 +132,38 @@ impl Scheduler {
 
     async fn watch_nodes(self: Arc<Self>, synced: tokio::sync::oneshot::Sender<()>) {
         let api: Api<Node> = Api::all(self.client.clone());
-        let mut synced = Some(synced);
-        let mut seen: Option<HashSet<String>> = None;
-        let mut stream = watcher(api, watcher::Config::default()).boxed();
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
-                Ok(watcher::Event::InitApply(n)) => {
-                    if let Some(seen) = seen.as_mut() {
-                        seen.insert(n.metadata.name.clone().unwrap_or_default());
-                    }
-                    self.cache.lock().unwrap().upsert_node(n);
-                }
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(seen) = seen.take() {
-                        let mut c = self.cache.lock().unwrap();
-                        let gone: Vec<String> = c
-                            .nodes
-                            .iter()
-                            .map(|n| n.name.clone())
-                            .filter(|n| !seen.contains(n))
-                            .collect();
-                        for n in gone {
-                            c.remove_node(&n);
-                        }
-                    }
-                    if let Some(tx) = synced.take() {
-                        let _ = tx.send(());
-                    }
+        inform(
+            api,
+            |n: &Node| n.metadata.name.clone().unwrap_or_default(),
+            |n, initial| {
+                self.cache.lock().unwrap().upsert_node(n);
+                if !initial {
                     self.queue.move_all();
                 }
-                Ok(watcher::Event::Apply(n)) => {
-                    self.cache.lock().unwrap().upsert_node(n);
-                    self.queue.move_all();
+            },
+            |n| {
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .remove_node(n.metadata.name.as_deref().unwrap_or_default())
+            },
+            |seen| {
+                let mut c = self.cache.lock().unwrap();
+                let gone: Vec<String> = c
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .filter(|n| !seen.contains(n))
+                    .collect();
+                for n in gone {
+                    c.remove_node(&n);
                 }
-                Ok(watcher::Event::Delete(n)) => {
-                    self.cache
-                        .lock()
-                        .unwrap()
-                        .remove_node(n.metadata.name.as_deref().unwrap_or_default());
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "scheduler: node watch error");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
+                drop(c);
+                self.queue.move_all();
+            },
+            synced,
+        )
+        .await
     }
 
     fn apply_pod(&self, pod: Pod) {
@@ -205,48 +191,33 @@ impl Scheduler {
 
     async fn watch_pods(self: Arc<Self>, synced: tokio::sync::oneshot::Sender<()>) {
         let api: Api<Pod> = Api::all(self.client.clone());
-        let mut synced = Some(synced);
-        let mut seen: Option<HashSet<String>> = None;
-        let mut stream = watcher(api, watcher::Config::default()).boxed();
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
-                Ok(watcher::Event::InitApply(p)) => {
-                    if let Some(seen) = seen.as_mut() {
-                        seen.insert(p.metadata.uid.clone().unwrap_or_default());
-                    }
-                    self.apply_pod(p);
+        inform(
+            api,
+            |p: &Pod| p.metadata.uid.clone().unwrap_or_default(),
+            |p, _| self.apply_pod(p),
+            |p| {
+                self.queue.delete(&pod_key(&p));
+                self.last_failure.lock().unwrap().remove(&pod_key(&p));
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                let mut c = self.cache.lock().unwrap();
+                let was_counted = c.node_of(&uid).is_some();
+                c.remove_pod(&uid);
+                drop(c);
+                if was_counted {
+                    self.queue.move_all();
                 }
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(seen) = seen.take() {
-                        let mut c = self.cache.lock().unwrap();
-                        for uid in c.bound_uids() {
-                            if !seen.contains(&uid) {
-                                c.remove_pod(&uid);
-                            }
-                        }
-                    }
-                    if let Some(tx) = synced.take() {
-                        let _ = tx.send(());
+            },
+            |seen| {
+                let mut c = self.cache.lock().unwrap();
+                for uid in c.bound_uids() {
+                    if !seen.contains(&uid) {
+                        c.remove_pod(&uid);
                     }
                 }
-                Ok(watcher::Event::Apply(p)) => self.apply_pod(p),
-                Ok(watcher::Event::Delete(p)) => {
-                    self.queue.delete(&pod_key(&p));
-                    self.last_failure.lock().unwrap().remove(&pod_key(&p));
-                    let uid = p.metadata.uid.clone().unwrap_or_default();
-                    let was_counted = self.cache.lock().unwrap().node_of(&uid).is_some();
-                    self.cache.lock().unwrap().remove_pod(&uid);
-                    if was_counted {
-                        self.queue.move_all();
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "scheduler: pod watch error");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
+            },
+            synced,
+        )
+        .await
     }
 
     /// One scheduling cycle: PreFilter, Filter (up to the number of feasible nodes to find),
@@ -363,10 +334,20 @@ impl Scheduler {
                 }
                 match self.schedule_one(&profile, &info, &cache) {
                     Ok(node) => Ok(node),
-                    Err(f) if reserved.as_deref().is_some_and(|n| victims_leaving(&cache, n, info.priority)) => {
+                    Err(f)
+                        if reserved
+                            .as_deref()
+                            .is_some_and(|n| victims_leaving(&cache, n, info.priority)) =>
+                    {
                         // Victims are still on their way out: wait for them, keep the room.
                         let node = reserved.clone().unwrap_or_default();
-                        Err((f.message, Some(Ok(framework::Nomination { node, victims: vec![] }))))
+                        Err((
+                            f.message,
+                            Some(Ok(framework::Nomination {
+                                node,
+                                victims: vec![],
+                            })),
+                        ))
                     }
                     Err(f) => {
                         // PostFilter (preemption) sees the same cache.
@@ -522,6 +503,49 @@ impl Scheduler {
             .await
         {
             tracing::debug!(error = %e, pod = %info.key, "scheduler: status update failed");
+        }
+    }
+}
+
+/// Follow every object of a kind through a kube-runtime watcher: `apply(obj, initial)` for each
+/// object listed or changed, `delete` for deletions, `resync(keys seen)` after each (re)list so
+/// that what vanished meanwhile is dropped, and `synced` once the first list is in.
+async fn inform<K>(
+    api: Api<K>,
+    key: fn(&K) -> String,
+    mut apply: impl FnMut(K, bool),
+    mut delete: impl FnMut(K),
+    mut resync: impl FnMut(HashSet<String>),
+    synced: tokio::sync::oneshot::Sender<()>,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut synced = Some(synced);
+    let mut seen: Option<HashSet<String>> = None;
+    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(seen) = seen.as_mut() {
+                    seen.insert(key(&o));
+                }
+                apply(o, true);
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(seen) = seen.take() {
+                    resync(seen);
+                }
+                if let Some(tx) = synced.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(watcher::Event::Apply(o)) => apply(o, false),
+            Ok(watcher::Event::Delete(o)) => delete(o),
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler: watch error; the watcher retries");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
 }
