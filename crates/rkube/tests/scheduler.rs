@@ -419,3 +419,51 @@ fn a_restarted_scheduler_double_books_nothing_and_profiles_apply() {
         ""
     );
 }
+
+/// Scoring plugins, each isolated on otherwise equal nodes: the pod goes where the plugin says.
+#[test]
+fn scoring_plugins_pick_the_node_they_prefer() {
+    let c = Cluster::start();
+    let fresh_pair = |tag: &str, a_labels: &str, a_spec: &str| {
+        node(&c, &format!("{tag}-a"), "4", &format!(", pair: {tag}{a_labels}"), a_spec);
+        node(&c, &format!("{tag}-b"), "4", &format!(", pair: {tag}"), "");
+    };
+    let on_pair = |tag: &str| format!(", nodeSelector: {{pair: {tag}}}");
+
+    // NodeAffinity, preferred.
+    fresh_pair("pref", ", fast: \"yes\"", "");
+    pod(&c, "prefers-fast", "100m", "", &format!("{}, affinity: {{nodeAffinity: {{preferredDuringSchedulingIgnoredDuringExecution: [{{weight: 50, preference: {{matchExpressions: [{{key: fast, operator: In, values: [\"yes\"]}}]}}}}]}}}}", on_pair("pref")));
+    assert_eq!(wait_bound(&c, "prefers-fast"), "pref-a");
+
+    // TaintToleration: a PreferNoSchedule taint pushes pods away.
+    fresh_pair("taint", "", "taints: [{key: soft, value: x, effect: PreferNoSchedule}]");
+    pod(&c, "avoids-taint", "100m", "", &on_pair("taint"));
+    assert_eq!(wait_bound(&c, "avoids-taint"), "taint-b");
+
+    // NodeResourcesFit, LeastAllocated: the emptier node.
+    fresh_pair("least", "", "");
+    pod(&c, "filler", "2", "", ", nodeSelector: {kubernetes.io/hostname: least-a}");
+    assert_eq!(wait_bound(&c, "filler"), "least-a");
+    pod(&c, "spreads", "100m", "", &on_pair("least"));
+    assert_eq!(wait_bound(&c, "spreads"), "least-b");
+
+    // ImageLocality: the node that already has a large image.
+    c.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: img-a, labels: {kubernetes.io/hostname: img-a, pair: img}}\nstatus:\n  allocatable: {cpu: \"4\", memory: 8Gi, pods: \"110\"}\n  images: [{names: [\"registry.local/big:1\"], sizeBytes: 800000000}]\n");
+    node(&c, "img-b", "4", ", pair: img", "");
+    c.apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: wants-image}\nspec: {nodeSelector: {pair: img}, containers: [{name: c, image: \"registry.local/big:1\"}]}\n");
+    assert_eq!(wait_bound(&c, "wants-image"), "img-a");
+
+    // InterPodAffinity, preferred: next to the pods it likes.
+    fresh_pair("ipa", "", "");
+    pod(&c, "friend", "100m", "app: friend", ", nodeSelector: {kubernetes.io/hostname: ipa-b}");
+    assert_eq!(wait_bound(&c, "friend"), "ipa-b");
+    pod(&c, "likes-friend", "100m", "", &format!("{}, affinity: {{podAffinity: {{preferredDuringSchedulingIgnoredDuringExecution: [{{weight: 100, podAffinityTerm: {{topologyKey: kubernetes.io/hostname, labelSelector: {{matchLabels: {{app: friend}}}}}}}}]}}}}", on_pair("ipa")));
+    assert_eq!(wait_bound(&c, "likes-friend"), "ipa-b");
+
+    // PodTopologySpread, ScheduleAnyway: the less crowded domain.
+    fresh_pair("sa", "", "");
+    pod(&c, "crowd", "100m", "app: crowd", ", nodeSelector: {kubernetes.io/hostname: sa-a}");
+    assert_eq!(wait_bound(&c, "crowd"), "sa-a");
+    pod(&c, "spreader", "100m", "app: crowd", &format!("{}, topologySpreadConstraints: [{{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: ScheduleAnyway, labelSelector: {{matchLabels: {{app: crowd}}}}}}]", on_pair("sa")));
+    assert_eq!(wait_bound(&c, "spreader"), "sa-b");
+}
