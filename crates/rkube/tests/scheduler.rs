@@ -425,7 +425,13 @@ fn a_restarted_scheduler_double_books_nothing_and_profiles_apply() {
 fn scoring_plugins_pick_the_node_they_prefer() {
     let c = Cluster::start();
     let fresh_pair = |tag: &str, a_labels: &str, a_spec: &str| {
-        node(&c, &format!("{tag}-a"), "4", &format!(", pair: {tag}{a_labels}"), a_spec);
+        node(
+            &c,
+            &format!("{tag}-a"),
+            "4",
+            &format!(", pair: {tag}{a_labels}"),
+            a_spec,
+        );
         node(&c, &format!("{tag}-b"), "4", &format!(", pair: {tag}"), "");
     };
     let on_pair = |tag: &str| format!(", nodeSelector: {{pair: {tag}}}");
@@ -436,13 +442,23 @@ fn scoring_plugins_pick_the_node_they_prefer() {
     assert_eq!(wait_bound(&c, "prefers-fast"), "pref-a");
 
     // TaintToleration: a PreferNoSchedule taint pushes pods away.
-    fresh_pair("taint", "", "taints: [{key: soft, value: x, effect: PreferNoSchedule}]");
+    fresh_pair(
+        "taint",
+        "",
+        "taints: [{key: soft, value: x, effect: PreferNoSchedule}]",
+    );
     pod(&c, "avoids-taint", "100m", "", &on_pair("taint"));
     assert_eq!(wait_bound(&c, "avoids-taint"), "taint-b");
 
     // NodeResourcesFit, LeastAllocated: the emptier node.
     fresh_pair("least", "", "");
-    pod(&c, "filler", "2", "", ", nodeSelector: {kubernetes.io/hostname: least-a}");
+    pod(
+        &c,
+        "filler",
+        "2",
+        "",
+        ", nodeSelector: {kubernetes.io/hostname: least-a}",
+    );
     assert_eq!(wait_bound(&c, "filler"), "least-a");
     pod(&c, "spreads", "100m", "", &on_pair("least"));
     assert_eq!(wait_bound(&c, "spreads"), "least-b");
@@ -455,15 +471,62 @@ fn scoring_plugins_pick_the_node_they_prefer() {
 
     // InterPodAffinity, preferred: next to the pods it likes.
     fresh_pair("ipa", "", "");
-    pod(&c, "friend", "100m", "app: friend", ", nodeSelector: {kubernetes.io/hostname: ipa-b}");
+    pod(
+        &c,
+        "friend",
+        "100m",
+        "app: friend",
+        ", nodeSelector: {kubernetes.io/hostname: ipa-b}",
+    );
     assert_eq!(wait_bound(&c, "friend"), "ipa-b");
     pod(&c, "likes-friend", "100m", "", &format!("{}, affinity: {{podAffinity: {{preferredDuringSchedulingIgnoredDuringExecution: [{{weight: 100, podAffinityTerm: {{topologyKey: kubernetes.io/hostname, labelSelector: {{matchLabels: {{app: friend}}}}}}}}]}}}}", on_pair("ipa")));
     assert_eq!(wait_bound(&c, "likes-friend"), "ipa-b");
 
     // PodTopologySpread, ScheduleAnyway: the less crowded domain.
     fresh_pair("sa", "", "");
-    pod(&c, "crowd", "100m", "app: crowd", ", nodeSelector: {kubernetes.io/hostname: sa-a}");
+    pod(
+        &c,
+        "crowd",
+        "100m",
+        "app: crowd",
+        ", nodeSelector: {kubernetes.io/hostname: sa-a}",
+    );
     assert_eq!(wait_bound(&c, "crowd"), "sa-a");
     pod(&c, "spreader", "100m", "app: crowd", &format!("{}, topologySpreadConstraints: [{{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: ScheduleAnyway, labelSelector: {{matchLabels: {{app: crowd}}}}}}]", on_pair("sa")));
     assert_eq!(wait_bound(&c, "spreader"), "sa-b");
+}
+
+/// Upstream's default spreading: pods selected by the same Service spread over nodes even with
+/// no constraints of their own (here against what resource scoring alone would choose).
+#[test]
+fn pods_of_one_service_spread_by_default() {
+    let c = Cluster::start();
+    node(&c, "sp-a", "4", ", pair: sp", "");
+    node(&c, "sp-b", "4", ", pair: sp", "");
+    c.apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: spread-me}, ports: [{port: 80}]}\n");
+    pod(
+        &c,
+        "first",
+        "10m",
+        "app: spread-me",
+        ", nodeSelector: {kubernetes.io/hostname: sp-a}",
+    );
+    pod(
+        &c,
+        "busy",
+        "1",
+        "app: other",
+        ", nodeSelector: {kubernetes.io/hostname: sp-b}",
+    );
+    assert_eq!(wait_bound(&c, "first"), "sp-a");
+    assert_eq!(wait_bound(&c, "busy"), "sp-b");
+    // Resource scoring alone prefers sp-a (sp-b holds a 1-cpu pod); spreading the service wins.
+    pod(
+        &c,
+        "second",
+        "10m",
+        "app: spread-me",
+        ", nodeSelector: {pair: sp}",
+    );
+    assert_eq!(wait_bound(&c, "second"), "sp-b");
 }

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, PodAffinityTerm, WeightedPodAffinityTerm};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::resources::{node_allocatable, pod_non_zero_requests, pod_requests, Resource};
 
@@ -243,6 +244,9 @@ pub struct Cache {
     orphans: HashMap<String, Vec<Arc<PodInfo>>>,
     /// How many counted pods have pod (anti-)affinity (when none, InterPodAffinity skips).
     with_affinity: usize,
+    /// Selectors of Services, ReplicationControllers, ReplicaSets and StatefulSets, by
+    /// "kind/namespace/name": what upstream's default topology spreading spreads by.
+    pub workload_selectors: HashMap<String, (String, LabelSelector)>,
 }
 
 /// Whether a pod still occupies its node (terminal pods do not).

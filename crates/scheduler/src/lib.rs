@@ -88,6 +88,7 @@ pub async fn run(
         tokio::spawn(s.clone().watch_nodes(nodes_synced_tx)),
         tokio::spawn(s.clone().watch_pods(pods_synced_tx)),
         tokio::spawn(record_events(client.clone(), erx)),
+        tokio::spawn(s.clone().watch_workloads()),
         tokio::spawn({
             let q = s.queue.clone();
             async move {
@@ -187,6 +188,103 @@ impl Scheduler {
         } else {
             self.queue.delete(&key);
         }
+    }
+
+    /// The selectors default topology spreading uses: Services, ReplicationControllers,
+    /// ReplicaSets and StatefulSets.
+    async fn watch_workloads(self: Arc<Self>) {
+        use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
+        use k8s_openapi::api::core::v1::{ReplicationController, Service};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        fn from_map(m: Option<std::collections::BTreeMap<String, String>>) -> LabelSelector {
+            LabelSelector {
+                match_labels: m,
+                ..Default::default()
+            }
+        }
+        let services = self.clone().follow_selectors::<Service>("Service", |o| {
+            from_map(o.spec.as_ref().and_then(|s| s.selector.clone()))
+        });
+        let rcs = self
+            .clone()
+            .follow_selectors::<ReplicationController>("ReplicationController", |o| {
+                from_map(o.spec.as_ref().and_then(|s| s.selector.clone()))
+            });
+        let rss = self
+            .clone()
+            .follow_selectors::<ReplicaSet>("ReplicaSet", |o| {
+                o.spec
+                    .as_ref()
+                    .map(|s| s.selector.clone())
+                    .unwrap_or_default()
+            });
+        let sts = self
+            .clone()
+            .follow_selectors::<StatefulSet>("StatefulSet", |o| {
+                o.spec
+                    .as_ref()
+                    .map(|s| s.selector.clone())
+                    .unwrap_or_default()
+            });
+        tokio::join!(services, rcs, rss, sts);
+    }
+
+    async fn follow_selectors<K>(
+        self: Arc<Self>,
+        kind: &'static str,
+        selector: fn(&K) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    ) where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+    {
+        let id = move |o: &K| {
+            format!(
+                "{kind}/{}/{}",
+                o.meta().namespace.as_deref().unwrap_or_default(),
+                o.meta().name.as_deref().unwrap_or_default()
+            )
+        };
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        inform(
+            Api::<K>::all(self.client.clone()),
+            |o: &K| {
+                format!(
+                    "{}/{}",
+                    o.meta().namespace.as_deref().unwrap_or_default(),
+                    o.meta().name.as_deref().unwrap_or_default()
+                )
+            },
+            |o, _| {
+                let ns = o.meta().namespace.clone().unwrap_or_default();
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .workload_selectors
+                    .insert(id(&o), (ns, selector(&o)));
+            },
+            |o| {
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .workload_selectors
+                    .remove(&id(&o));
+            },
+            |seen| {
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .workload_selectors
+                    .retain(|k, _| {
+                        !k.starts_with(&format!("{kind}/")) || seen.contains(&k[kind.len() + 1..])
+                    });
+            },
+            tx,
+        )
+        .await
     }
 
     async fn watch_pods(self: Arc<Self>, synced: tokio::sync::oneshot::Sender<()>) {

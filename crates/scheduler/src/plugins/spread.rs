@@ -1,12 +1,15 @@
 //! PodTopologySpread: `topologySpreadConstraints` with DoNotSchedule (a filter on skew) and
 //! ScheduleAnyway (a score preferring less crowded domains). Nodes count towards domains when
 //! they match the pod's node affinity and selector (nodeAffinityPolicy Honor, the default);
-//! taints are ignored (nodeTaintsPolicy Ignore, the default). Upstream's cluster-level default
-//! constraints are not applied yet.
+//! taints are ignored (nodeTaintsPolicy Ignore, the default). A pod with no constraints of its
+//! own gets upstream's system defaults for scoring (ScheduleAnyway, maxSkew 3 per hostname and 5
+//! per zone), selecting the pods of the Services, ReplicationControllers, ReplicaSets and
+//! StatefulSets that select it.
 
 use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::TopologySpreadConstraint;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::selectors::selector_matches;
 use super::NodeAffinity;
@@ -24,6 +27,58 @@ fn constraints(pod: &PodInfo, when: &str) -> Vec<TopologySpreadConstraint> {
         .into_iter()
         .filter(|c| c.when_unsatisfiable == when)
         .collect()
+}
+
+/// Upstream's system default constraints, for a pod that has none, with a selector made of every
+/// workload selector that selects the pod (all must match); none when nothing selects it.
+fn default_constraints(pod: &PodInfo, cache: &Cache) -> Vec<TopologySpreadConstraint> {
+    let has_own = pod
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.topology_spread_constraints.as_ref())
+        .is_some_and(|c| !c.is_empty());
+    if has_own {
+        return vec![];
+    }
+    let mut selector = LabelSelector::default();
+    let mut any = false;
+    for (ns, sel) in cache.workload_selectors.values() {
+        let empty = sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
+            && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty());
+        if ns != pod.namespace() || empty || !selector_matches(sel, pod.labels()) {
+            continue;
+        }
+        any = true;
+        for (k, v) in sel.match_labels.iter().flatten() {
+            selector
+                .match_labels
+                .get_or_insert_with(Default::default)
+                .insert(k.clone(), v.clone());
+        }
+        for e in sel.match_expressions.iter().flatten() {
+            selector
+                .match_expressions
+                .get_or_insert_with(Default::default)
+                .push(e.clone());
+        }
+    }
+    if !any {
+        return vec![];
+    }
+    [
+        ("kubernetes.io/hostname", 3),
+        ("topology.kubernetes.io/zone", 5),
+    ]
+    .into_iter()
+    .map(|(key, skew)| TopologySpreadConstraint {
+        max_skew: skew,
+        topology_key: key.to_string(),
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(selector.clone()),
+        ..Default::default()
+    })
+    .collect()
 }
 
 /// Per constraint: matching pods per domain value (every eligible domain present).
@@ -122,7 +177,10 @@ impl Plugin for PodTopologySpread {
         _nodes: &[&NodeInfo],
         cache: &Cache,
     ) -> Status {
-        let cs = constraints(pod, "ScheduleAnyway");
+        let mut cs = constraints(pod, "ScheduleAnyway");
+        if cs.is_empty() {
+            cs = default_constraints(pod, cache);
+        }
         if cs.is_empty() {
             return Status::skip();
         }
