@@ -230,6 +230,32 @@ fn pod_affinity_anti_affinity_and_topology_spread() {
         msg.contains("node(s) didn't match pod affinity rules"),
         "{msg}"
     );
+    // namespaceSelector: affinity to pods in namespaces labelled team=a.
+    c.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: {team: a}}\n");
+    c.apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: shared, namespace: team-a, labels: {app: shared}}\nspec: {nodeSelector: {kubernetes.io/hostname: c1}, containers: [{name: c, image: busybox}]}\n");
+    c.eventually("shared bound", || {
+        (c.kubectl(&[
+            "get",
+            "pod",
+            "shared",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ]) == "c1")
+            .then_some(())
+    });
+    let by_ns = |team: &str| {
+        format!(", affinity: {{podAffinity: {{requiredDuringSchedulingIgnoredDuringExecution: [{{topologyKey: kubernetes.io/hostname, namespaceSelector: {{matchLabels: {{team: {team}}}}}, labelSelector: {{matchLabels: {{app: shared}}}}}}]}}}}")
+    };
+    pod(&c, "near-team-a", "100m", "", &by_ns("a"));
+    assert_eq!(wait_bound(&c, "near-team-a"), "c1");
+    pod(&c, "near-team-b", "100m", "", &by_ns("b"));
+    let msg = wait_unschedulable(&c, "near-team-b");
+    assert!(
+        msg.contains("node(s) didn't match pod affinity rules"),
+        "{msg}"
+    );
     // Topology spread, DoNotSchedule, maxSkew 1 over zones: 6 pods → 2 per zone.
     let spread = ", topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]";
     let mut per_zone: HashMap<String, usize> = HashMap::new();

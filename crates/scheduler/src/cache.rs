@@ -247,6 +247,8 @@ pub struct Cache {
     /// Selectors of Services, ReplicationControllers, ReplicaSets and StatefulSets, by
     /// "kind/namespace/name": what upstream's default topology spreading spreads by.
     pub workload_selectors: HashMap<String, (String, LabelSelector)>,
+    /// Namespace labels, for pod affinity terms' namespaceSelector.
+    pub namespace_labels: HashMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 /// Whether a pod still occupies its node (terminal pods do not).

@@ -190,8 +190,8 @@ impl Scheduler {
         }
     }
 
-    /// The selectors default topology spreading uses: Services, ReplicationControllers,
-    /// ReplicaSets and StatefulSets.
+    /// The selectors default topology spreading uses (Services, ReplicationControllers,
+    /// ReplicaSets, StatefulSets) and namespace labels (for affinity namespaceSelectors).
     async fn watch_workloads(self: Arc<Self>) {
         use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
         use k8s_openapi::api::core::v1::{ReplicationController, Service};
@@ -226,7 +226,36 @@ impl Scheduler {
                     .map(|s| s.selector.clone())
                     .unwrap_or_default()
             });
-        tokio::join!(services, rcs, rss, sts);
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let namespaces = inform(
+            Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone()),
+            |n| n.metadata.name.clone().unwrap_or_default(),
+            |n, _| {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                let labels = n.metadata.labels.clone().unwrap_or_default();
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .namespace_labels
+                    .insert(name, labels);
+            },
+            |n| {
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .namespace_labels
+                    .remove(n.metadata.name.as_deref().unwrap_or_default());
+            },
+            |seen| {
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .namespace_labels
+                    .retain(|k, _| seen.contains(k))
+            },
+            tx,
+        );
+        tokio::join!(services, rcs, rss, sts, namespaces);
     }
 
     async fn follow_selectors<K>(

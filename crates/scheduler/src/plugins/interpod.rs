@@ -1,9 +1,8 @@
 //! InterPodAffinity: required and preferred pod affinity and anti-affinity over topology
 //! domains, including existing pods' anti-affinity towards the incoming pod.
 //!
-//! Namespaces: a term applies to its `namespaces`, or to the pod's own namespace when none are
-//! given; a `namespaceSelector` of `{}` means every namespace. A non-empty namespaceSelector is
-//! evaluated as "every namespace" too (the scheduler does not watch namespaces yet).
+//! Namespaces, as upstream: a term applies to the union of its `namespaces` and the namespaces its
+//! `namespaceSelector` selects (`{}` selects all); with neither, to the pod's own namespace.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,11 +14,26 @@ use crate::framework::{CycleState, Plugin, Status, MAX_NODE_SCORE};
 
 const KEY: &str = "InterPodAffinity";
 
-fn term_selects(term: &PodAffinityTerm, owner_ns: &str, candidate: &PodInfo) -> bool {
-    let ns_ok = match (&term.namespaces, &term.namespace_selector) {
-        (Some(list), _) if !list.is_empty() => list.iter().any(|n| n == candidate.namespace()),
-        (_, Some(_)) => true,
-        _ => candidate.namespace() == owner_ns,
+fn term_selects(
+    term: &PodAffinityTerm,
+    owner_ns: &str,
+    candidate: &PodInfo,
+    cache: &Cache,
+) -> bool {
+    let listed = term.namespaces.as_deref().unwrap_or_default();
+    let ns = candidate.namespace();
+    let ns_ok = match &term.namespace_selector {
+        None if listed.is_empty() => ns == owner_ns,
+        None => listed.iter().any(|n| n == ns),
+        Some(sel) => {
+            listed.iter().any(|n| n == ns)
+                || cache
+                    .namespace_labels
+                    .get(ns)
+                    .is_some_and(|labels| selector_matches(sel, labels))
+                || (sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
+                    && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty()))
+        }
     };
     ns_ok
         && term
@@ -65,14 +79,14 @@ impl Plugin for InterPodAffinity {
             for existing in &node.pods {
                 for (i, t) in aff.iter().enumerate() {
                     if let Some(v) = labels.get(&t.topology_key) {
-                        if term_selects(t, &ns, existing) {
+                        if term_selects(t, &ns, existing, cache) {
                             pre.affinity[i].1.insert(v.clone());
                         }
                     }
                 }
                 for t in anti {
                     if let Some(v) = labels.get(&t.topology_key) {
-                        if term_selects(t, &ns, existing) {
+                        if term_selects(t, &ns, existing, cache) {
                             pre.anti
                                 .entry(t.topology_key.clone())
                                 .or_default()
@@ -85,7 +99,7 @@ impl Plugin for InterPodAffinity {
                 }
                 for t in &existing.terms.required_anti {
                     if let Some(v) = labels.get(&t.topology_key) {
-                        if term_selects(t, existing.namespace(), pod) {
+                        if term_selects(t, existing.namespace(), pod, cache) {
                             pre.existing_anti
                                 .entry(t.topology_key.clone())
                                 .or_default()
@@ -97,7 +111,7 @@ impl Plugin for InterPodAffinity {
         }
         pre.affinity_self_ok = !aff.is_empty()
             && pre.affinity.iter().all(|(_, v)| v.is_empty())
-            && aff.iter().all(|t| term_selects(t, &ns, pod));
+            && aff.iter().all(|t| term_selects(t, &ns, pod, cache));
         state.write(KEY, pre);
         Status::success()
     }
@@ -157,7 +171,7 @@ impl Plugin for InterPodAffinity {
                     for w in terms.iter() {
                         let t = &w.pod_affinity_term;
                         if let Some(v) = labels.get(&t.topology_key) {
-                            if term_selects(t, &ns, existing) {
+                            if term_selects(t, &ns, existing, cache) {
                                 *weights
                                     .entry((t.topology_key.clone(), v.clone()))
                                     .or_default() += sign * w.weight as i64;
@@ -177,7 +191,7 @@ impl Plugin for InterPodAffinity {
                     for w in terms {
                         let t = &w.pod_affinity_term;
                         if let Some(v) = labels.get(&t.topology_key) {
-                            if term_selects(t, existing.namespace(), pod) {
+                            if term_selects(t, existing.namespace(), pod, cache) {
                                 *weights
                                     .entry((t.topology_key.clone(), v.clone()))
                                     .or_default() += sign * w.weight as i64;
