@@ -58,7 +58,8 @@ enum Cmd {
         /// The rkube binary (default: next to this one).
         #[arg(long)]
         rkube: Option<PathBuf>,
-        /// Which workloads: basic, affinity, antiaffinity, spread, preemption (comma list), or all.
+        /// Which workloads: basic, affinity, antiaffinity, podaffinity, spread, preemption (comma
+        /// list), or all.
         #[arg(long, default_value = "all")]
         workloads: String,
         #[arg(long, default_value_t = 5000)]
@@ -574,6 +575,17 @@ fn workloads(nodes: usize) -> Vec<Workload> {
             node_labels: zone_labels,
             init_spec: |_| serde_json::json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"color": "green"}}}]}}}),
             measured_spec: |_| serde_json::json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"color": "green"}}}]}}}),
+            node_cpu: "4",
+            pod_cpu: "100m",
+        },
+        Workload {
+            name: "podaffinity",
+            nodes,
+            init_pods: 1000,
+            measured_pods: 5000,
+            node_labels: zone_labels,
+            init_spec: no_spec,
+            measured_spec: |_| serde_json::json!({"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "topology.kubernetes.io/zone", "labelSelector": {"matchLabels": {"color": "green"}}}]}}}),
             node_cpu: "4",
             pod_cpu: "100m",
         },
