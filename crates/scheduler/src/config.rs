@@ -52,6 +52,12 @@ pub struct Plugins {
     pub pre_score: PluginSet,
     #[serde(default)]
     pub score: PluginSet,
+    #[serde(default)]
+    pub reserve: PluginSet,
+    #[serde(default)]
+    pub permit: PluginSet,
+    #[serde(default)]
+    pub pre_bind: PluginSet,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,6 +209,9 @@ fn build(pc: &ProfileConfig, name: &str, global_pct: u32) -> Result<Profile> {
         .map(|(n, w)| (n.to_string(), *w))
         .collect();
     let score = apply(defaults, &[mp, &plugins.score], &known)?;
+    let reserve = apply(vec![], &[&plugins.reserve], &known)?;
+    let permit = apply(vec![], &[&plugins.permit], &known)?;
+    let pre_bind = apply(vec![], &[&plugins.pre_bind], &known)?;
     Ok(Profile {
         scheduler_name: name.to_string(),
         pre_filter: pick(pre_filter).into_iter().collect(),
@@ -216,6 +225,9 @@ fn build(pc: &ProfileConfig, name: &str, global_pct: u32) -> Result<Profile> {
             .filter(|(n, _)| known[n.as_str()].has_score())
             .map(|(n, w)| (known[n.as_str()].clone(), w))
             .collect(),
+        reserve: pick(reserve),
+        permit: pick(permit),
+        pre_bind: pick(pre_bind),
         percentage_of_nodes_to_score: pc.percentage_of_nodes_to_score.unwrap_or(global_pct),
     })
 }

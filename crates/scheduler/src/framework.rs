@@ -125,6 +125,20 @@ pub trait Plugin: Send + Sync {
     }
     /// Map raw scores to 0..=MAX_NODE_SCORE (default: they already are).
     fn normalize(&self, _state: &CycleState, _scores: &mut [i64]) {}
+    /// The node is chosen: claim what the plugin manages (before the pod is assumed).
+    fn reserve(&self, _state: &mut CycleState, _pod: &PodInfo, _node: &str) -> Status {
+        Status::success()
+    }
+    /// Undo `reserve` (a later Reserve, Permit, PreBind or the binding failed).
+    fn unreserve(&self, _state: &CycleState, _pod: &PodInfo, _node: &str) {}
+    /// Last word before binding: success allows, anything else rejects the placement.
+    fn permit(&self, _state: &CycleState, _pod: &PodInfo, _node: &str) -> Status {
+        Status::success()
+    }
+    /// Runs in the binding task, before the binding is written.
+    fn pre_bind(&self, _state: &CycleState, _pod: &PodInfo, _node: &str) -> Status {
+        Status::success()
+    }
     /// When no node fits: try to make room (preemption).
     fn post_filter(
         &self,
@@ -145,6 +159,9 @@ pub struct Profile {
     pub filter: Vec<Arc<dyn Plugin>>,
     pub post_filter: Vec<Arc<dyn Plugin>>,
     pub score: Vec<(Arc<dyn Plugin>, i64)>,
+    pub reserve: Vec<Arc<dyn Plugin>>,
+    pub permit: Vec<Arc<dyn Plugin>>,
+    pub pre_bind: Vec<Arc<dyn Plugin>>,
     /// 0 = adaptive (upstream's formula).
     pub percentage_of_nodes_to_score: u32,
 }
@@ -160,6 +177,59 @@ impl Profile {
             }
         }
         Status::success()
+    }
+
+    /// Reserve on every plugin, then Permit; on any failure, unreserve (in reverse) what was
+    /// reserved and return the failing status (its plugin named).
+    pub fn reserve_and_permit(
+        &self,
+        state: &mut CycleState,
+        pod: &PodInfo,
+        node: &str,
+    ) -> Result<(), Status> {
+        for (i, p) in self.reserve.iter().enumerate() {
+            let mut s = p.reserve(state, pod, node);
+            if !s.is_success() {
+                s.plugin = p.name();
+                for q in self.reserve[..=i].iter().rev() {
+                    q.unreserve(state, pod, node);
+                }
+                return Err(s);
+            }
+        }
+        for p in &self.permit {
+            let mut s = p.permit(state, pod, node);
+            if !s.is_success() {
+                s.plugin = p.name();
+                self.unreserve(state, pod, node);
+                return Err(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo every Reserve (in reverse order).
+    pub fn unreserve(&self, state: &CycleState, pod: &PodInfo, node: &str) {
+        for p in self.reserve.iter().rev() {
+            p.unreserve(state, pod, node);
+        }
+    }
+
+    /// Every PreBind plugin; the first failure decides.
+    pub fn run_pre_bind(
+        &self,
+        state: &CycleState,
+        pod: &PodInfo,
+        node: &str,
+    ) -> Result<(), Status> {
+        for p in &self.pre_bind {
+            let mut s = p.pre_bind(state, pod, node);
+            if !s.is_success() {
+                s.plugin = p.name();
+                return Err(s);
+            }
+        }
+        Ok(())
     }
 
     /// How many feasible nodes to find before scoring (upstream's adaptive percentage).
@@ -242,10 +312,126 @@ mod tests {
             filter: vec![],
             post_filter: vec![],
             score: vec![],
+            reserve: vec![],
+            permit: vec![],
+            pre_bind: vec![],
             percentage_of_nodes_to_score: 0,
         };
         assert_eq!(p.nodes_to_find(50), 50);
         assert_eq!(p.nodes_to_find(5000), 500);
         assert_eq!(p.nodes_to_find(1000), 420);
+    }
+}
+
+#[cfg(test)]
+mod reserve_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Recorder {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+        reserve_ok: bool,
+        permit_ok: bool,
+    }
+
+    impl Plugin for Recorder {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn reserve(&self, _: &mut CycleState, _: &PodInfo, node: &str) -> Status {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("reserve {} {node}", self.name));
+            if self.reserve_ok {
+                Status::success()
+            } else {
+                Status::unschedulable("no room in my books")
+            }
+        }
+        fn unreserve(&self, _: &CycleState, _: &PodInfo, node: &str) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("unreserve {} {node}", self.name));
+        }
+        fn permit(&self, _: &CycleState, _: &PodInfo, _: &str) -> Status {
+            if self.permit_ok {
+                Status::success()
+            } else {
+                Status::unschedulable("not now")
+            }
+        }
+    }
+
+    fn profile(plugins: Vec<Arc<dyn Plugin>>) -> Profile {
+        Profile {
+            scheduler_name: "t".into(),
+            pre_filter: vec![],
+            filter: vec![],
+            post_filter: vec![],
+            score: vec![],
+            reserve: plugins.clone(),
+            permit: plugins,
+            pre_bind: vec![],
+            percentage_of_nodes_to_score: 0,
+        }
+    }
+
+    fn pod() -> PodInfo {
+        let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "d", "uid": "p"}, "spec": {"containers": [{"name": "c"}]}}))
+        .unwrap();
+        PodInfo::new(Arc::new(p))
+    }
+
+    #[test]
+    fn a_failed_reserve_or_permit_unreserves_in_reverse() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let rec = |name, reserve_ok, permit_ok| -> Arc<dyn Plugin> {
+            Arc::new(Recorder {
+                name,
+                log: log.clone(),
+                reserve_ok,
+                permit_ok,
+            })
+        };
+        let p = profile(vec![rec("a", true, true), rec("b", false, true)]);
+        let err = p
+            .reserve_and_permit(&mut CycleState::default(), &pod(), "n1")
+            .unwrap_err();
+        assert_eq!(
+            (err.plugin, err.reasons[0].as_str()),
+            ("b", "no room in my books")
+        );
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "reserve a n1",
+                "reserve b n1",
+                "unreserve b n1",
+                "unreserve a n1"
+            ]
+        );
+        log.lock().unwrap().clear();
+        let p = profile(vec![rec("a", true, true), rec("c", true, false)]);
+        let err = p
+            .reserve_and_permit(&mut CycleState::default(), &pod(), "n2")
+            .unwrap_err();
+        assert_eq!(err.plugin, "c");
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "reserve a n2",
+                "reserve c n2",
+                "unreserve c n2",
+                "unreserve a n2"
+            ]
+        );
+        let p = profile(vec![rec("a", true, true)]);
+        assert!(p
+            .reserve_and_permit(&mut CycleState::default(), &pod(), "n3")
+            .is_ok());
     }
 }

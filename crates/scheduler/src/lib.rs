@@ -354,7 +354,7 @@ impl Scheduler {
         profile: &Profile,
         pod: &PodInfo,
         cache: &Cache,
-    ) -> Result<String, Box<Failure>> {
+    ) -> Result<(String, CycleState), Box<Failure>> {
         let mut state = CycleState::default();
         let total = cache.nodes.len();
         if total == 0 {
@@ -416,7 +416,7 @@ impl Scheduler {
             }));
         }
         if feasible.len() == 1 {
-            return Ok(feasible[0].name.clone());
+            return Ok((feasible[0].name.clone(), state));
         }
         let mut totals = vec![0i64; feasible.len()];
         for (plugin, weight) in &profile.score {
@@ -436,7 +436,7 @@ impl Scheduler {
         let ties: Vec<usize> = (0..feasible.len()).filter(|i| totals[*i] == best).collect();
         let pick = ties[self.next_start.load(Ordering::Relaxed) % ties.len()];
         tracing::debug!(pod = %pod.key, ?totals, nodes = ?feasible.iter().map(|n| &n.name).collect::<Vec<_>>(), "scores");
-        Ok(feasible[pick].name.clone())
+        Ok((feasible[pick].name.clone(), state))
     }
 
     async fn schedule_loop(self: Arc<Self>) {
@@ -460,7 +460,7 @@ impl Scheduler {
                     cache.forget(&info.uid);
                 }
                 match self.schedule_one(&profile, &info, &cache) {
-                    Ok(node) => Ok(node),
+                    Ok(chosen) => Ok(chosen),
                     Err(f)
                         if reserved
                             .as_deref()
@@ -490,10 +490,32 @@ impl Scheduler {
                 }
             };
             match result {
-                Ok(node) => {
+                Ok((node, mut state)) => {
+                    // Reserve and Permit, then assume and bind asynchronously.
+                    if let Err(s) = profile.reserve_and_permit(&mut state, &info, &node) {
+                        let point = if profile.reserve.iter().any(|p| p.name() == s.plugin) {
+                            "Reserve"
+                        } else {
+                            "Permit"
+                        };
+                        let message = format!(
+                            "running {point} plugin {:?}: {}",
+                            s.plugin,
+                            s.reasons.join(", ")
+                        );
+                        self.queue.done(&info.key, Outcome::Unschedulable);
+                        tokio::spawn(self.clone().report_unschedulable(info, message, None));
+                        continue;
+                    }
                     self.cache.lock().unwrap().assume(info.clone(), &node);
                     let permit = self.binds.clone().acquire_owned().await;
-                    tokio::spawn(self.clone().bind(info, node, permit.ok()));
+                    tokio::spawn(self.clone().bind(
+                        info,
+                        node,
+                        state,
+                        profile.clone(),
+                        permit.ok(),
+                    ));
                 }
                 Err((message, nomination)) => {
                     let (message, nominated) = match nomination {
@@ -551,8 +573,17 @@ impl Scheduler {
         self: Arc<Self>,
         info: Arc<PodInfo>,
         node: String,
+        state: CycleState,
+        profile: Arc<Profile>,
         _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
+        if let Err(s) = profile.run_pre_bind(&state, &info, &node) {
+            tracing::warn!(pod = %info.key, plugin = s.plugin, reasons = ?s.reasons, "scheduler: PreBind failed");
+            profile.unreserve(&state, &info, &node);
+            self.cache.lock().unwrap().forget(&info.uid);
+            self.queue.done(&info.key, Outcome::Error);
+            return;
+        }
         let ns = info.namespace().to_string();
         let name = info.pod.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
@@ -581,6 +612,7 @@ impl Scheduler {
                 });
             }
             Err(e) => {
+                profile.unreserve(&state, &info, &node);
                 self.cache.lock().unwrap().forget(&info.uid);
                 let gone = matches!(api_code(&e), Some(404) | Some(409));
                 tracing::debug!(error = %e, pod = %info.key, "scheduler: binding failed");
