@@ -1603,10 +1603,29 @@ impl Ctx {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let class: Option<Value> = match wanted.as_str() {
-            "system-node-critical" => Some(json!({"value": 2000001000})),
-            "system-cluster-critical" => Some(json!({"value": 2000000000})),
-            "" => {
+        let generation = self.state.cache.admission_generation();
+        let cached: Option<Option<Value>> = {
+            let mut c = self
+                .state
+                .priority_classes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if c.generation != generation {
+                *c = crate::PriorityCache {
+                    generation,
+                    ..Default::default()
+                };
+            }
+            match wanted.as_str() {
+                "" => c.default.clone(),
+                name => c.by_name.get(name).cloned().map(Some),
+            }
+        };
+        let class: Option<Value> = match (wanted.as_str(), cached) {
+            ("system-node-critical", _) => Some(json!({"value": 2000001000})),
+            ("system-cluster-critical", _) => Some(json!({"value": 2000000000})),
+            (_, Some(hit)) => hit,
+            ("", None) => {
                 // The global default, if one is marked so.
                 let list = self
                     .state
@@ -1617,12 +1636,22 @@ impl Ctx {
                     })
                     .await
                     .map_err(|e| store_error(classes, "", e))?;
-                list.kvs
+                let found = list
+                    .kvs
                     .iter()
                     .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
-                    .find(|c| c["globalDefault"] == json!(true))
+                    .find(|c| c["globalDefault"] == json!(true));
+                let mut c = self
+                    .state
+                    .priority_classes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if c.generation == generation {
+                    c.default = Some(found.clone());
+                }
+                found
             }
-            name => {
+            (name, None) => {
                 let kv = self
                     .state
                     .store
@@ -1630,7 +1659,17 @@ impl Ctx {
                     .await
                     .map_err(|e| store_error(classes, name, e))?;
                 match kv.and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok()) {
-                    Some(c) => Some(c),
+                    Some(found) => {
+                        let mut c = self
+                            .state
+                            .priority_classes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        if c.generation == generation {
+                            c.by_name.insert(name.to_string(), found.clone());
+                        }
+                        Some(found)
+                    }
                     None => {
                         return Err(ApiError::forbidden(format!(
                             "pods \"{}\" is forbidden: no PriorityClass with name {name} was found",

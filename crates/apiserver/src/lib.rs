@@ -18,6 +18,7 @@ mod tokens;
 mod watch;
 mod watchcache;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,9 +38,21 @@ pub use tokens::TokenSigner;
 pub struct State {
     pub store: Arc<dyn Store>,
     pub cache: Arc<watchcache::WatchCache>,
+    /// PriorityClasses as Priority admission last read them, at a watch cache generation.
+    pub priority_classes: std::sync::Mutex<PriorityCache>,
     /// Signs and verifies service account tokens.
     pub signer: TokenSigner,
     pub shutdown: tokio_watch::Receiver<bool>,
+}
+
+/// Priority admission's copy of the PriorityClasses it looked up (found ones only, so that a
+/// class created a moment ago is never refused from a stale "not found").
+#[derive(Default)]
+pub struct PriorityCache {
+    pub generation: u64,
+    /// The global default class (None inside: there is none).
+    pub default: Option<Option<serde_json::Value>>,
+    pub by_name: HashMap<String, serde_json::Value>,
 }
 
 /// A running API server.
@@ -63,6 +76,7 @@ impl ApiServer {
         let state = Arc::new(State {
             store,
             cache,
+            priority_classes: Default::default(),
             signer,
             shutdown: shutdown_rx.clone(),
         });

@@ -57,7 +57,13 @@ struct Ring {
 pub struct WatchCache {
     ring: RwLock<Ring>,
     revision: watch::Sender<i64>,
+    /// Bumped by every change to an object admission keeps a copy of (PriorityClasses), from
+    /// any writer: a cached copy taken at an older generation is stale.
+    admission_generation: std::sync::atomic::AtomicU64,
 }
+
+/// Key prefixes whose objects admission caches.
+const ADMISSION_PREFIXES: &[&str] = &["/registry/priorityclasses/"];
 
 /// The longest pause between attempts to resume the store watch.
 const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -86,6 +92,7 @@ impl WatchCache {
                 tx,
             }),
             revision,
+            admission_generation: Default::default(),
         });
         let mut stream = store.watch("/registry/", start).await?;
         let c = cache.clone();
@@ -141,6 +148,9 @@ impl WatchCache {
 
     /// Forget the ring and close every live receiver: the cache continues from `revision`.
     fn reset(&self, revision: i64) {
+        // Whatever happened while disconnected is unknown: every cached copy is stale.
+        self.admission_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut ring) = self.ring.write() {
             ring.events.clear();
             ring.complete_after = revision;
@@ -151,6 +161,10 @@ impl WatchCache {
 
     fn push(&self, ev: Arc<CachedEvent>) {
         let rev = ev.revision;
+        if ADMISSION_PREFIXES.iter().any(|p| ev.key.starts_with(p)) {
+            self.admission_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Ok(mut ring) = self.ring.write() {
             if ring.events.len() >= RING_CAPACITY {
                 if let Some(old) = ring.events.pop_front() {
@@ -162,6 +176,12 @@ impl WatchCache {
             let _ = ring.tx.send(ev);
         }
         self.revision.send_replace(rev);
+    }
+
+    /// See `admission_generation`.
+    pub fn admission_generation(&self) -> u64 {
+        self.admission_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The newest revision the cache has seen.
