@@ -333,9 +333,14 @@ fn preemption_evicts_lower_priority_pods_and_places_the_higher() {
         String::from_utf8_lossy(&err.stderr).contains("no PriorityClass with name nope was found")
     );
     // Created a moment later, it is found at once (admission caches only classes it found).
-    c.apply_yaml("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: nope}\nvalue: 5\n");
+    c.apply_yaml(
+        "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: nope}\nvalue: 5\n",
+    );
     c.apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {priorityClassName: nope, containers: [{name: c, image: busybox}]}\n");
-    assert_eq!(c.kubectl(&["get", "pod", "x", "-o", "jsonpath={.spec.priority}"]), "5");
+    assert_eq!(
+        c.kubectl(&["get", "pod", "x", "-o", "jsonpath={.spec.priority}"]),
+        "5"
+    );
     // A global default applies to pods that name no class (once admission has seen it).
     c.apply_yaml("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: everyone}\nvalue: 7\nglobalDefault: true\n");
     let mut n = 0;
