@@ -526,7 +526,19 @@ impl Scheduler {
                                 .lock()
                                 .unwrap()
                                 .insert(info.key.clone(), n.node.clone());
-                            (format!("{message} preemption: 0/{} nodes are available: {} victim(s) on {} are being preempted.", self.cache.lock().unwrap().nodes.len(), n.victims.len(), n.node), Some(n.node))
+                            let what = if n.victims.is_empty() {
+                                format!(
+                                    "waiting for lower-priority pods on {} to terminate.",
+                                    n.node
+                                )
+                            } else {
+                                format!(
+                                    "preempting {} lower-priority pod(s) on {}.",
+                                    n.victims.len(),
+                                    n.node
+                                )
+                            };
+                            (format!("{message} preemption: {what}"), Some(n.node))
                         }
                         Some(Err(m)) => (format!("{message} {m}"), None),
                         None => (message, None),
