@@ -274,9 +274,32 @@ fn pod_affinity_anti_affinity_and_topology_spread() {
     }
     assert_eq!(per_zone.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
     // A node without the topology label cannot take a pod with that constraint.
-    pod(&c, "spread-nozone", "100m", "app: web", ", nodeSelector: {kubernetes.io/hostname: nozone}, topologySpreadConstraints: [{maxSkew: 1, topologyKey: rack, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]");
+    pod(&c, "spread-nozone", "100m", "app: web", ", topologySpreadConstraints: [{maxSkew: 1, topologyKey: rack, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]");
     let msg = wait_unschedulable(&c, "spread-nozone");
-    assert!(msg.contains("0/4 nodes are available"), "{msg}");
+    assert!(
+        msg.starts_with("0/4 nodes are available: 4 node(s) didn't match pod topology spread constraints (missing required label)."),
+        "{msg}"
+    );
+    // Skew: zone a holds two pods of app tilt, b and c none but are closed (tainted); a third
+    // would make the skew 3 > 1, so nothing fits.
+    c.kubectl(&["taint", "nodes", "b1", "c1", "block=yes:NoSchedule"]);
+    for i in 0..2 {
+        let name = format!("tilt-{i}");
+        pod(
+            &c,
+            &name,
+            "100m",
+            "app: tilt",
+            ", nodeSelector: {kubernetes.io/hostname: a1}",
+        );
+        assert_eq!(wait_bound(&c, &name), "a1");
+    }
+    pod(&c, "tilt-2", "100m", "app: tilt", ", topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: tilt}}}]");
+    let msg = wait_unschedulable(&c, "tilt-2");
+    assert!(
+        msg.starts_with("0/4 nodes are available: 2 node(s) didn't match pod topology spread constraints, 2 node(s) had untolerated taint {block: yes}."),
+        "{msg}"
+    );
 }
 
 #[test]
