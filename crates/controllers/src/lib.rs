@@ -1,17 +1,44 @@
 //! controllers: the controller manager's controllers, all on kube-runtime, all reaching the
 //! cluster only through the API server with a kubeconfig.
 //!
-//! Today: the namespace controller. The node lifecycle, workload, endpoints and garbage
+//! Today: the namespace controller, the ServiceAccount controller and node IPAM. The node lifecycle, workload, endpoints and garbage
 //! collection controllers join here (one file or folder each) on the same runtime.
 
 pub mod namespace;
+pub mod nodeipam;
+pub mod serviceaccount;
 
 use kube::Client;
 
+/// What the controllers are configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Pod CIDRs for nodes are cut from this range (`--cluster-cidr`).
+    pub cluster_cidr: nodeipam::ClusterCidr,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            cluster_cidr: nodeipam::ClusterCidr::parse(DEFAULT_CLUSTER_CIDR, 24)
+                .expect("the default cluster CIDR parses"),
+        }
+    }
+}
+
+/// Upstream k3s's default, as CONTRACT.md and the issues name it.
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.42.0.0/16";
+
 /// Run every controller until `shutdown` resolves.
-pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     tokio::select! {
-        _ = namespace::run(client) => {}
+        _ = nodeipam::run(client.clone(), config.cluster_cidr) => {}
+        _ = namespace::run(client.clone()) => {}
+        _ = serviceaccount::run(client) => {}
         _ = shutdown => {}
     }
 }

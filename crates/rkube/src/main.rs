@@ -51,6 +51,9 @@ enum Command {
     ControllerManager {
         #[arg(long)]
         kubeconfig: PathBuf,
+        /// The range node pod CIDRs (/24 each) are allocated from.
+        #[arg(long, env = "RKUBE_CLUSTER_CIDR", default_value = controllers::DEFAULT_CLUSTER_CIDR)]
+        cluster_cidr: String,
     },
     /// The kubelet alone.
     Kubelet {
@@ -132,9 +135,16 @@ fn main() -> ExitCode {
             })
             .await
         }),
-        Command::ControllerManager { kubeconfig } => runtime.block_on(async move {
+        Command::ControllerManager {
+            kubeconfig,
+            cluster_cidr,
+        } => runtime.block_on(async move {
+            let config = controllers::Config {
+                cluster_cidr: controllers::nodeipam::ClusterCidr::parse(&cluster_cidr, 24)
+                    .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?,
+            };
             let client = client_from_kubeconfig(&kubeconfig).await?;
-            controllers::run(client, async {
+            controllers::run(client, config, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await;

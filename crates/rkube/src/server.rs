@@ -45,6 +45,9 @@ pub struct ServerArgs {
     /// revisions, so watchers and paged lists can resume within 1-2 intervals.
     #[arg(long, env = "RKUBE_COMPACTION_INTERVAL_SECONDS", default_value_t = 300)]
     pub compaction_interval_seconds: u64,
+    /// The range node pod CIDRs (/24 each) are allocated from.
+    #[arg(long, env = "RKUBE_CLUSTER_CIDR", default_value = controllers::DEFAULT_CLUSTER_CIDR)]
+    pub cluster_cidr: String,
     /// Registries to pull from over plain HTTP (repeatable).
     #[arg(long, env = "RKUBE_INSECURE_REGISTRY")]
     pub insecure_registry: Vec<String>,
@@ -279,7 +282,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if !args.disable.iter().any(|d| d == "controller-manager") {
         let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
         let mut stop = stop_rx.clone();
-        components.push(tokio::spawn(controllers::run(client, async move {
+        let config = controllers::Config {
+            cluster_cidr: controllers::nodeipam::ClusterCidr::parse(&args.cluster_cidr, 24)
+                .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?,
+        };
+        components.push(tokio::spawn(controllers::run(client, config, async move {
             let _ = stop.changed().await;
         })));
     }
