@@ -4,6 +4,7 @@
 //! Today: the namespace controller, the ServiceAccount controller and node IPAM. The node lifecycle, workload, endpoints and garbage
 //! collection controllers join here (one file or folder each) on the same runtime.
 
+pub mod leader;
 pub mod namespace;
 pub mod nodeipam;
 pub mod serviceaccount;
@@ -29,16 +30,27 @@ impl Default for Config {
 /// Upstream k3s's default, as CONTRACT.md and the issues name it.
 pub const DEFAULT_CLUSTER_CIDR: &str = "10.42.0.0/16";
 
-/// Run every controller until `shutdown` resolves.
+/// Run every controller, while this process holds the `kube-controller-manager` lease in
+/// kube-system (so two copies can run: the standby takes over within a lease duration), until
+/// `shutdown` resolves.
 pub async fn run(
     client: Client,
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    let election = leader::Election::new("kube-controller-manager", &leader::identity());
+    let work = || {
+        let (client, config) = (client.clone(), config.clone());
+        async move {
+            tokio::select! {
+                _ = nodeipam::run(client.clone(), config.cluster_cidr) => {}
+                _ = namespace::run(client.clone()) => {}
+                _ = serviceaccount::run(client) => {}
+            }
+        }
+    };
     tokio::select! {
-        _ = nodeipam::run(client.clone(), config.cluster_cidr) => {}
-        _ = namespace::run(client.clone()) => {}
-        _ = serviceaccount::run(client) => {}
-        _ = shutdown => {}
+        _ = leader::run_elected(client.clone(), election.clone(), work) => {}
+        _ = shutdown => leader::release(client, &election).await,
     }
 }

@@ -118,3 +118,65 @@ fn nodes_get_distinct_pod_cidrs_that_survive_restarts() {
         );
     }
 }
+
+/// Two controller managers: one holds the kube-controller-manager Lease and works; killed, the
+/// standby takes the lease over and does the work.
+#[test]
+fn a_standby_controller_manager_takes_over_from_a_killed_leader() {
+    let c = Cluster::start_with(0, &["--disable", "controller-manager,scheduler"]);
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = || {
+        Killed(
+            std::process::Command::new(common::rkube_bin())
+                .args(["controller-manager", "--kubeconfig"])
+                .arg(c.kubeconfig())
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("rkube controller-manager"),
+        )
+    };
+    let mut managers = vec![start(), start()];
+    let holder = || {
+        c.kubectl(&[
+            "get",
+            "lease",
+            "kube-controller-manager",
+            "-n",
+            "kube-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+    let leader = c.eventually("a leader", || {
+        let h = holder();
+        managers
+            .iter()
+            .position(|m| h.ends_with(&format!("_{}", m.0.id())))
+    });
+    // Only the leader works: a new namespace gets its default account.
+    c.kubectl(&["create", "namespace", "before"]);
+    c.eventually("default SA from the leader", || {
+        c.kubectl_output(&["get", "sa", "default", "-n", "before"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let standby_pid = managers[1 - leader].0.id();
+    drop(managers.remove(leader));
+    c.eventually("the standby holds the lease", || {
+        holder().ends_with(&format!("_{standby_pid}")).then_some(())
+    });
+    c.kubectl(&["create", "namespace", "after"]);
+    c.eventually("default SA from the new leader", || {
+        c.kubectl_output(&["get", "sa", "default", "-n", "after"])
+            .status
+            .success()
+            .then_some(())
+    });
+}
