@@ -855,6 +855,14 @@ async fn scheduler_bench(bin: PathBuf, which: &str, nodes: usize, precreate: boo
     Ok(())
 }
 
+/// The rkube binary: as given, or next to this one.
+fn rkube_bin(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(b) => Ok(b),
+        None => Ok(std::env::current_exe()?.with_file_name("rkube")),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
@@ -898,10 +906,7 @@ async fn main() -> Result<()> {
             watchers,
             lists,
         } => {
-            let bin = match rkube {
-                Some(b) => b,
-                None => std::env::current_exe()?.with_file_name("rkube"),
-            };
+            let bin = rkube_bin(rkube)?;
             api_bench(bin, pods, clients, watchers, lists).await
         }
         Cmd::Scheduler {
@@ -910,17 +915,11 @@ async fn main() -> Result<()> {
             nodes,
             precreate,
         } => {
-            let bin = match rkube {
-                Some(b) => b,
-                None => std::env::current_exe()?.with_file_name("rkube"),
-            };
+            let bin = rkube_bin(rkube)?;
             scheduler_bench(bin, &workloads, nodes, precreate).await
         }
         Cmd::Datastores { rkube, seconds } => {
-            let bin = match rkube {
-                Some(b) => b,
-                None => std::env::current_exe()?.with_file_name("rkube"),
-            };
+            let bin = rkube_bin(rkube)?;
             datastores_bench(bin, seconds).await
         }
     }

@@ -438,6 +438,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
             continue;
         }
         // Durable now: publish in revision order, then answer.
+        let mut compacted = false;
         for (req, res) in batch.into_iter().zip(results) {
             match &res {
                 Ok(WriteReply::Written(ev)) => {
@@ -445,6 +446,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
                     let _ = shared.events.send(Arc::new(ev.clone()));
                 }
                 Ok(WriteReply::Compacted) => {
+                    compacted = true;
                     if let WriteOp::Compact { revision } = &req.op {
                         shared.compacted.store(revision.0, Ordering::SeqCst);
                     }
@@ -452,6 +454,15 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
                 Err(_) => {}
             }
             let _ = req.reply.send(res);
+        }
+        if compacted {
+            // Hand pages freed by compaction back to the file system and keep the WAL short:
+            // writes, so here on the one write connection, not on a reader.
+            if let Err(e) =
+                conn.execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
+            {
+                tracing::warn!(error = %e, "store: vacuum after compaction failed");
+            }
         }
     }
     // All senders dropped: checkpoint so the WAL does not outlive us.
@@ -683,13 +694,7 @@ impl Store for SqliteStore {
             })
             .await?;
         }
-        self.write(WriteOp::Compact { revision }).await?;
-        // Hand freed pages back to the file system and keep the WAL short.
-        self.read(|conn| {
-            conn.execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
-                .map_err(backend)
-        })
-        .await
+        self.write(WriteOp::Compact { revision }).await.map(|_| ())
     }
 
     async fn current_revision(&self) -> Result<Revision> {
