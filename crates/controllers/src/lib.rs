@@ -4,9 +4,11 @@
 //! Today: the namespace controller, the ServiceAccount controller and node IPAM. The node lifecycle, workload, endpoints and garbage
 //! collection controllers join here (one file or folder each) on the same runtime.
 
+pub mod events;
 pub mod leader;
 pub mod namespace;
 pub mod nodeipam;
+pub mod runtime;
 pub mod serviceaccount;
 
 use kube::Client;

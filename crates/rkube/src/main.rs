@@ -76,6 +76,21 @@ enum Command {
         count: usize,
         #[arg(long, default_value = "hollow-node-")]
         name_prefix: String,
+        /// Each node's CPU capacity.
+        #[arg(long, default_value = "4")]
+        cpu: String,
+        /// Each node's memory capacity.
+        #[arg(long, default_value = "16Gi")]
+        memory: String,
+        /// Each node's pod capacity.
+        #[arg(long, default_value = "110")]
+        max_pods: String,
+        /// Extra node labels, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        node_labels: String,
+        /// Zones handed out round-robin as `topology.kubernetes.io/zone`, `a,b,c`.
+        #[arg(long, default_value = "")]
+        zones: String,
     },
 }
 
@@ -153,7 +168,45 @@ fn main() -> ExitCode {
         Command::Migrate(args) => runtime.block_on(server::migrate(args)),
         Command::Kubelet { .. } => return not_yet("kubelet"),
         Command::Proxy { .. } => return not_yet("proxy"),
-        Command::HollowNodes { .. } => return not_yet("hollow-nodes"),
+        Command::HollowNodes {
+            kubeconfig,
+            count,
+            name_prefix,
+            cpu,
+            memory,
+            max_pods,
+            node_labels,
+            zones,
+        } => runtime.block_on(async move {
+            let labels = node_labels
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--node-labels: {kv:?} is not k=v"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = hollow::Options {
+                count,
+                name_prefix,
+                cpu,
+                memory,
+                pods: max_pods,
+                labels,
+                zones: zones
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+                ..hollow::Options::default()
+            };
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            hollow::run(client, opts, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,110 @@
+//! Events, recorded as upstream's controllers record them (core/v1 Events that `kubectl describe`
+//! and `kubectl get events` show): a bounded queue, written in the background, never blocking
+//! or failing a reconcile.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Event, ObjectReference};
+use kube::api::{Api, PostParams};
+use kube::{Client, Resource, ResourceExt};
+
+/// Records events for one component (`source.component`).
+#[derive(Clone)]
+pub struct Recorder {
+    tx: tokio::sync::mpsc::Sender<Event>,
+    component: &'static str,
+}
+
+impl Recorder {
+    pub fn new(client: Client, component: &'static str) -> Recorder {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(4096);
+        tokio::spawn(async move {
+            let inflight = Arc::new(tokio::sync::Semaphore::new(8));
+            while let Some(ev) = rx.recv().await {
+                let Ok(permit) = inflight.clone().acquire_owned().await else {
+                    return;
+                };
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let ns = ev.metadata.namespace.clone().unwrap_or_default();
+                    let api: Api<Event> = Api::namespaced(client, &ns);
+                    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                        tracing::debug!(error = %e, "could not record an event");
+                    }
+                });
+            }
+        });
+        Recorder { tx, component }
+    }
+
+    /// Record `reason`/`message` (type Normal or Warning) about `obj`.
+    pub fn record<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: &str,
+        reason: &str,
+        message: String,
+    ) {
+        let reference = ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: obj.meta().name.clone(),
+            namespace: obj.meta().namespace.clone(),
+            uid: obj.meta().uid.clone(),
+            resource_version: obj.meta().resource_version.clone(),
+            ..Default::default()
+        };
+        self.record_ref(reference, type_, reason, message);
+    }
+
+    pub fn record_ref(
+        &self,
+        reference: ObjectReference,
+        type_: &str,
+        reason: &str,
+        message: String,
+    ) {
+        let now = chrono::Utc::now();
+        let ts = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let ns = reference
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let name = reference.name.clone().unwrap_or_default();
+        let ev = Event {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!(
+                    "{name}.{:x}",
+                    now.timestamp_nanos_opt().unwrap_or(0)
+                )),
+                namespace: Some(ns),
+                ..Default::default()
+            },
+            involved_object: reference,
+            reason: Some(reason.into()),
+            message: Some(message),
+            type_: Some(type_.into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some(self.component.into()),
+                host: None,
+            }),
+            reporting_component: Some(self.component.into()),
+            reporting_instance: Some(self.component.into()),
+            first_timestamp: Some(ts.clone()),
+            last_timestamp: Some(ts),
+            count: Some(1),
+            ..Default::default()
+        };
+        // A full queue drops the event, as upstream's broadcaster does.
+        let _ = self.tx.try_send(ev);
+    }
+}
+
+/// `kind/name` of an object for messages.
+pub fn describe<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!("{}/{}", K::kind(&()).to_lowercase(), obj.name_any())
+}

@@ -1,0 +1,461 @@
+//! The runtime every workload controller shares: informers (one kube-runtime watcher per kind,
+//! a cache indexed by namespace and by controlling owner, and change handlers that see adds,
+//! updates and deletes) and work queues (a key is never reconciled by two workers at once; a
+//! key added while it is being reconciled runs again afterwards; failures back off per key).
+//!
+//! Upstream's client-go shared informers and workqueue, in the small.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Resource;
+use serde::de::DeserializeOwned;
+
+/// `namespace/name`, or `name` for cluster-scoped objects: the key queues and caches use.
+pub fn key_of<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => format!("{ns}/{name}"),
+        _ => name.to_string(),
+    }
+}
+
+/// Split a key made by [`key_of`].
+pub fn split_key(key: &str) -> (Option<&str>, &str) {
+    match key.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, key),
+    }
+}
+
+/// The uid of the owner reference with `controller: true`, if any.
+pub fn controller_uid<K: Resource>(obj: &K) -> Option<&str> {
+    obj.meta()
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
+type Handler<K> = Box<dyn Fn(Option<&K>, Option<&K>) + Send + Sync>;
+
+#[derive(Default)]
+struct Cache<K> {
+    objects: HashMap<String, Arc<K>>,
+    by_namespace: HashMap<String, HashSet<String>>,
+    by_controller: HashMap<String, HashSet<String>>,
+}
+
+impl<K: Resource> Cache<K> {
+    fn insert(&mut self, obj: Arc<K>) -> Option<Arc<K>> {
+        let key = key_of(&*obj);
+        let old = self.remove(&key);
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        self.by_namespace.entry(ns).or_default().insert(key.clone());
+        if let Some(uid) = controller_uid(&*obj) {
+            self.by_controller
+                .entry(uid.to_string())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.objects.insert(key, obj);
+        old
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Arc<K>> {
+        let old = self.objects.remove(key)?;
+        let ns = old.meta().namespace.clone().unwrap_or_default();
+        if let Some(set) = self.by_namespace.get_mut(&ns) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_namespace.remove(&ns);
+            }
+        }
+        if let Some(uid) = controller_uid(&*old) {
+            if let Some(set) = self.by_controller.get_mut(uid) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_controller.remove(uid);
+                }
+            }
+        }
+        Some(old)
+    }
+}
+
+/// A watched, cached kind with change handlers.
+pub struct Informer<K: Resource> {
+    api: Api<K>,
+    config: watcher::Config,
+    cache: RwLock<Cache<K>>,
+    handlers: Mutex<Vec<Handler<K>>>,
+    synced: tokio::sync::watch::Sender<bool>,
+}
+
+impl<K> Informer<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    pub fn new(api: Api<K>, config: watcher::Config) -> Arc<Informer<K>> {
+        Arc::new(Informer {
+            api,
+            config,
+            cache: RwLock::new(Cache {
+                objects: HashMap::new(),
+                by_namespace: HashMap::new(),
+                by_controller: HashMap::new(),
+            }),
+            handlers: Mutex::new(Vec::new()),
+            synced: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Call `f(old, new)` on every change after the cache has it: `(None, Some)` for an add,
+    /// `(Some, Some)` for an update, `(Some, None)` for a delete.
+    pub fn on(&self, f: impl Fn(Option<&K>, Option<&K>) + Send + Sync + 'static) {
+        self.handlers.lock().unwrap().push(Box::new(f));
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<K>> {
+        self.cache.read().unwrap().objects.get(key).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<K>> {
+        self.cache
+            .read()
+            .unwrap()
+            .objects
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn list_namespace(&self, ns: &str) -> Vec<Arc<K>> {
+        let cache = self.cache.read().unwrap();
+        cache
+            .by_namespace
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cache.objects.get(k).cloned())
+            .collect()
+    }
+
+    /// The objects whose controlling owner has this uid.
+    pub fn list_controlled_by(&self, uid: &str) -> Vec<Arc<K>> {
+        let cache = self.cache.read().unwrap();
+        cache
+            .by_controller
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cache.objects.get(k).cloned())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.read().unwrap().objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once the first full list is in the cache.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    fn notify(&self, old: Option<&K>, new: Option<&K>) {
+        for h in self.handlers.lock().unwrap().iter() {
+            h(old, new);
+        }
+    }
+
+    /// Watch forever (the watcher relists and resumes by itself, with backoff).
+    pub async fn run(self: Arc<Self>) {
+        let mut stream = watcher(self.api.clone(), self.config.clone())
+            .default_backoff()
+            .boxed();
+        let mut relist: Option<HashMap<String, Arc<K>>> = None;
+        while let Some(ev) = stream.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::debug!(error = %e, kind = %K::kind(&()), "watch error");
+                    continue;
+                }
+            };
+            match ev {
+                Event::Init => relist = Some(HashMap::new()),
+                Event::InitApply(obj) => {
+                    if let Some(r) = relist.as_mut() {
+                        r.insert(key_of(&obj), Arc::new(obj));
+                    }
+                }
+                Event::InitDone => {
+                    let fresh = relist.take().unwrap_or_default();
+                    let mut changes = Vec::new();
+                    {
+                        let mut cache = self.cache.write().unwrap();
+                        let gone: Vec<String> = cache
+                            .objects
+                            .keys()
+                            .filter(|k| !fresh.contains_key(*k))
+                            .cloned()
+                            .collect();
+                        for k in gone {
+                            if let Some(old) = cache.remove(&k) {
+                                changes.push((Some(old), None));
+                            }
+                        }
+                        for (_, obj) in fresh {
+                            let old = cache.insert(obj.clone());
+                            let same = old.as_ref().is_some_and(|o| {
+                                o.meta().resource_version == obj.meta().resource_version
+                            });
+                            if !same {
+                                changes.push((old, Some(obj)));
+                            }
+                        }
+                    }
+                    for (old, new) in changes {
+                        self.notify(old.as_deref(), new.as_deref());
+                    }
+                    self.synced.send_replace(true);
+                }
+                Event::Apply(obj) => {
+                    let obj = Arc::new(obj);
+                    let old = self.cache.write().unwrap().insert(obj.clone());
+                    self.notify(old.as_deref(), Some(&obj));
+                }
+                Event::Delete(obj) => {
+                    let old = self.cache.write().unwrap().remove(&key_of(&obj));
+                    let old = old.unwrap_or_else(|| Arc::new(obj));
+                    self.notify(Some(&old), None);
+                }
+            }
+        }
+    }
+}
+
+/// Start an informer's watch in the background and return it.
+pub fn start<K>(api: Api<K>, config: watcher::Config) -> Arc<Informer<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let inf = Informer::new(api, config);
+    tokio::spawn(inf.clone().run());
+    inf
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Waiting to be handed to a worker (or to run again after the current run).
+    dirty: HashSet<String>,
+    processing: HashSet<String>,
+    failures: HashMap<String, u32>,
+}
+
+/// A deduplicating work queue of keys.
+pub struct Queue {
+    state: Mutex<QueueState>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>,
+}
+
+impl Queue {
+    pub fn new() -> Arc<Queue> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    pub fn add(&self, key: impl Into<String>) {
+        let key = key.into();
+        let mut st = self.state.lock().unwrap();
+        if !st.dirty.insert(key.clone()) {
+            return;
+        }
+        if !st.processing.contains(&key) {
+            let _ = self.tx.send(key);
+        }
+    }
+
+    pub fn add_after(self: &Arc<Self>, key: impl Into<String>, after: Duration) {
+        let (q, key) = (self.clone(), key.into());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            q.add(key);
+        });
+    }
+
+    /// Requeue after a failure: 50 ms, doubling per consecutive failure, at most 30 s.
+    pub fn add_rate_limited(self: &Arc<Self>, key: &str) {
+        let n = {
+            let mut st = self.state.lock().unwrap();
+            let n = st.failures.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let delay = Duration::from_millis(50u64.saturating_mul(1 << n.min(10)))
+            .min(Duration::from_secs(30));
+        self.add_after(key, delay);
+    }
+
+    pub fn forget(&self, key: &str) {
+        self.state.lock().unwrap().failures.remove(key);
+    }
+
+    async fn get(&self) -> Option<String> {
+        let key = self.rx.lock().await.recv().await?;
+        let mut st = self.state.lock().unwrap();
+        st.dirty.remove(&key);
+        st.processing.insert(key.clone());
+        Some(key)
+    }
+
+    fn done(&self, key: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.processing.remove(key);
+        if st.dirty.contains(key) {
+            let _ = self.tx.send(key.to_string());
+        }
+    }
+
+    /// Run `workers` concurrent workers, each calling `reconcile(key)` forever. An `Err` requeues
+    /// the key with backoff; `Ok(Some(d))` requeues it after `d`.
+    pub async fn run<F, Fut>(self: Arc<Self>, workers: usize, name: &'static str, reconcile: F)
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Option<Duration>>> + Send,
+    {
+        let reconcile = Arc::new(reconcile);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let (q, reconcile) = (self.clone(), reconcile.clone());
+            tasks.spawn(async move {
+                while let Some(key) = q.get().await {
+                    match reconcile(key.clone()).await {
+                        Ok(again) => {
+                            q.forget(&key);
+                            if let Some(d) = again {
+                                q.add_after(key.clone(), d);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(controller = name, key = %key, error = %e, "will retry");
+                            q.add_rate_limited(&key);
+                        }
+                    }
+                    q.done(&key);
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Expectations: how many creations and deletions a controller has asked for and not yet seen in
+/// its cache, per controller key, so that it does not act again on a stale cache (upstream's
+/// ControllerExpectations). Expectations older than five minutes are treated as met.
+#[derive(Default)]
+pub struct Expectations {
+    map: Mutex<HashMap<String, (i64, i64, std::time::Instant)>>,
+}
+
+const EXPECTATIONS_TTL: Duration = Duration::from_secs(300);
+
+impl Expectations {
+    pub fn satisfied(&self, key: &str) -> bool {
+        match self.map.lock().unwrap().get(key) {
+            None => true,
+            Some((add, del, at)) => (*add <= 0 && *del <= 0) || at.elapsed() > EXPECTATIONS_TTL,
+        }
+    }
+
+    pub fn expect(&self, key: &str, adds: i64, dels: i64) {
+        self.map
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), (adds, dels, std::time::Instant::now()));
+    }
+
+    pub fn observe_creation(&self, key: &str) {
+        if let Some(e) = self.map.lock().unwrap().get_mut(key) {
+            e.0 -= 1;
+        }
+    }
+
+    pub fn observe_deletion(&self, key: &str) {
+        if let Some(e) = self.map.lock().unwrap().get_mut(key) {
+            e.1 -= 1;
+        }
+    }
+
+    /// A creation or deletion that failed will never be observed.
+    pub fn lower(&self, key: &str, adds: i64, dels: i64) {
+        if let Some(e) = self.map.lock().unwrap().get_mut(key) {
+            e.0 -= adds;
+            e.1 -= dels;
+        }
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.map.lock().unwrap().remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queue_dedups_and_reruns_keys_added_while_processing() {
+        let q = Queue::new();
+        q.add("a");
+        q.add("a");
+        q.add("b");
+        let first = q.get().await.unwrap();
+        assert_eq!(first, "a");
+        // Added again while being processed: not handed out until done.
+        q.add("a");
+        assert_eq!(q.get().await.unwrap(), "b");
+        q.done("b");
+        q.done("a");
+        assert_eq!(q.get().await.unwrap(), "a");
+        q.done("a");
+        assert!(q.state.lock().unwrap().dirty.is_empty());
+    }
+
+    #[test]
+    fn expectations_count_down() {
+        let e = Expectations::default();
+        assert!(e.satisfied("x"));
+        e.expect("x", 2, 0);
+        assert!(!e.satisfied("x"));
+        e.observe_creation("x");
+        assert!(!e.satisfied("x"));
+        e.lower("x", 1, 0);
+        assert!(e.satisfied("x"));
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        assert_eq!(split_key("ns/a"), (Some("ns"), "a"));
+        assert_eq!(split_key("node-1"), (None, "node-1"));
+    }
+}
