@@ -1827,7 +1827,8 @@ impl Ctx {
                     deferred = true;
                 }
             }
-            if !no_finalizers(kind, &cur) {
+            gc_finalizers(&mut new, opts);
+            if !no_finalizers(kind, &new) {
                 if new["metadata"]["deletionTimestamp"].is_null() {
                     new["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
                     new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
@@ -1904,6 +1905,42 @@ impl Ctx {
                 "items": deleted,
             }),
         ))
+    }
+}
+
+/// The garbage collector's finalizers for a delete's propagation policy (upstream's
+/// deletionFinalizersForGarbageCollection): `Orphan` adds `orphan`, `Foreground` adds
+/// `foregroundDeletion`, an explicit `Background` removes both; no policy keeps what is there.
+/// The garbage collector removes them when the dependents are orphaned or gone.
+fn gc_finalizers(obj: &mut Value, opts: &Value) {
+    let policy = match opts["propagationPolicy"].as_str() {
+        Some(p) => p,
+        None => match opts["orphanDependents"].as_bool() {
+            Some(true) => "Orphan",
+            Some(false) => "Background",
+            None => return,
+        },
+    };
+    let mut fins: Vec<Value> = obj["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let before = fins.clone();
+    fins.retain(|f| f != "orphan" && f != "foregroundDeletion");
+    match policy {
+        "Orphan" => fins.push(json!("orphan")),
+        "Foreground" => fins.push(json!("foregroundDeletion")),
+        _ => {}
+    }
+    if fins != before {
+        obj["metadata"]["finalizers"] = if fins.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(fins)
+        };
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            m.retain(|_, v| !v.is_null());
+        }
     }
 }
 

@@ -5,13 +5,21 @@
 //! collection controllers join here (one file or folder each) on the same runtime.
 
 pub mod events;
+pub mod gc;
 pub mod leader;
 pub mod namespace;
 pub mod nodeipam;
+pub mod pods;
+pub mod replicaset;
 pub mod runtime;
 pub mod serviceaccount;
 
-use kube::Client;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{Pod, ReplicationController};
+use kube::{Api, Client};
+
+/// Concurrent reconciles per workload controller (upstream's --concurrent-*-syncs default 5).
+const WORKERS: usize = 5;
 
 /// What the controllers are configured with.
 #[derive(Debug, Clone)]
@@ -44,7 +52,31 @@ pub async fn run(
     let work = || {
         let (client, config) = (client.clone(), config.clone());
         async move {
+            let recorder = events::Recorder::new(client.clone(), "controller-manager");
+            let pods = runtime::start(Api::<Pod>::all(client.clone()), Default::default());
+            let rs = replicaset::ReplicaController::new(
+                client.clone(),
+                runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default()),
+                pods.clone(),
+                recorder.clone(),
+            );
+            let rc = replicaset::ReplicaController::new(
+                client.clone(),
+                runtime::start(
+                    Api::<ReplicationController>::all(client.clone()),
+                    Default::default(),
+                ),
+                pods.clone(),
+                recorder.clone(),
+            );
             tokio::select! {
+                r = gc::run(client.clone()) => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "garbage collector stopped");
+                    }
+                }
+                _ = rs.run(WORKERS) => {}
+                _ = rc.run(WORKERS) => {}
                 _ = nodeipam::run(client.clone(), config.cluster_cidr) => {}
                 _ = namespace::run(client.clone()) => {}
                 _ = serviceaccount::run(client) => {}

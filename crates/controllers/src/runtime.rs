@@ -36,14 +36,20 @@ pub fn split_key(key: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// The uid of the owner reference with `controller: true`, if any.
-pub fn controller_uid<K: Resource>(obj: &K) -> Option<&str> {
+/// The owner reference with `controller: true`, if any.
+pub fn controller_ref<K: Resource>(
+    obj: &K,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
     obj.meta()
         .owner_references
         .as_ref()?
         .iter()
         .find(|o| o.controller == Some(true))
-        .map(|o| o.uid.as_str())
+}
+
+/// The uid of the owner reference with `controller: true`, if any.
+pub fn controller_uid<K: Resource>(obj: &K) -> Option<&str> {
+    controller_ref(obj).map(|o| o.uid.as_str())
 }
 
 type Handler<K> = Box<dyn Fn(Option<&K>, Option<&K>) + Send + Sync>;

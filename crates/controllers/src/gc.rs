@@ -1,0 +1,543 @@
+//! The garbage collector: a graph of ownerReferences over every kind the API serves (one
+//! metadata watch per resource), and two queues.
+//!
+//! - *attempt to delete* an object whose owners may be gone: owners are looked up live; if none
+//!   is left, the object is deleted (with the propagation its own finalizers ask for); if some
+//!   are gone but one remains, the dangling references are removed. An owner being deleted in the
+//!   foreground makes its dependents go in the foreground too; an owner waiting in the
+//!   foreground loses its `foregroundDeletion` finalizer once no dependent that blocks it is
+//!   left.
+//! - *attempt to orphan*: an owner deleted with `propagationPolicy=Orphan` carries the `orphan`
+//!   finalizer; its dependents lose their reference to it, then it loses the finalizer.
+//!
+//! Cycles end because each object is deleted once and deletions only ever follow owner edges.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
+use kube::discovery::{verbs, ApiResource, Discovery, Scope};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use serde_json::json;
+
+use crate::runtime::Queue;
+
+const ORPHAN: &str = "orphan";
+const FOREGROUND: &str = "foregroundDeletion";
+
+#[derive(Clone)]
+struct Resource {
+    ar: ApiResource,
+    namespaced: bool,
+}
+
+#[derive(Default)]
+struct GraphNode {
+    api_version: String,
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+    owners: Vec<OwnerReference>,
+    dependents: HashSet<String>,
+    /// Seen through a watch (not just named as somebody's owner).
+    observed: bool,
+    deleting: bool,
+    finalizers: Vec<String>,
+}
+
+impl GraphNode {
+    fn deleting_dependents(&self) -> bool {
+        self.deleting && self.finalizers.iter().any(|f| f == FOREGROUND)
+    }
+    fn orphaning(&self) -> bool {
+        self.deleting && self.finalizers.iter().any(|f| f == ORPHAN)
+    }
+}
+
+struct Gc {
+    client: Client,
+    /// `apiVersion/kind` → how to reach it.
+    resources: HashMap<(String, String), Resource>,
+    graph: Mutex<HashMap<String, GraphNode>>,
+    delete_queue: Arc<Queue>,
+    orphan_queue: Arc<Queue>,
+}
+
+enum Change {
+    Upsert(Resource, ObjectMeta),
+    Delete(ObjectMeta),
+}
+
+/// Kinds whose objects never own or are owned in practice, and churn a lot (upstream skips
+/// events too).
+const IGNORED: &[&str] = &["events"];
+
+pub async fn run(client: Client) -> anyhow::Result<()> {
+    let discovery = Discovery::new(client.clone()).run().await?;
+    let mut resources = HashMap::new();
+    for group in discovery.groups() {
+        for (ar, caps) in group.recommended_resources() {
+            let ok = [verbs::LIST, verbs::WATCH, verbs::DELETE, verbs::PATCH]
+                .iter()
+                .all(|v| caps.supports_operation(v));
+            if !ok || IGNORED.contains(&ar.plural.as_str()) {
+                continue;
+            }
+            let r = Resource {
+                ar: ar.clone(),
+                namespaced: caps.scope == Scope::Namespaced,
+            };
+            resources.insert((ar.api_version.clone(), ar.kind.clone()), r);
+        }
+    }
+    let gc = Arc::new(Gc {
+        client: client.clone(),
+        resources: resources.clone(),
+        graph: Mutex::new(HashMap::new()),
+        delete_queue: Queue::new(),
+        orphan_queue: Queue::new(),
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Change>(4096);
+    for r in resources.values().cloned() {
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move {
+            let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &r.ar);
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            let mut seen: HashSet<String> = HashSet::new();
+            let mut known: HashMap<String, ObjectMeta> = HashMap::new();
+            while let Some(ev) = stream.next().await {
+                let Ok(ev) = ev else { continue };
+                let changes: Vec<Change> = match ev {
+                    Event::Init => {
+                        seen.clear();
+                        vec![]
+                    }
+                    Event::InitApply(o) | Event::Apply(o) => {
+                        let uid = o.metadata.uid.clone().unwrap_or_default();
+                        seen.insert(uid.clone());
+                        known.insert(uid, o.metadata.clone());
+                        vec![Change::Upsert(r.clone(), o.metadata)]
+                    }
+                    Event::Delete(o) => {
+                        let uid = o.metadata.uid.clone().unwrap_or_default();
+                        known.remove(&uid);
+                        vec![Change::Delete(o.metadata)]
+                    }
+                    Event::InitDone => {
+                        // Whatever disappeared while we were not watching.
+                        let gone: Vec<String> =
+                            known.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                        gone.into_iter()
+                            .filter_map(|u| known.remove(&u))
+                            .map(Change::Delete)
+                            .collect()
+                    }
+                };
+                for c in changes {
+                    if tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let g = gc.clone();
+    let builder = async move {
+        while let Some(c) = rx.recv().await {
+            g.process(c);
+        }
+    };
+    let g = gc.clone();
+    let deleter = gc.delete_queue.clone().run(5, "garbage-collector", move |uid| {
+        let g = g.clone();
+        async move { g.attempt_to_delete(&uid).await }
+    });
+    let g = gc.clone();
+    let orphaner = gc.orphan_queue.clone().run(2, "garbage-collector-orphan", move |uid| {
+        let g = g.clone();
+        async move { g.attempt_to_orphan(&uid).await }
+    });
+    tokio::select! {
+        _ = builder => {}
+        _ = deleter => {}
+        _ = orphaner => {}
+    }
+    Ok(())
+}
+
+impl Gc {
+    /// The graph builder: one change at a time, in watch order.
+    fn process(&self, change: Change) {
+        let mut graph = self.graph.lock().unwrap();
+        match change {
+            Change::Upsert(r, meta) => {
+                let uid = meta.uid.clone().unwrap_or_default();
+                let owners = meta.owner_references.clone().unwrap_or_default();
+                let finalizers = meta.finalizers.clone().unwrap_or_default();
+                let deleting = meta.deletion_timestamp.is_some();
+                let node = graph.entry(uid.clone()).or_default();
+                let old_owners = std::mem::take(&mut node.owners);
+                node.api_version = r.ar.api_version.clone();
+                node.kind = r.ar.kind.clone();
+                node.namespace = meta.namespace.clone();
+                node.name = meta.name.clone().unwrap_or_default();
+                node.observed = true;
+                node.owners = owners.clone();
+                let was_deleting_dependents = node.deleting_dependents();
+                node.deleting = deleting;
+                node.finalizers = finalizers;
+                let (deleting_dependents, orphaning) = (node.deleting_dependents(), node.orphaning());
+                let dependents: Vec<String> = node.dependents.iter().cloned().collect();
+                let old: HashSet<&str> = old_owners.iter().map(|o| o.uid.as_str()).collect();
+                let new: HashSet<&str> = owners.iter().map(|o| o.uid.as_str()).collect();
+                for o in &owners {
+                    if old.contains(o.uid.as_str()) {
+                        continue;
+                    }
+                    let owner = graph.entry(o.uid.clone()).or_insert_with(|| GraphNode {
+                        api_version: o.api_version.clone(),
+                        kind: o.kind.clone(),
+                        namespace: meta.namespace.clone(),
+                        name: o.name.clone(),
+                        ..Default::default()
+                    });
+                    owner.dependents.insert(uid.clone());
+                    if !owner.observed || owner.deleting {
+                        // Maybe dangling, or its owner is going: look.
+                        self.delete_queue.add(uid.clone());
+                    }
+                }
+                for o in &old_owners {
+                    if new.contains(o.uid.as_str()) {
+                        continue;
+                    }
+                    if let Some(owner) = graph.get_mut(&o.uid) {
+                        owner.dependents.remove(&uid);
+                        if owner.deleting_dependents() {
+                            self.delete_queue.add(o.uid.clone());
+                        }
+                        if !owner.observed && owner.dependents.is_empty() {
+                            graph.remove(&o.uid);
+                        }
+                    }
+                }
+                if orphaning {
+                    self.orphan_queue.add(uid.clone());
+                }
+                if deleting_dependents {
+                    if !was_deleting_dependents {
+                        for d in &dependents {
+                            self.delete_queue.add(d.clone());
+                        }
+                    }
+                    self.delete_queue.add(uid.clone());
+                }
+                // A dependent that is now being deleted may unblock its owners.
+                if deleting {
+                    for o in &owners {
+                        if graph.get(&o.uid).is_some_and(|n| n.deleting_dependents()) {
+                            self.delete_queue.add(o.uid.clone());
+                        }
+                    }
+                }
+            }
+            Change::Delete(meta) => {
+                let uid = meta.uid.clone().unwrap_or_default();
+                let Some(node) = graph.remove(&uid) else {
+                    return;
+                };
+                for d in &node.dependents {
+                    self.delete_queue.add(d.clone());
+                }
+                if !node.dependents.is_empty() {
+                    // Keep the edges: the dependents still name this (now absent) owner.
+                    graph.insert(
+                        uid.clone(),
+                        GraphNode {
+                            api_version: node.api_version.clone(),
+                            kind: node.kind.clone(),
+                            namespace: node.namespace.clone(),
+                            name: node.name.clone(),
+                            dependents: node.dependents.clone(),
+                            ..Default::default()
+                        },
+                    );
+                }
+                for o in &node.owners {
+                    if let Some(owner) = graph.get_mut(&o.uid) {
+                        owner.dependents.remove(&uid);
+                        if owner.deleting_dependents() {
+                            self.delete_queue.add(o.uid.clone());
+                        }
+                        if !owner.observed && owner.dependents.is_empty() {
+                            graph.remove(&o.uid);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn api_for(&self, api_version: &str, kind: &str, ns: Option<&str>) -> Option<Api<DynamicObject>> {
+        let r = self.resources.get(&(api_version.to_string(), kind.to_string()))?;
+        Some(match (r.namespaced, ns) {
+            (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &r.ar),
+            (true, None) => return None,
+            (false, _) => Api::all_with(self.client.clone(), &r.ar),
+        })
+    }
+
+    async fn attempt_to_delete(&self, uid: &str) -> anyhow::Result<Option<Duration>> {
+        let (api_version, kind, ns, name, deleting, deleting_dependents) = {
+            let graph = self.graph.lock().unwrap();
+            let Some(n) = graph.get(uid) else {
+                return Ok(None);
+            };
+            if !n.observed {
+                return Ok(None);
+            }
+            (
+                n.api_version.clone(),
+                n.kind.clone(),
+                n.namespace.clone(),
+                n.name.clone(),
+                n.deleting,
+                n.deleting_dependents(),
+            )
+        };
+        let Some(api) = self.api_for(&api_version, &kind, ns.as_deref()) else {
+            return Ok(None);
+        };
+        if deleting_dependents {
+            return self.process_deleting_dependents(uid, &api, &name).await;
+        }
+        if deleting {
+            return Ok(None);
+        }
+        // The latest owners, from the API rather than the graph.
+        let Some(latest) = api.get_metadata_opt(&name).await? else {
+            return Ok(None);
+        };
+        if latest.metadata.uid.as_deref() != Some(uid) {
+            return Ok(None);
+        }
+        let owners = latest.metadata.owner_references.clone().unwrap_or_default();
+        if owners.is_empty() {
+            return Ok(None);
+        }
+        let (mut solid, mut dangling, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
+        for o in &owners {
+            match self.owner_state(o, ns.as_deref()).await? {
+                OwnerState::Solid => solid.push(o.uid.clone()),
+                OwnerState::Dangling => dangling.push(o.uid.clone()),
+                OwnerState::Waiting => waiting.push(o.uid.clone()),
+            }
+        }
+        let rv = latest.metadata.resource_version.clone();
+        if !solid.is_empty() {
+            if dangling.is_empty() && waiting.is_empty() {
+                return Ok(None);
+            }
+            let keep: Vec<&OwnerReference> = owners
+                .iter()
+                .filter(|o| !dangling.contains(&o.uid) && !waiting.contains(&o.uid))
+                .collect();
+            let patch = json!({"metadata": {"ownerReferences": list_or_null(&keep), "resourceVersion": rv}});
+            tracing::debug!(%kind, %name, "removing dangling owner references");
+            return patch_ok(api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await);
+        }
+        let has_dependents = self
+            .graph
+            .lock()
+            .unwrap()
+            .get(uid)
+            .is_some_and(|n| !n.dependents.is_empty());
+        let finalizers = latest.metadata.finalizers.clone().unwrap_or_default();
+        let policy = if !waiting.is_empty() && has_dependents {
+            "Foreground"
+        } else if finalizers.iter().any(|f| f == ORPHAN) {
+            "Orphan"
+        } else if finalizers.iter().any(|f| f == FOREGROUND) {
+            "Foreground"
+        } else {
+            "Background"
+        };
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            propagation_policy: Some(match policy {
+                "Foreground" => kube::api::PropagationPolicy::Foreground,
+                "Orphan" => kube::api::PropagationPolicy::Orphan,
+                _ => kube::api::PropagationPolicy::Background,
+            }),
+            ..Default::default()
+        };
+        tracing::debug!(%kind, %name, policy, "deleting an object whose owners are gone");
+        match api.delete(&name, &dp).await {
+            Ok(_) => Ok(None),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn owner_state(&self, o: &OwnerReference, ns: Option<&str>) -> anyhow::Result<OwnerState> {
+        let Some(api) = self.api_for(&o.api_version, &o.kind, ns) else {
+            // Not a kind we can look up: never delete on a guess.
+            return Ok(OwnerState::Solid);
+        };
+        let Some(owner) = api.get_metadata_opt(&o.name).await? else {
+            return Ok(OwnerState::Dangling);
+        };
+        if owner.metadata.uid.as_deref() != Some(o.uid.as_str()) {
+            return Ok(OwnerState::Dangling);
+        }
+        let waiting = owner.metadata.deletion_timestamp.is_some()
+            && owner
+                .metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .any(|f| f == FOREGROUND);
+        Ok(if waiting {
+            OwnerState::Waiting
+        } else {
+            OwnerState::Solid
+        })
+    }
+
+    /// An owner deleted in the foreground: delete its blocking dependents; when none is left,
+    /// remove its finalizer.
+    async fn process_deleting_dependents(
+        &self,
+        uid: &str,
+        api: &Api<DynamicObject>,
+        name: &str,
+    ) -> anyhow::Result<Option<Duration>> {
+        let blocking: Vec<(String, bool)> = {
+            let graph = self.graph.lock().unwrap();
+            let Some(n) = graph.get(uid) else {
+                return Ok(None);
+            };
+            n.dependents
+                .iter()
+                .filter_map(|d| {
+                    let dep = graph.get(d)?;
+                    let blocks = dep
+                        .owners
+                        .iter()
+                        .any(|o| o.uid == uid && o.block_owner_deletion == Some(true));
+                    blocks.then(|| (d.clone(), dep.deleting))
+                })
+                .collect()
+        };
+        if blocking.is_empty() {
+            remove_finalizer(api, name, uid, FOREGROUND).await?;
+            return Ok(None);
+        }
+        for (d, deleting) in blocking {
+            if !deleting {
+                self.delete_queue.add(d);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn attempt_to_orphan(&self, uid: &str) -> anyhow::Result<Option<Duration>> {
+        let (owner_api, name, dependents) = {
+            let graph = self.graph.lock().unwrap();
+            let Some(n) = graph.get(uid) else {
+                return Ok(None);
+            };
+            if !n.orphaning() {
+                return Ok(None);
+            }
+            let deps: Vec<(String, String, Option<String>, String)> = n
+                .dependents
+                .iter()
+                .filter_map(|d| graph.get(d))
+                .map(|d| (d.api_version.clone(), d.kind.clone(), d.namespace.clone(), d.name.clone()))
+                .collect();
+            (
+                self.api_for(&n.api_version, &n.kind, n.namespace.as_deref()),
+                n.name.clone(),
+                deps,
+            )
+        };
+        for (av, kind, ns, dname) in dependents {
+            let Some(api) = self.api_for(&av, &kind, ns.as_deref()) else {
+                continue;
+            };
+            let Some(dep) = api.get_metadata_opt(&dname).await? else {
+                continue;
+            };
+            let owners = dep.metadata.owner_references.clone().unwrap_or_default();
+            if !owners.iter().any(|o| o.uid == uid) {
+                continue;
+            }
+            let keep: Vec<&OwnerReference> = owners.iter().filter(|o| o.uid != uid).collect();
+            let patch = json!({"metadata": {"ownerReferences": list_or_null(&keep),
+                "resourceVersion": dep.metadata.resource_version}});
+            patch_ok(api.patch(&dname, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+        }
+        if let Some(api) = owner_api {
+            remove_finalizer(&api, &name, uid, ORPHAN).await?;
+        }
+        Ok(None)
+    }
+}
+
+/// A merge patch removes a field with null: an emptied list goes away, as upstream leaves it.
+fn list_or_null<T: serde::Serialize>(items: &[T]) -> serde_json::Value {
+    if items.is_empty() {
+        serde_json::Value::Null
+    } else {
+        json!(items)
+    }
+}
+
+enum OwnerState {
+    Solid,
+    Dangling,
+    Waiting,
+}
+
+fn patch_ok<T>(r: Result<T, kube::Error>) -> anyhow::Result<Option<Duration>> {
+    match r {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn remove_finalizer(
+    api: &Api<DynamicObject>,
+    name: &str,
+    uid: &str,
+    finalizer: &str,
+) -> anyhow::Result<()> {
+    let Some(cur) = api.get_metadata_opt(name).await? else {
+        return Ok(());
+    };
+    if cur.metadata.uid.as_deref() != Some(uid) {
+        return Ok(());
+    }
+    let fins = cur.metadata.finalizers.clone().unwrap_or_default();
+    if !fins.iter().any(|f| f == finalizer) {
+        return Ok(());
+    }
+    let keep: Vec<&String> = fins.iter().filter(|f| *f != finalizer).collect();
+    let patch = json!({"metadata": {"finalizers": list_or_null(&keep), "resourceVersion": cur.metadata.resource_version}});
+    patch_ok(api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! What the workload controllers ask of pods: active, ready, available, which to delete first,
+//! and how to make one from a template.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+/// Not finished and not being deleted (upstream's IsPodActive).
+pub fn is_active(p: &Pod) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded" | "Failed")) && p.metadata.deletion_timestamp.is_none()
+}
+
+fn ready_condition(p: &Pod) -> Option<&k8s_openapi::api::core::v1::PodCondition> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
+pub fn is_ready(p: &Pod) -> bool {
+    ready_condition(p).is_some_and(|c| c.status == "True")
+}
+
+/// Ready for at least `min_ready_seconds` at `now`.
+pub fn is_available(p: &Pod, min_ready_seconds: i32, now: Timestamp) -> bool {
+    let Some(c) = ready_condition(p).filter(|c| c.status == "True") else {
+        return false;
+    };
+    if min_ready_seconds <= 0 {
+        return true;
+    }
+    match &c.last_transition_time {
+        Some(t) => t.0 + SignedDuration::from_secs(min_ready_seconds as i64) <= now,
+        None => false,
+    }
+}
+
+fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|cs| cs.iter().map(|c| c.restart_count).max().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+fn phase_rank(p: &Pod) -> u8 {
+    match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Running") => 2,
+        Some("Unknown") => 1,
+        _ => 0,
+    }
+}
+
+/// The `n` pods to delete first, as upstream ranks them: unscheduled, then pending, then not
+/// ready, then those sharing a node with more of their siblings, then ready for the shortest
+/// time, then most restarts, then newest.
+pub fn rank_for_deletion(pods: &[Arc<Pod>], n: usize) -> Vec<Arc<Pod>> {
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for p in pods {
+        if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            *per_node.entry(node).or_default() += 1;
+        }
+    }
+    let mut sorted: Vec<Arc<Pod>> = pods.to_vec();
+    sorted.sort_by(|a, b| {
+        let node = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone());
+        let assigned = |p: &Pod| node(p).is_some_and(|n| !n.is_empty());
+        let rank = |p: &Pod| node(p).map(|n| per_node[&n]).unwrap_or(0);
+        let ready_since = |p: &Pod| {
+            ready_condition(p)
+                .filter(|c| c.status == "True")
+                .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
+        };
+        let created = |p: &Pod| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        assigned(a)
+            .cmp(&assigned(b))
+            .then(phase_rank(a).cmp(&phase_rank(b)))
+            .then(is_ready(a).cmp(&is_ready(b)))
+            .then(rank(b).cmp(&rank(a)))
+            .then_with(|| match (ready_since(a), ready_since(b)) {
+                (Some(x), Some(y)) => y.cmp(&x),
+                _ => std::cmp::Ordering::Equal,
+            })
+            .then(restarts(b).cmp(&restarts(a)))
+            .then(created(b).cmp(&created(a)))
+    });
+    sorted.truncate(n);
+    sorted
+}
+
+/// A pod for a controller: the template's labels, annotations and spec, a generated name after
+/// the owner's, and the controller reference.
+pub fn from_template(template: &PodTemplateSpec, owner_name: &str, owner: OwnerReference) -> Pod {
+    let tm = template.metadata.clone().unwrap_or_default();
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{owner_name}-")),
+            labels: tm.labels,
+            annotations: tm.annotations,
+            finalizers: tm.finalizers,
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: template.spec.clone(),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, node: Option<&str>, phase: &str, ready: bool, created: &str) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "creationTimestamp": created},
+                "spec": {"containers": [], "nodeName": node},
+                "status": {"phase": phase, "conditions": [
+                    {"type": "Ready", "status": if ready {"True"} else {"False"},
+                     "lastTransitionTime": created}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn victims_are_unscheduled_then_pending_then_unready_then_newest() {
+        let pods = vec![
+            pod("old-ready", Some("n1"), "Running", true, "2026-01-01T00:00:00Z"),
+            pod("new-ready", Some("n2"), "Running", true, "2026-01-02T00:00:00Z"),
+            pod("unready", Some("n3"), "Running", false, "2026-01-01T00:00:00Z"),
+            pod("pending", Some("n4"), "Pending", false, "2026-01-01T00:00:00Z"),
+            pod("unscheduled", None, "Pending", false, "2026-01-01T00:00:00Z"),
+        ];
+        let order: Vec<String> = rank_for_deletion(&pods, 5)
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(order, ["unscheduled", "pending", "unready", "new-ready", "old-ready"]);
+        assert_eq!(rank_for_deletion(&pods, 2).len(), 2);
+    }
+
+    #[test]
+    fn crowded_nodes_lose_pods_first() {
+        let pods = vec![
+            pod("alone", Some("n1"), "Running", true, "2026-01-01T00:00:00Z"),
+            pod("crowd-a", Some("n2"), "Running", true, "2026-01-01T00:00:00Z"),
+            pod("crowd-b", Some("n2"), "Running", true, "2026-01-01T00:00:00Z"),
+        ];
+        let first = &rank_for_deletion(&pods, 1)[0];
+        assert!(first.metadata.name.as_deref().unwrap().starts_with("crowd"));
+    }
+
+    #[test]
+    fn availability_waits_for_min_ready_seconds() {
+        let p = pod("p", Some("n"), "Running", true, "2026-01-01T00:00:00Z");
+        let t: Timestamp = "2026-01-01T00:00:05Z".parse().unwrap();
+        assert!(is_available(&p, 0, t));
+        assert!(is_available(&p, 5, t));
+        assert!(!is_available(&p, 6, t));
+        assert!(is_active(&p));
+    }
+}
