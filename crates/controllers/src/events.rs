@@ -38,6 +38,14 @@ impl Recorder {
         Recorder { tx, component }
     }
 
+    /// The same queue, reporting as another component (`deployment-controller`, ...).
+    pub fn named(&self, component: &'static str) -> Recorder {
+        Recorder {
+            tx: self.tx.clone(),
+            component,
+        }
+    }
+
     /// Record `reason`/`message` (type Normal or Warning) about `obj`.
     pub fn record<K: Resource<DynamicType = ()>>(
         &self,

@@ -4,6 +4,7 @@
 //! Today: the namespace controller, the ServiceAccount controller and node IPAM. The node lifecycle, workload, endpoints and garbage
 //! collection controllers join here (one file or folder each) on the same runtime.
 
+pub mod deployment;
 pub mod events;
 pub mod gc;
 pub mod leader;
@@ -14,7 +15,7 @@ pub mod replicaset;
 pub mod runtime;
 pub mod serviceaccount;
 
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, ReplicationController};
 use kube::{Api, Client};
 
@@ -54,11 +55,19 @@ pub async fn run(
         async move {
             let recorder = events::Recorder::new(client.clone(), "controller-manager");
             let pods = runtime::start(Api::<Pod>::all(client.clone()), Default::default());
+            let replicasets = runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default());
             let rs = replicaset::ReplicaController::new(
                 client.clone(),
-                runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default()),
+                replicasets.clone(),
                 pods.clone(),
-                recorder.clone(),
+                recorder.named("replicaset-controller"),
+            );
+            let deployments = deployment::DeploymentController::new(
+                client.clone(),
+                runtime::start(Api::<Deployment>::all(client.clone()), Default::default()),
+                replicasets,
+                pods.clone(),
+                recorder.named("deployment-controller"),
             );
             let rc = replicaset::ReplicaController::new(
                 client.clone(),
@@ -67,7 +76,7 @@ pub async fn run(
                     Default::default(),
                 ),
                 pods.clone(),
-                recorder.clone(),
+                recorder.named("replication-controller"),
             );
             tokio::select! {
                 r = gc::run(client.clone()) => {
@@ -76,6 +85,7 @@ pub async fn run(
                     }
                 }
                 _ = rs.run(WORKERS) => {}
+                _ = deployments.run(WORKERS) => {}
                 _ = rc.run(WORKERS) => {}
                 _ = nodeipam::run(client.clone(), config.cluster_cidr) => {}
                 _ = namespace::run(client.clone()) => {}
