@@ -4,6 +4,7 @@
 //! Today: the namespace controller, the ServiceAccount controller and node IPAM. The node lifecycle, workload, endpoints and garbage
 //! collection controllers join here (one file or folder each) on the same runtime.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod events;
 pub mod gc;
@@ -15,8 +16,8 @@ pub mod replicaset;
 pub mod runtime;
 pub mod serviceaccount;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, ReplicationController};
+use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Node, Pod, ReplicationController};
 use kube::{Api, Client};
 
 /// Concurrent reconciles per workload controller (upstream's --concurrent-*-syncs default 5).
@@ -78,7 +79,17 @@ pub async fn run(
                 pods.clone(),
                 recorder.named("replication-controller"),
             );
+            let nodes = runtime::start(Api::<Node>::all(client.clone()), Default::default());
+            let daemonsets = daemonset::DaemonSetController::new(
+                client.clone(),
+                runtime::start(Api::<DaemonSet>::all(client.clone()), Default::default()),
+                nodes.clone(),
+                pods.clone(),
+                runtime::start(Api::<ControllerRevision>::all(client.clone()), Default::default()),
+                recorder.named("daemonset-controller"),
+            );
             tokio::select! {
+                _ = daemonsets.run(WORKERS) => {}
                 r = gc::run(client.clone()) => {
                     if let Err(e) = r {
                         tracing::error!(error = %e, "garbage collector stopped");
