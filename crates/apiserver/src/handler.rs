@@ -2036,6 +2036,69 @@ pub async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `kubernetes` Service in `default` (ClusterIP 10.43.0.1:443) and its Endpoints and
+/// EndpointSlice pointing at this API server (upstream's API server keeps these itself: the
+/// Service has no selector, so the endpoints controller leaves it alone).
+pub async fn publish_self(state: &Arc<State>, ip: std::net::IpAddr, port: u16) -> anyhow::Result<()> {
+    let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let objects = [
+        ("", "v1", "services", json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.43.0.1", "clusterIPs": ["10.43.0.1"],
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}})),
+        ("", "v1", "endpoints", json!({"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+            "subsets": [{"addresses": [{"ip": ip.to_string()}],
+                         "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]})),
+        ("discovery.k8s.io", "v1", "endpointslices", json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": family,
+            "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}]})),
+    ];
+    for (group, version, plural, obj) in objects {
+        let kind = lookup(group, version, plural)
+            .ok_or_else(|| anyhow::anyhow!("{plural} kind missing"))?;
+        let ctx = Ctx {
+            manager: "kube-apiserver".into(),
+            state: state.clone(),
+            kind,
+            namespace: Some("default".into()),
+            query: Query(HashMap::new()),
+            table: false,
+        };
+        match ctx.create_object(obj.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {
+                // Keep it pointing here (the address or port may have changed).
+                let want = obj.clone();
+                let r = ctx
+                    .guaranteed_update("kubernetes", None, Some("kube-apiserver"), move |cur| {
+                        let mut new = cur.clone();
+                        for k in ["subsets", "endpoints", "ports", "addressType"] {
+                            if let Some(v) = want.get(k) {
+                                new[k] = v.clone();
+                            }
+                        }
+                        if want["kind"] == "Service" {
+                            new["spec"]["ports"] = want["spec"]["ports"].clone();
+                        }
+                        Ok(new)
+                    })
+                    .await;
+                if let Err(e) = r {
+                    anyhow::bail!("updating the kubernetes {plural}: {e}");
+                }
+            }
+            Err(e) => anyhow::bail!("creating the kubernetes {plural}: {e}"),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,6 +58,7 @@ pub struct PriorityCache {
 /// A running API server.
 pub struct ApiServer {
     pub local_addr: SocketAddr,
+    state: Arc<State>,
     shutdown: tokio_watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -91,13 +92,19 @@ impl ApiServer {
         let mut tls = tls;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let done = tokio::spawn(accept_loop(listener, acceptor, state, shutdown_rx));
+        let done = tokio::spawn(accept_loop(listener, acceptor, state.clone(), shutdown_rx));
         tracing::info!(%local_addr, "API server listening");
         Ok(ApiServer {
             local_addr,
+            state,
             shutdown: shutdown_tx,
             done,
         })
+    }
+
+    /// Publish the `kubernetes` Service and its endpoints at `ip` and this server's port.
+    pub async fn publish_self(&self, ip: std::net::IpAddr) -> anyhow::Result<()> {
+        handler::publish_self(&self.state, ip, self.local_addr.port()).await
     }
 
     /// Stop accepting, end watches, let in-flight requests finish (bounded), then return.

@@ -6,6 +6,7 @@
 
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 pub mod events;
 pub mod gc;
 pub mod leader;
@@ -17,7 +18,8 @@ pub mod runtime;
 pub mod serviceaccount;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, Pod, ReplicationController};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ReplicationController, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Api, Client};
 
 /// Concurrent reconciles per workload controller (upstream's --concurrent-*-syncs default 5).
@@ -88,7 +90,16 @@ pub async fn run(
                 runtime::start(Api::<ControllerRevision>::all(client.clone()), Default::default()),
                 recorder.named("daemonset-controller"),
             );
+            let endpoints = endpoints::EndpointsController::new(
+                client.clone(),
+                runtime::start(Api::<Service>::all(client.clone()), Default::default()),
+                pods.clone(),
+                nodes.clone(),
+                runtime::start(Api::<Endpoints>::all(client.clone()), Default::default()),
+                runtime::start(Api::<EndpointSlice>::all(client.clone()), Default::default()),
+            );
             tokio::select! {
+                _ = endpoints.run(WORKERS) => {}
                 _ = daemonsets.run(WORKERS) => {}
                 r = gc::run(client.clone()) => {
                     if let Err(e) = r {

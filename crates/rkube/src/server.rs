@@ -263,6 +263,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let api = apiserver::ApiServer::start(store, addr, pki.serving.clone(), compaction, signer)
         .await
         .with_context(|| format!("starting the API server on {addr}"))?;
+    api.publish_self(advertise_address(args.bind_address))
+        .await
+        .context("publishing the kubernetes Service")?;
     let host_for_clients = if args.bind_address.is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
@@ -322,4 +325,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     api.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The address other hosts reach this server at: the bind address, or (bound to every
+/// address) the source address of the default route, or loopback without one.
+fn advertise_address(bind: IpAddr) -> IpAddr {
+    if !bind.is_unspecified() {
+        return bind;
+    }
+    // Connecting a UDP socket sends nothing; it only picks the route's source address.
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
