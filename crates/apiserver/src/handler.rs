@@ -911,6 +911,7 @@ impl Ctx {
             let qos = pod_qos(&obj);
             obj["status"] = json!({"phase": "Pending", "qosClass": qos});
             self.admit_priority(&mut obj).await?;
+            default_toleration_seconds(&mut obj);
         }
         let name = meta_str(&obj, "name").to_string();
         let causes = strategy::validate(kind, &obj);
@@ -1908,6 +1909,36 @@ impl Ctx {
     }
 }
 
+/// Upstream's DefaultTolerationSeconds admission: a pod that does not tolerate the
+/// `not-ready` and `unreachable` NoExecute taints tolerates them for 300 s, so the node
+/// lifecycle controller evicts it five minutes after its node fails.
+pub fn default_toleration_seconds(pod: &mut Value) {
+    const SECONDS: i64 = 300;
+    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+        let tolerated = pod["spec"]["tolerations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| {
+                let effect = t["effect"].as_str().unwrap_or_default();
+                let tkey = t["key"].as_str().unwrap_or_default();
+                let op = t["operator"].as_str().unwrap_or("Equal");
+                (effect.is_empty() || effect == "NoExecute")
+                    && (tkey == key || (tkey.is_empty() && op == "Exists"))
+            });
+        if tolerated {
+            continue;
+        }
+        if !pod["spec"]["tolerations"].is_array() {
+            pod["spec"]["tolerations"] = json!([]);
+        }
+        if let Some(t) = pod["spec"]["tolerations"].as_array_mut() {
+            t.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                          "tolerationSeconds": SECONDS}));
+        }
+    }
+}
+
 /// The garbage collector's finalizers for a delete's propagation policy (upstream's
 /// deletionFinalizersForGarbageCollection): `Orphan` adds `orphan`, `Foreground` adds
 /// `foregroundDeletion`, an explicit `Background` removes both; no policy keeps what is there.
@@ -2126,6 +2157,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn default_toleration_seconds_adds_what_is_missing() {
+        let mut pod = json!({"spec": {"tolerations": [
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5}]}});
+        default_toleration_seconds(&mut pod);
+        let t = pod["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0]["tolerationSeconds"], 5);
+        assert_eq!(t[1]["key"], "node.kubernetes.io/not-ready");
+        assert_eq!(t[1]["tolerationSeconds"], 300);
+        let mut all = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
+        default_toleration_seconds(&mut all);
+        assert_eq!(all["spec"]["tolerations"].as_array().unwrap().len(), 1);
+        let mut none = json!({"spec": {}});
+        default_toleration_seconds(&mut none);
+        assert_eq!(none["spec"]["tolerations"].as_array().unwrap().len(), 2);
     }
 
     #[test]

@@ -399,9 +399,9 @@ fn cells(kind: &Kind, obj: &Value, now: i64) -> Vec<Value> {
             for c in status["conditions"].as_array().into_iter().flatten() {
                 if s(&c["type"]) == "Ready" {
                     st = match s(&c["status"]) {
+                        // Upstream's printer: anything but True is "Not" + type.
                         "True" => "Ready".into(),
-                        "False" => "NotReady".into(),
-                        _ => "Unknown".into(),
+                        _ => "NotReady".into(),
                     };
                 }
             }

@@ -12,6 +12,7 @@ pub mod gc;
 pub mod leader;
 pub mod namespace;
 pub mod nodeipam;
+pub mod nodelifecycle;
 pub mod pods;
 pub mod replicaset;
 pub mod runtime;
@@ -19,6 +20,7 @@ pub mod serviceaccount;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ReplicationController, Service};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Api, Client};
 
@@ -30,6 +32,7 @@ const WORKERS: usize = 5;
 pub struct Config {
     /// Pod CIDRs for nodes are cut from this range (`--cluster-cidr`).
     pub cluster_cidr: nodeipam::ClusterCidr,
+    pub node_lifecycle: nodelifecycle::Settings,
 }
 
 impl Default for Config {
@@ -37,6 +40,7 @@ impl Default for Config {
         Config {
             cluster_cidr: nodeipam::ClusterCidr::parse(DEFAULT_CLUSTER_CIDR, 24)
                 .expect("the default cluster CIDR parses"),
+            node_lifecycle: nodelifecycle::Settings::default(),
         }
     }
 }
@@ -98,7 +102,16 @@ pub async fn run(
                 runtime::start(Api::<Endpoints>::all(client.clone()), Default::default()),
                 runtime::start(Api::<EndpointSlice>::all(client.clone()), Default::default()),
             );
+            let lifecycle = nodelifecycle::NodeLifecycle::new(
+                client.clone(),
+                config.node_lifecycle.clone(),
+                nodes.clone(),
+                runtime::start(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), Default::default()),
+                pods.clone(),
+                recorder.named("node-controller"),
+            );
             tokio::select! {
+                _ = lifecycle.run() => {}
                 _ = endpoints.run(WORKERS) => {}
                 _ = daemonsets.run(WORKERS) => {}
                 r = gc::run(client.clone()) => {

@@ -51,9 +51,8 @@ enum Command {
     ControllerManager {
         #[arg(long)]
         kubeconfig: PathBuf,
-        /// The range node pod CIDRs (/24 each) are allocated from.
-        #[arg(long, env = "RKUBE_CLUSTER_CIDR", default_value = controllers::DEFAULT_CLUSTER_CIDR)]
-        cluster_cidr: String,
+        #[command(flatten)]
+        controllers: server::ControllerArgs,
     },
     /// The kubelet alone.
     Kubelet {
@@ -152,12 +151,9 @@ fn main() -> ExitCode {
         }),
         Command::ControllerManager {
             kubeconfig,
-            cluster_cidr,
+            controllers,
         } => runtime.block_on(async move {
-            let config = controllers::Config {
-                cluster_cidr: controllers::nodeipam::ClusterCidr::parse(&cluster_cidr, 24)
-                    .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?,
-            };
+            let config = controllers.config()?;
             let client = client_from_kubeconfig(&kubeconfig).await?;
             controllers::run(client, config, async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -45,12 +45,70 @@ pub struct ServerArgs {
     /// revisions, so watchers and paged lists can resume within 1-2 intervals.
     #[arg(long, env = "RKUBE_COMPACTION_INTERVAL_SECONDS", default_value_t = 300)]
     pub compaction_interval_seconds: u64,
-    /// The range node pod CIDRs (/24 each) are allocated from.
-    #[arg(long, env = "RKUBE_CLUSTER_CIDR", default_value = controllers::DEFAULT_CLUSTER_CIDR)]
-    pub cluster_cidr: String,
+    #[command(flatten)]
+    pub controllers: ControllerArgs,
     /// Registries to pull from over plain HTTP (repeatable).
     #[arg(long, env = "RKUBE_INSECURE_REGISTRY")]
     pub insecure_registry: Vec<String>,
+}
+
+/// The controller manager's flags (in `rkube server` and `rkube controller-manager`).
+#[derive(Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// The range node pod CIDRs (/24 each) are allocated from.
+    #[arg(long, env = "RKUBE_CLUSTER_CIDR", default_value = controllers::DEFAULT_CLUSTER_CIDR)]
+    pub cluster_cidr: String,
+    /// How long a node may go unheard before its Ready condition becomes Unknown (`50s`, `1m`).
+    #[arg(long, default_value = "50s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: std::time::Duration,
+    /// How often node health is checked.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub node_monitor_period: std::time::Duration,
+    /// Nodes per second tainted for eviction in a healthy zone.
+    #[arg(long, default_value_t = 0.1)]
+    pub node_eviction_rate: f64,
+    /// Nodes per second in a partially disrupted zone larger than --large-cluster-size-threshold.
+    #[arg(long, default_value_t = 0.01)]
+    pub secondary_node_eviction_rate: f64,
+    /// The share of not-ready nodes (at least 3) that makes a zone partially disrupted.
+    #[arg(long, default_value_t = 0.55)]
+    pub unhealthy_zone_threshold: f64,
+    #[arg(long, default_value_t = 50)]
+    pub large_cluster_size_threshold: usize,
+}
+
+impl ControllerArgs {
+    pub fn config(&self) -> anyhow::Result<controllers::Config> {
+        Ok(controllers::Config {
+            cluster_cidr: controllers::nodeipam::ClusterCidr::parse(&self.cluster_cidr, 24)
+                .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?,
+            node_lifecycle: controllers::nodelifecycle::Settings {
+                grace_period: self.node_monitor_grace_period,
+                monitor_period: self.node_monitor_period,
+                eviction_rate: self.node_eviction_rate,
+                secondary_eviction_rate: self.secondary_node_eviction_rate,
+                unhealthy_zone_threshold: self.unhealthy_zone_threshold,
+                large_cluster_threshold: self.large_cluster_size_threshold,
+            },
+        })
+    }
+}
+
+/// `300ms`, `5s`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 50s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// TLS towards etcd (https endpoints).
@@ -285,10 +343,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if !args.disable.iter().any(|d| d == "controller-manager") {
         let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
         let mut stop = stop_rx.clone();
-        let config = controllers::Config {
-            cluster_cidr: controllers::nodeipam::ClusterCidr::parse(&args.cluster_cidr, 24)
-                .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))?,
-        };
+        let config = args.controllers.config()?;
         components.push(tokio::spawn(controllers::run(client, config, async move {
             let _ = stop.changed().await;
         })));
