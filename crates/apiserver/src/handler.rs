@@ -962,6 +962,7 @@ impl Ctx {
             }
             return Ok(obj);
         }
+        drop_empty_metadata(&mut obj);
         let bytes = serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?;
         let rev = self
             .state
@@ -1143,6 +1144,7 @@ impl Ctx {
         if let Some(m) = obj["metadata"].as_object_mut() {
             m.remove("resourceVersion");
         }
+        drop_empty_metadata(obj);
         let bytes = serde_json::to_vec(&*obj).map_err(|e| StoreError::Backend(e.to_string()))?;
         let rev = self
             .state
@@ -1909,12 +1911,34 @@ impl Ctx {
     }
 }
 
+/// Empty metadata lists and maps are not kept (upstream's `omitempty`): a patch that removes
+/// the last owner reference or finalizer leaves no `[]` behind.
+fn drop_empty_metadata(obj: &mut Value) {
+    if let Some(m) = obj["metadata"].as_object_mut() {
+        m.retain(|k, v| {
+            let empty = match v {
+                Value::Array(a) => a.is_empty(),
+                Value::Object(o) => o.is_empty(),
+                _ => false,
+            };
+            !(empty
+                && matches!(
+                    k.as_str(),
+                    "ownerReferences" | "finalizers" | "labels" | "annotations" | "managedFields"
+                ))
+        });
+    }
+}
+
 /// Upstream's DefaultTolerationSeconds admission: a pod that does not tolerate the
 /// `not-ready` and `unreachable` NoExecute taints tolerates them for 300 s, so the node
 /// lifecycle controller evicts it five minutes after its node fails.
 pub fn default_toleration_seconds(pod: &mut Value) {
     const SECONDS: i64 = 300;
-    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
         let tolerated = pod["spec"]["tolerations"]
             .as_array()
             .into_iter()
@@ -1933,8 +1957,10 @@ pub fn default_toleration_seconds(pod: &mut Value) {
             pod["spec"]["tolerations"] = json!([]);
         }
         if let Some(t) = pod["spec"]["tolerations"].as_array_mut() {
-            t.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute",
-                          "tolerationSeconds": SECONDS}));
+            t.push(
+                json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                          "tolerationSeconds": SECONDS}),
+            );
         }
     }
 }
@@ -2070,25 +2096,44 @@ pub async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
 /// The `kubernetes` Service in `default` (ClusterIP 10.43.0.1:443) and its Endpoints and
 /// EndpointSlice pointing at this API server (upstream's API server keeps these itself: the
 /// Service has no selector, so the endpoints controller leaves it alone).
-pub async fn publish_self(state: &Arc<State>, ip: std::net::IpAddr, port: u16) -> anyhow::Result<()> {
+pub async fn publish_self(
+    state: &Arc<State>,
+    ip: std::net::IpAddr,
+    port: u16,
+) -> anyhow::Result<()> {
     let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
     let objects = [
-        ("", "v1", "services", json!({"apiVersion": "v1", "kind": "Service",
+        (
+            "",
+            "v1",
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "kubernetes", "namespace": "default",
                          "labels": {"component": "apiserver", "provider": "kubernetes"}},
             "spec": {"type": "ClusterIP", "clusterIP": "10.43.0.1", "clusterIPs": ["10.43.0.1"],
-                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}})),
-        ("", "v1", "endpoints", json!({"apiVersion": "v1", "kind": "Endpoints",
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
+        ),
+        (
+            "",
+            "v1",
+            "endpoints",
+            json!({"apiVersion": "v1", "kind": "Endpoints",
             "metadata": {"name": "kubernetes", "namespace": "default",
                          "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
             "subsets": [{"addresses": [{"ip": ip.to_string()}],
-                         "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]})),
-        ("discovery.k8s.io", "v1", "endpointslices", json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                         "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]}),
+        ),
+        (
+            "discovery.k8s.io",
+            "v1",
+            "endpointslices",
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "kubernetes", "namespace": "default",
                          "labels": {"kubernetes.io/service-name": "kubernetes"}},
             "addressType": family,
             "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}],
-            "ports": [{"name": "https", "port": port, "protocol": "TCP"}]})),
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}),
+        ),
     ];
     for (group, version, plural, obj) in objects {
         let kind = lookup(group, version, plural)

@@ -69,6 +69,22 @@ enum Cmd {
         #[arg(long)]
         precreate: bool,
     },
+    /// Controller throughput on hollow nodes: N Deployments x R replicas created at once; pods
+    /// created and reported available per second; the hollow-nodes process's memory per node.
+    Deployments {
+        /// The rkube binary (default: next to this one).
+        #[arg(long)]
+        rkube: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        deployments: usize,
+        #[arg(long, default_value_t = 10)]
+        replicas: usize,
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        /// Concurrent creating clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+    },
     /// The embedded store and Debian's etcd side by side, same workload through the same API
     /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
     Datastores {
@@ -121,15 +137,7 @@ impl Server {
     }
 
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(f64::NAN)
+        rss_mib_of(self.child.id())
     }
 
     async fn client(&self) -> Result<kube::Client> {
@@ -855,6 +863,167 @@ async fn scheduler_bench(bin: PathBuf, which: &str, nodes: usize, precreate: boo
     Ok(())
 }
 
+fn rss_mib_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn deployments_bench(
+    bin: PathBuf,
+    deployments: usize,
+    replicas: usize,
+    nodes: usize,
+    clients: usize,
+) -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Node;
+    let server = Server::start(&bin)?;
+    let client = server.client().await?;
+    // The hollow nodes, all Ready before the clock starts.
+    let t0 = Instant::now();
+    let mut hollow = Command::new(&bin)
+        .args([
+            "hollow-nodes",
+            "--count",
+            &nodes.to_string(),
+            "--kubeconfig",
+        ])
+        .arg(&server.kubeconfig)
+        .args(["--max-pods", "250"])
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let node_api: Api<Node> = Api::all(client.clone());
+    loop {
+        let list = node_api.list_metadata(&ListParams::default()).await?;
+        if list.items.len() >= nodes {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("hollow nodes did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let registered = t0.elapsed();
+    // Let a lease round pass, then read the hollow process's memory.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let hollow_rss = rss_mib_of(hollow.id());
+    println!(
+        "hollow nodes: {nodes} registered in {:.1}s; hollow-nodes RSS {hollow_rss:.1} MiB = {:.3} MiB/node",
+        registered.as_secs_f64(),
+        hollow_rss / nodes as f64
+    );
+
+    // Watch pods: first sighting (created) and first Ready (available; minReadySeconds 0).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let total = deployments * replicas;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Instant)>();
+    let watch = {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut ready = std::collections::HashSet::new();
+            let mut stream = kube::runtime::watcher(pods, Default::default()).boxed();
+            while let Some(ev) = stream.next().await {
+                let Ok(ev) = ev else { continue };
+                let objs = match ev {
+                    kube::runtime::watcher::Event::Apply(p)
+                    | kube::runtime::watcher::Event::InitApply(p) => vec![p],
+                    _ => vec![],
+                };
+                for p in objs {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    if seen.insert(name.clone()) {
+                        let _ = tx.send((false, Instant::now()));
+                    }
+                    let is_ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    if is_ready && ready.insert(name) {
+                        let _ = tx.send((true, Instant::now()));
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deploy_api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let start = Instant::now();
+    create_many(deploy_api.clone(), deployments, clients, move |i| {
+        serde_json::from_value::<Deployment>(serde_json::json!({
+            "metadata": {"name": format!("d{i}")},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"d": format!("d{i}")}},
+                     "template": {"metadata": {"labels": {"d": format!("d{i}")}},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+        }))
+        .expect("a deployment")
+    })
+    .await?;
+    let created_deployments = start.elapsed();
+    let (mut created, mut available) = (0usize, 0usize);
+    let (mut last_created, mut last_available) = (start, start);
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    while available < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((true, t))) => {
+                available += 1;
+                last_available = t;
+            }
+            Ok(Some((false, t))) => {
+                created += 1;
+                last_created = t;
+            }
+            _ => break,
+        }
+    }
+    watch.abort();
+    // Every Deployment reports itself available.
+    let mut done = 0;
+    let t_status = Instant::now();
+    while t_status.elapsed() < Duration::from_secs(300) {
+        done = deploy_api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|d| {
+                d.status.as_ref().and_then(|s| s.available_replicas) == Some(replicas as i32)
+            })
+            .count();
+        if done == deployments {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all_reported = start.elapsed();
+    let secs = |t: Instant| t.duration_since(start).as_secs_f64();
+    println!("| deployments x replicas | hollow nodes | deployments created in | pods created | pods/s created | pods available | pods/s available | all Deployments report available after | server RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {deployments} x {replicas} | {nodes} | {:.1}s | {created} in {:.1}s | {:.0} | {available} in {:.1}s | {:.0} | {done}/{deployments} at {:.1}s | {:.0} |",
+        created_deployments.as_secs_f64(),
+        secs(last_created),
+        created as f64 / secs(last_created),
+        secs(last_available),
+        available as f64 / secs(last_available),
+        all_reported.as_secs_f64(),
+        server.rss_mib(),
+    );
+    let _ = hollow.kill();
+    let _ = hollow.wait();
+    Ok(())
+}
+
 /// The rkube binary: as given, or next to this one.
 fn rkube_bin(given: Option<PathBuf>) -> Result<PathBuf> {
     match given {
@@ -917,6 +1086,16 @@ async fn main() -> Result<()> {
         } => {
             let bin = rkube_bin(rkube)?;
             scheduler_bench(bin, &workloads, nodes, precreate).await
+        }
+        Cmd::Deployments {
+            rkube,
+            deployments,
+            replicas,
+            nodes,
+            clients,
+        } => {
+            let bin = rkube_bin(rkube)?;
+            deployments_bench(bin, deployments, replicas, nodes, clients).await
         }
         Cmd::Datastores { rkube, seconds } => {
             let bin = rkube_bin(rkube)?;

@@ -21,6 +21,7 @@ use kube::{Client, ResourceExt};
 use scheduler::plugins::selectors;
 use serde_json::{json, Value};
 
+use crate::claim::ok_or_gone;
 use crate::deployment::{resolve, template_hash};
 use crate::events::Recorder;
 use crate::pods;
@@ -68,7 +69,10 @@ fn all_tolerations(template: &PodTemplateSpec) -> Vec<Toleration> {
     let spec = template.spec.clone().unwrap_or_default();
     let mut tol = spec.tolerations.unwrap_or_default();
     for t in daemon_tolerations(spec.host_network.unwrap_or(false)) {
-        if !tol.iter().any(|x| x.key == t.key && x.effect == t.effect && x.operator == t.operator) {
+        if !tol
+            .iter()
+            .any(|x| x.key == t.key && x.effect == t.effect && x.operator == t.operator)
+        {
             tol.push(t);
         }
     }
@@ -95,7 +99,10 @@ pub fn should_run(template: &PodTemplateSpec, node: &Node) -> (bool, bool) {
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
     if let Some(req) = required {
         if !req
             .node_selector_terms
@@ -147,7 +154,9 @@ fn pod_for(ds: &DaemonSet, template: &PodTemplateSpec, hash: &str, node: &str) -
         match_expressions: None,
     };
     let affinity = spec.affinity.get_or_insert_with(Affinity::default);
-    let na = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+    let na = affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default);
     na.required_during_scheduling_ignored_during_execution = Some(NodeSelector {
         node_selector_terms: vec![term],
     });
@@ -258,7 +267,8 @@ impl DaemonSetController {
             Some(r) if r.revision == max => {}
             Some(r) => {
                 let patch = json!({"revision": max + 1});
-                api.patch(&r.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+                api.patch(&r.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
             }
             None => {
                 let data = json!({"spec": {"template": {"$patch": "replace"}}});
@@ -292,7 +302,12 @@ impl DaemonSetController {
             }
         }
         // History: old revisions no pod uses, beyond the limit.
-        let limit = ds.spec.as_ref().and_then(|s| s.revision_history_limit).unwrap_or(10).max(0) as usize;
+        let limit = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.revision_history_limit)
+            .unwrap_or(10)
+            .max(0) as usize;
         let in_use: std::collections::HashSet<String> = self
             .pods
             .list_controlled_by(&uid)
@@ -302,15 +317,15 @@ impl DaemonSetController {
         let old: Vec<&Arc<ControllerRevision>> = mine
             .iter()
             .filter(|r| r.name_any() != name)
-            .filter(|r| !r.labels().get(REVISION_HASH_LABEL).is_some_and(|h| in_use.contains(h)))
+            .filter(|r| {
+                !r.labels()
+                    .get(REVISION_HASH_LABEL)
+                    .is_some_and(|h| in_use.contains(h))
+            })
             .collect();
         if old.len() > limit {
             for r in old.iter().take(old.len() - limit) {
-                match api.delete(&r.name_any(), &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+                ok_or_gone(api.delete(&r.name_any(), &DeleteParams::default()).await)?
             }
         }
         Ok(hash)
@@ -392,30 +407,47 @@ impl DaemonSetController {
                 continue;
             }
             // More than one: keep the oldest (a new-revision one if any is available).
-            live.sort_by_key(|p| (p.labels().get(REVISION_HASH_LABEL) != Some(&hash), p.metadata.creation_timestamp.as_ref().map(|t| t.0)));
-            let new_pods: Vec<&Arc<Pod>> = live.iter().filter(|p| p.labels().get(REVISION_HASH_LABEL) == Some(&hash)).collect();
-            let old_pods: Vec<&Arc<Pod>> = live.iter().filter(|p| p.labels().get(REVISION_HASH_LABEL) != Some(&hash)).collect();
+            live.sort_by_key(|p| {
+                (
+                    p.labels().get(REVISION_HASH_LABEL) != Some(&hash),
+                    p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                )
+            });
+            let new_pods: Vec<&Arc<Pod>> = live
+                .iter()
+                .filter(|p| p.labels().get(REVISION_HASH_LABEL) == Some(&hash))
+                .collect();
+            let old_pods: Vec<&Arc<Pod>> = live
+                .iter()
+                .filter(|p| p.labels().get(REVISION_HASH_LABEL) != Some(&hash))
+                .collect();
             if !new_pods.is_empty() {
                 status.updated += 1;
             }
             if !new_pods.is_empty() && !old_pods.is_empty() {
                 surging += 1;
             }
-            let new_available = new_pods.iter().any(|p| pods::is_available(p, min_ready, now));
-            if live.len() > 1 {
-                if new_available || new_pods.is_empty() {
-                    // Surge finished (or plain duplicates): keep one, delete the rest.
-                    let keeper = if new_available {
-                        new_pods.iter().find(|p| pods::is_available(p, min_ready, now)).map(|p| (*p).clone())
-                    } else {
-                        Some(live[0].clone())
-                    };
-                    for p in &live {
-                        if keeper.as_ref().is_some_and(|k| k.metadata.uid == p.metadata.uid) {
-                            continue;
-                        }
-                        delete.push(p.clone());
+            let new_available = new_pods
+                .iter()
+                .any(|p| pods::is_available(p, min_ready, now));
+            if live.len() > 1 && (new_available || new_pods.is_empty()) {
+                // Surge finished (or plain duplicates): keep one, delete the rest.
+                let keeper = if new_available {
+                    new_pods
+                        .iter()
+                        .find(|p| pods::is_available(p, min_ready, now))
+                        .map(|p| (*p).clone())
+                } else {
+                    Some(live[0].clone())
+                };
+                for p in &live {
+                    if keeper
+                        .as_ref()
+                        .is_some_and(|k| k.metadata.uid == p.metadata.uid)
+                    {
+                        continue;
                     }
+                    delete.push(p.clone());
                 }
             }
             let any_ready = live.iter().any(|p| pods::is_ready(p));
@@ -430,7 +462,10 @@ impl DaemonSetController {
             }
             if rolling && run && new_pods.is_empty() && old_pods.len() == live.len() {
                 rolling_candidates.push((node.name_any(), live[0].clone()));
-                if old_pods.iter().all(|p| pods::is_available(p, min_ready, now)) {
+                if old_pods
+                    .iter()
+                    .all(|p| pods::is_available(p, min_ready, now))
+                {
                     surge_nodes.push(node.name_any());
                 }
             }
@@ -441,7 +476,11 @@ impl DaemonSetController {
         }
         // Rolling update.
         if rolling && self.expectations.satisfied(key) {
-            let ru = spec.update_strategy.as_ref().and_then(|s| s.rolling_update.clone()).unwrap_or_default();
+            let ru = spec
+                .update_strategy
+                .as_ref()
+                .and_then(|s| s.rolling_update.clone())
+                .unwrap_or_default();
             let desired = status.desired;
             let max_surge = resolve(ru.max_surge.as_ref(), 0, desired, true);
             let mut max_unavailable = resolve(ru.max_unavailable.as_ref(), 0, desired, true);
@@ -479,7 +518,8 @@ impl DaemonSetController {
         if self.expectations.satisfied(key) {
             delete.sort_by_key(|p| p.metadata.uid.clone());
             delete.dedup_by_key(|p| p.metadata.uid.clone());
-            self.expectations.expect(key, create_on.len() as i64, delete.len() as i64);
+            self.expectations
+                .expect(key, create_on.len() as i64, delete.len() as i64);
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
             let pp = PostParams::default();
             let creates = futures::future::join_all(create_on.iter().map(|node| {
@@ -491,10 +531,20 @@ impl DaemonSetController {
             .await;
             for (node, r) in creates {
                 match r {
-                    Ok(p) => self.recorder.record(&*ds, "Normal", "SuccessfulCreate", format!("Created pod: {}", p.name_any())),
+                    Ok(p) => self.recorder.record(
+                        &*ds,
+                        "Normal",
+                        "SuccessfulCreate",
+                        format!("Created pod: {}", p.name_any()),
+                    ),
                     Err(e) => {
                         self.expectations.lower(key, 1, 0);
-                        self.recorder.record(&*ds, "Warning", "FailedCreate", format!("Error creating: {e} (node {node})"));
+                        self.recorder.record(
+                            &*ds,
+                            "Warning",
+                            "FailedCreate",
+                            format!("Error creating: {e} (node {node})"),
+                        );
                     }
                 }
             }
@@ -502,7 +552,10 @@ impl DaemonSetController {
                 let api = api.clone();
                 async move {
                     let dp = DeleteParams {
-                        preconditions: Some(Preconditions { uid: p.metadata.uid.clone(), resource_version: None }),
+                        preconditions: Some(Preconditions {
+                            uid: p.metadata.uid.clone(),
+                            resource_version: None,
+                        }),
                         ..Default::default()
                     };
                     (p, api.delete(&p.name_any(), &dp).await)
@@ -511,7 +564,12 @@ impl DaemonSetController {
             .await;
             for (p, r) in deletes {
                 match r {
-                    Ok(_) => self.recorder.record(&*ds, "Normal", "SuccessfulDelete", format!("Deleted pod: {}", p.name_any())),
+                    Ok(_) => self.recorder.record(
+                        &*ds,
+                        "Normal",
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {}", p.name_any()),
+                    ),
                     Err(_) => self.expectations.lower(key, 0, 1),
                 }
             }
@@ -527,16 +585,28 @@ impl DaemonSetController {
             "observedGeneration": ds.metadata.generation.unwrap_or(0),
         });
         let cur = serde_json::to_value(&ds.status).unwrap_or(Value::Null);
-        let changed = ["desiredNumberScheduled", "currentNumberScheduled", "numberMisscheduled", "numberReady", "numberAvailable", "numberUnavailable", "updatedNumberScheduled", "observedGeneration"]
-            .iter()
-            .any(|k| cur[k].as_i64().unwrap_or(0) != st[k].as_i64().unwrap_or(0));
+        let changed = [
+            "desiredNumberScheduled",
+            "currentNumberScheduled",
+            "numberMisscheduled",
+            "numberReady",
+            "numberAvailable",
+            "numberUnavailable",
+            "updatedNumberScheduled",
+            "observedGeneration",
+        ]
+        .iter()
+        .any(|k| cur[k].as_i64().unwrap_or(0) != st[k].as_i64().unwrap_or(0));
         if changed {
             let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), &ns);
-            match api.patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": st}))).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            ok_or_gone(
+                api.patch_status(
+                    &ds.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": st})),
+                )
+                .await,
+            )?
         }
         if min_ready > 0 && status.ready != status.available {
             return Ok(Some(Duration::from_secs(min_ready as u64)));
@@ -558,14 +628,22 @@ struct Counts {
 
 /// The node a daemon pod is for: where it is bound, or the node its affinity names.
 fn pod_node(p: &Pod) -> String {
-    if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) {
+    if let Some(n) = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .filter(|n| !n.is_empty())
+    {
         return n;
     }
     p.spec
         .as_ref()
         .and_then(|s| s.affinity.as_ref())
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
         .and_then(|r| r.node_selector_terms.first())
         .and_then(|t| t.match_fields.as_ref())
         .and_then(|f| f.iter().find(|r| r.key == "metadata.name"))
@@ -579,7 +657,10 @@ mod tests {
     use super::*;
 
     fn node(name: &str, labels: Value, taints: Value) -> Node {
-        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints}})).unwrap()
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints}}),
+        )
+        .unwrap()
     }
 
     fn template(spec: Value) -> PodTemplateSpec {
@@ -589,19 +670,35 @@ mod tests {
     #[test]
     fn eligibility_follows_selectors_affinity_and_taints() {
         let t = template(json!({"containers": [], "nodeSelector": {"disk": "ssd"}}));
-        assert_eq!(should_run(&t, &node("a", json!({"disk": "ssd"}), json!([]))), (true, true));
-        assert_eq!(should_run(&t, &node("b", json!({}), json!([]))), (false, false));
+        assert_eq!(
+            should_run(&t, &node("a", json!({"disk": "ssd"}), json!([]))),
+            (true, true)
+        );
+        assert_eq!(
+            should_run(&t, &node("b", json!({}), json!([]))),
+            (false, false)
+        );
         let t = template(json!({"containers": []}));
-        let tainted = node("c", json!({}), json!([{"key": "k", "effect": "NoSchedule"}]));
+        let tainted = node(
+            "c",
+            json!({}),
+            json!([{"key": "k", "effect": "NoSchedule"}]),
+        );
         // Not started on a NoSchedule node, but a running pod may stay.
         assert_eq!(should_run(&t, &tainted), (false, true));
         let evicting = node("c", json!({}), json!([{"key": "k", "effect": "NoExecute"}]));
         assert_eq!(should_run(&t, &evicting), (false, false));
         // The daemon tolerations: unschedulable and not-ready nodes still run daemons.
-        let cordoned = node("d", json!({}), json!([{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
-                                                  {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]));
+        let cordoned = node(
+            "d",
+            json!({}),
+            json!([{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+                                                  {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]),
+        );
         assert_eq!(should_run(&t, &cordoned), (true, true));
-        let t = template(json!({"containers": [], "tolerations": [{"key": "k", "operator": "Exists"}]}));
+        let t = template(
+            json!({"containers": [], "tolerations": [{"key": "k", "operator": "Exists"}]}),
+        );
         assert_eq!(should_run(&t, &evicting), (true, true));
     }
 

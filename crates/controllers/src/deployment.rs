@@ -19,6 +19,7 @@ use kube::core::{Selector, SelectorExt};
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::claim::{self, ok_or_gone, Claim};
 use crate::events::Recorder;
 use crate::replicaset::owner_ref;
 use crate::runtime::{self, Informer, Queue};
@@ -28,6 +29,15 @@ pub const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
 pub const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
 pub const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 pub const HASH_LABEL: &str = "pod-template-hash";
+
+/// The status counters; zero ones are left out, as upstream's `omitempty` leaves them.
+const COUNTS: [&str; 5] = [
+    "replicas",
+    "updatedReplicas",
+    "readyReplicas",
+    "availableReplicas",
+    "unavailableReplicas",
+];
 
 /// Annotations a Deployment does not pass on to its ReplicaSets.
 const NOT_COPIED: &[&str] = &[
@@ -221,12 +231,16 @@ impl DeploymentController {
             let Some(dc) = weak.upgrade() else { return };
             for rs in [old, new].into_iter().flatten() {
                 match runtime::controller_ref(rs) {
-                    Some(r) if r.kind == "Deployment" => dc
-                        .queue
-                        .add(format!("{}/{}", rs.namespace().unwrap_or_default(), r.name)),
+                    Some(r) if r.kind == "Deployment" => {
+                        dc.queue
+                            .add(format!("{}/{}", rs.namespace().unwrap_or_default(), r.name))
+                    }
                     Some(_) => {}
                     None => {
-                        for d in dc.deployments.list_namespace(&rs.namespace().unwrap_or_default()) {
+                        for d in dc
+                            .deployments
+                            .list_namespace(&rs.namespace().unwrap_or_default())
+                        {
                             if selector_of(&d).is_some_and(|s| s.matches(rs.labels())) {
                                 dc.queue.add(runtime::key_of(&*d));
                             }
@@ -281,25 +295,20 @@ impl DeploymentController {
         let ns = d.namespace().unwrap_or_default();
         let deleting = d.metadata.deletion_timestamp.is_some();
         let mut out = Vec::new();
+        let api = self.rs_api(&ns);
         for rs in self.replicasets.list_namespace(&ns) {
             let matches = selector.matches(rs.labels());
-            match runtime::controller_ref(&*rs) {
-                Some(r) if r.uid == uid => {
-                    if matches || deleting {
-                        out.push(rs);
-                    } else {
-                        let patch = json!({"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}], "uid": rs.metadata.uid}});
-                        ok_or_gone(self.rs_api(&ns).patch(&rs.name_any(), &PatchParams::default(), &Patch::Strategic(patch)).await)?;
-                    }
+            match claim::classify(&*rs, &uid, matches, deleting) {
+                Claim::Keep => out.push(rs),
+                Claim::Release => {
+                    claim::release(&api, &*rs, &uid).await?;
                 }
-                Some(_) => {}
-                None => {
-                    if matches && !deleting && rs.metadata.deletion_timestamp.is_none() {
-                        let patch = json!({"metadata": {"ownerReferences": [owner_ref(d, &uid)], "uid": rs.metadata.uid}});
-                        ok_or_gone(self.rs_api(&ns).patch(&rs.name_any(), &PatchParams::default(), &Patch::Strategic(patch)).await)?;
+                Claim::Adopt => {
+                    if claim::adopt(&api, &*rs, owner_ref(d, &uid)).await? {
                         out.push(rs);
                     }
                 }
+                Claim::Ignore => {}
             }
         }
         let written = self.written.lock().unwrap();
@@ -307,7 +316,8 @@ impl DeploymentController {
             .into_iter()
             .map(|obj| {
                 let mut replicas = obj.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                if let Some((rv, n)) = written.get(obj.metadata.uid.as_deref().unwrap_or_default()) {
+                if let Some((rv, n)) = written.get(obj.metadata.uid.as_deref().unwrap_or_default())
+                {
                     if rv_num(&obj) < *rv {
                         replicas = *n;
                     }
@@ -323,7 +333,12 @@ impl DeploymentController {
         };
         let ns = d.namespace().unwrap_or_default();
         let Some(selector) = selector_of(&d) else {
-            self.recorder.record(&*d, "Warning", "SelectingAll", "This deployment is selecting all pods. A non-empty selector is required.".into());
+            self.recorder.record(
+                &*d,
+                "Warning",
+                "SelectingAll",
+                "This deployment is selecting all pods. A non-empty selector is required.".into(),
+            );
             return Ok(None);
         };
         let all = self.claim(&d, &selector).await?;
@@ -353,7 +368,11 @@ impl DeploymentController {
 
     /// The ReplicaSet with the Deployment's template (oldest first if several), and the rest.
     fn split(&self, d: &Deployment, all: &[Rs]) -> (Option<Rs>, Vec<Rs>) {
-        let template = d.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+        let template = d
+            .spec
+            .as_ref()
+            .map(|s| s.template.clone())
+            .unwrap_or_default();
         let mut sorted = all.to_vec();
         sorted.sort_by_key(|r| (r.created(), r.name()));
         let idx = sorted.iter().position(|r| {
@@ -416,7 +435,11 @@ impl DeploymentController {
         let min_ready = spec.min_ready_seconds.unwrap_or(0);
         if let Some(rs) = existing {
             let revision = rs.revision();
-            let want_rev = if revision <= max_old { max_old + 1 } else { revision };
+            let want_rev = if revision <= max_old {
+                max_old + 1
+            } else {
+                revision
+            };
             let mut annotations: BTreeMap<String, String> = rs.obj.annotations().clone();
             copy_annotations(d, &mut annotations);
             if want_rev != revision {
@@ -430,7 +453,12 @@ impl DeploymentController {
                     annotations.insert(REVISION_HISTORY.into(), hist.join(","));
                 }
             }
-            let rs_min_ready = rs.obj.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0);
+            let rs_min_ready = rs
+                .obj
+                .spec
+                .as_ref()
+                .and_then(|s| s.min_ready_seconds)
+                .unwrap_or(0);
             let mut rs = rs;
             if &annotations != rs.obj.annotations() || rs_min_ready != min_ready {
                 let patch = json!({"metadata": {"annotations": annotations, "resourceVersion": rs.obj.metadata.resource_version},
@@ -439,7 +467,10 @@ impl DeploymentController {
                     .rs_api(&ns)
                     .patch(&rs.name(), &PatchParams::default(), &Patch::Merge(patch))
                     .await?;
-                rs = Rs { obj: Arc::new(updated), replicas: rs.replicas };
+                rs = Rs {
+                    obj: Arc::new(updated),
+                    replicas: rs.replicas,
+                };
             }
             self.set_deployment_revision(d, want_rev).await?;
             return Ok((Some(rs), old));
@@ -455,7 +486,9 @@ impl DeploymentController {
             let name = format!("{}-{hash}", d.name_any());
             let mut template = spec.template.clone();
             let tm = template.metadata.get_or_insert_with(Default::default);
-            tm.labels.get_or_insert_with(Default::default).insert(HASH_LABEL.into(), hash.clone());
+            tm.labels
+                .get_or_insert_with(Default::default)
+                .insert(HASH_LABEL.into(), hash.clone());
             let mut selector = spec.selector.clone();
             selector
                 .match_labels
@@ -468,7 +501,11 @@ impl DeploymentController {
             annotations.insert(DESIRED_REPLICAS.into(), p.replicas.to_string());
             annotations.insert(MAX_REPLICAS.into(), (p.replicas + p.max_surge).to_string());
             let replicas = new_rs_replicas(d, all, None, p);
-            let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+            let mut labels = template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone())
+                .unwrap_or_default();
             labels.insert(HASH_LABEL.into(), hash.clone());
             let rs = ReplicaSet {
                 metadata: kube::api::ObjectMeta {
@@ -476,7 +513,10 @@ impl DeploymentController {
                     namespace: Some(ns.clone()),
                     labels: Some(labels),
                     annotations: Some(annotations),
-                    owner_references: Some(vec![owner_ref(d, d.metadata.uid.as_deref().unwrap_or_default())]),
+                    owner_references: Some(vec![owner_ref(
+                        d,
+                        d.metadata.uid.as_deref().unwrap_or_default(),
+                    )]),
                     ..Default::default()
                 },
                 spec: Some(k8s_openapi::api::apps::v1::ReplicaSetSpec {
@@ -489,34 +529,75 @@ impl DeploymentController {
             };
             match self.rs_api(&ns).create(&PostParams::default(), &rs).await {
                 Ok(created) => {
-                    self.recorder.record(d, "Normal", "ScalingReplicaSet", format!("Scaled up replica set {name} from 0 to {replicas}"));
+                    self.recorder.record(
+                        d,
+                        "Normal",
+                        "ScalingReplicaSet",
+                        format!("Scaled up replica set {name} from 0 to {replicas}"),
+                    );
                     let mut st = serde_json::to_value(&d.status).unwrap_or(json!({}));
                     if has_progress_deadline(d) {
-                        set_condition(&mut st, "Progressing", "True", "NewReplicaSetCreated", &format!("Created new replica set \"{name}\""), true);
+                        set_condition(
+                            &mut st,
+                            "Progressing",
+                            "True",
+                            "NewReplicaSetCreated",
+                            &format!("Created new replica set \"{name}\""),
+                            true,
+                        );
                         self.patch_status(d, st).await?;
                     }
                     self.set_deployment_revision(d, revision).await?;
                     self.note_written(&created);
-                    return Ok((Some(Rs { obj: Arc::new(created), replicas }), old));
+                    return Ok((
+                        Some(Rs {
+                            obj: Arc::new(created),
+                            replicas,
+                        }),
+                        old,
+                    ));
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     // Ours already (a lagging cache)? Otherwise a hash collision: count it.
                     if let Some(cur) = self.rs_api(&ns).get_opt(&name).await? {
                         let ours = runtime::controller_uid(&cur) == d.metadata.uid.as_deref();
-                        let same = cur.spec.as_ref().and_then(|s| s.template.as_ref()).is_some_and(|t| equal_ignore_hash(t, &spec.template));
+                        let same = cur
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.template.as_ref())
+                            .is_some_and(|t| equal_ignore_hash(t, &spec.template));
                         if ours && same {
                             let replicas = cur.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-                            return Ok((Some(Rs { obj: Arc::new(cur), replicas }), old));
+                            return Ok((
+                                Some(Rs {
+                                    obj: Arc::new(cur),
+                                    replicas,
+                                }),
+                                old,
+                            ));
                         }
                     }
                     collision = Some(collision.unwrap_or(0) + 1);
-                    self.patch_status(d, json!({"collisionCount": collision})).await?;
+                    self.patch_status(d, json!({"collisionCount": collision}))
+                        .await?;
                 }
                 Err(e) => {
                     let mut st = serde_json::to_value(&d.status).unwrap_or(json!({}));
-                    set_condition(&mut st, "ReplicaFailure", "True", "FailedCreate", &e.to_string(), true);
+                    set_condition(
+                        &mut st,
+                        "ReplicaFailure",
+                        "True",
+                        "FailedCreate",
+                        &e.to_string(),
+                        true,
+                    );
                     let _ = self.patch_status(d, st).await;
-                    self.recorder.record(d, "Warning", "FailedCreate", format!("Failed to create new replica set {name}: {e}"));
+                    self.recorder.record(
+                        d,
+                        "Warning",
+                        "FailedCreate",
+                        format!("Failed to create new replica set {name}: {e}"),
+                    );
                     return Err(e.into());
                 }
             }
@@ -525,13 +606,20 @@ impl DeploymentController {
     }
 
     async fn set_deployment_revision(&self, d: &Deployment, revision: i64) -> anyhow::Result<()> {
-        let cur = d.annotations().get(REVISION).and_then(|r| r.parse::<i64>().ok());
+        let cur = d
+            .annotations()
+            .get(REVISION)
+            .and_then(|r| r.parse::<i64>().ok());
         if cur == Some(revision) {
             return Ok(());
         }
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &d.namespace().unwrap_or_default());
+        let api: Api<Deployment> =
+            Api::namespaced(self.client.clone(), &d.namespace().unwrap_or_default());
         let patch = json!({"metadata": {"annotations": {REVISION: revision.to_string()}}});
-        ok_or_gone(api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await)?;
+        ok_or_gone(
+            api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        )?;
         Ok(())
     }
 
@@ -546,7 +634,13 @@ impl DeploymentController {
     }
 
     /// Set a ReplicaSet's size (and the annotations that say for which Deployment size).
-    async fn scale_rs(&self, d: &Deployment, rs: &mut Rs, to: i32, p: &Params) -> anyhow::Result<bool> {
+    async fn scale_rs(
+        &self,
+        d: &Deployment,
+        rs: &mut Rs,
+        to: i32,
+        p: &Params,
+    ) -> anyhow::Result<bool> {
         let desired = p.replicas.to_string();
         let max = (p.replicas + p.max_surge).to_string();
         let annotations_ok = rs.annotation(DESIRED_REPLICAS).as_deref() == Some(desired.as_str())
@@ -568,13 +662,26 @@ impl DeploymentController {
         let from = rs.replicas;
         if from != to {
             let dir = if to > from { "up" } else { "down" };
-            self.recorder.record(d, "Normal", "ScalingReplicaSet", format!("Scaled {dir} replica set {} from {from} to {to}", rs.name()));
+            self.recorder.record(
+                d,
+                "Normal",
+                "ScalingReplicaSet",
+                format!("Scaled {dir} replica set {} from {from} to {to}", rs.name()),
+            );
         }
-        *rs = Rs { obj: Arc::new(updated), replicas: to };
+        *rs = Rs {
+            obj: Arc::new(updated),
+            replicas: to,
+        };
         Ok(from != to)
     }
 
-    async fn rollout_rolling(&self, d: &Deployment, all: Vec<Rs>, p: &Params) -> anyhow::Result<Option<Duration>> {
+    async fn rollout_rolling(
+        &self,
+        d: &Deployment,
+        all: Vec<Rs>,
+        p: &Params,
+    ) -> anyhow::Result<Option<Duration>> {
         let (new_rs, mut old) = self.new_replica_set(d, &all, true, p).await?;
         let mut new_rs = new_rs.expect("created when missing");
         // Scale up the new ReplicaSet as far as maxSurge allows.
@@ -599,7 +706,13 @@ impl DeploymentController {
         self.rollout_status(d, Some(&new_rs), &old).await
     }
 
-    async fn reconcile_old(&self, d: &Deployment, old: &mut [Rs], new_rs: &Rs, p: &Params) -> anyhow::Result<bool> {
+    async fn reconcile_old(
+        &self,
+        d: &Deployment,
+        old: &mut [Rs],
+        new_rs: &Rs,
+        p: &Params,
+    ) -> anyhow::Result<bool> {
         let old_pods: i32 = old.iter().map(|r| r.replicas).sum();
         if old_pods == 0 {
             return Ok(false);
@@ -647,7 +760,12 @@ impl DeploymentController {
         Ok(cleaned + scaled > 0)
     }
 
-    async fn rollout_recreate(&self, d: &Deployment, all: Vec<Rs>, p: &Params) -> anyhow::Result<Option<Duration>> {
+    async fn rollout_recreate(
+        &self,
+        d: &Deployment,
+        all: Vec<Rs>,
+        p: &Params,
+    ) -> anyhow::Result<Option<Duration>> {
         let (new_rs, mut old) = self.new_replica_set(d, &all, false, p).await?;
         let mut scaled = false;
         for rs in old.iter_mut().filter(|r| r.replicas > 0) {
@@ -658,19 +776,29 @@ impl DeploymentController {
         }
         // Wait until every old pod is gone.
         let ns = d.namespace().unwrap_or_default();
-        let old_uids: Vec<&str> = old.iter().filter_map(|r| r.obj.metadata.uid.as_deref()).collect();
+        let old_uids: Vec<&str> = old
+            .iter()
+            .filter_map(|r| r.obj.metadata.uid.as_deref())
+            .collect();
         let running = old_uids.iter().any(|uid| {
-            self.pods
-                .list_controlled_by(uid)
-                .iter()
-                .any(|p| p.namespace().as_deref() == Some(ns.as_str()) && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+            self.pods.list_controlled_by(uid).iter().any(|p| {
+                p.namespace().as_deref() == Some(ns.as_str())
+                    && !matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    )
+            })
         });
         if running {
             return self.rollout_status(d, new_rs.as_ref(), &old).await;
         }
         let new_rs = match new_rs {
             Some(r) => r,
-            None => self.new_replica_set(d, &all, true, p).await?.0.expect("created when missing"),
+            None => self
+                .new_replica_set(d, &all, true, p)
+                .await?
+                .0
+                .expect("created when missing"),
         };
         let mut new_rs = new_rs;
         self.scale_rs(d, &mut new_rs, p.replicas, p).await?;
@@ -682,7 +810,13 @@ impl DeploymentController {
 
     /// Scaling while (or without) rolling out: one active ReplicaSet takes the new size; a
     /// saturated new one means old ones go to zero; otherwise the change is shared in proportion.
-    async fn scale(&self, d: &Deployment, new_rs: Option<&Rs>, old: &[Rs], p: &Params) -> anyhow::Result<()> {
+    async fn scale(
+        &self,
+        d: &Deployment,
+        new_rs: Option<&Rs>,
+        old: &[Rs],
+        p: &Params,
+    ) -> anyhow::Result<()> {
         let mut all: Vec<Rs> = old.to_vec();
         if let Some(n) = new_rs {
             all.push(n.clone());
@@ -717,7 +851,11 @@ impl DeploymentController {
         if !p.rolling {
             return Ok(());
         }
-        let allowed = if p.replicas > 0 { p.replicas + p.max_surge } else { 0 };
+        let allowed = if p.replicas > 0 {
+            p.replicas + p.max_surge
+        } else {
+            0
+        };
         let current: i32 = all.iter().map(|r| r.replicas).sum();
         let to_add = allowed - current;
         if to_add == 0 {
@@ -727,7 +865,11 @@ impl DeploymentController {
         let mut order: Vec<usize> = (0..all.len()).collect();
         order.sort_by(|a, b| {
             let (x, y) = (&all[*a], &all[*b]);
-            let c = if to_add > 0 { y.replicas.cmp(&x.replicas) } else { x.replicas.cmp(&y.replicas) };
+            let c = if to_add > 0 {
+                y.replicas.cmp(&x.replicas)
+            } else {
+                x.replicas.cmp(&y.replicas)
+            };
             c.then(y.created().cmp(&x.created()))
         });
         let mut sizes: Vec<i32> = all.iter().map(|r| r.replicas).collect();
@@ -757,7 +899,12 @@ impl DeploymentController {
 
     /// Delete old, empty ReplicaSets beyond revisionHistoryLimit, oldest revisions first.
     async fn cleanup(&self, d: &Deployment, old: &[Rs]) -> anyhow::Result<()> {
-        let limit = d.spec.as_ref().and_then(|s| s.revision_history_limit).unwrap_or(10).max(0) as usize;
+        let limit = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.revision_history_limit)
+            .unwrap_or(10)
+            .max(0) as usize;
         let mut cleanable: Vec<&Rs> = old
             .iter()
             .filter(|r| r.obj.metadata.deletion_timestamp.is_none())
@@ -770,11 +917,17 @@ impl DeploymentController {
         let ns = d.namespace().unwrap_or_default();
         for rs in cleanable.into_iter().take(excess) {
             let st = rs.status();
-            if rs.replicas != 0 || st.replicas != 0 || st.observed_generation != rs.obj.metadata.generation {
+            if rs.replicas != 0
+                || st.replicas != 0
+                || st.observed_generation != rs.obj.metadata.generation
+            {
                 continue;
             }
             let dp = DeleteParams {
-                preconditions: Some(Preconditions { uid: rs.obj.metadata.uid.clone(), resource_version: None }),
+                preconditions: Some(Preconditions {
+                    uid: rs.obj.metadata.uid.clone(),
+                    resource_version: None,
+                }),
                 ..Default::default()
             };
             ok_or_gone(self.rs_api(&ns).delete(&rs.name(), &dp).await)?;
@@ -801,19 +954,44 @@ impl DeploymentController {
         status["availableReplicas"] = json!(available);
         status["unavailableReplicas"] = json!((p.replicas - available).max(0));
         if available >= p.replicas - p.max_unavailable {
-            set_condition(&mut status, "Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability.", false);
+            set_condition(
+                &mut status,
+                "Available",
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.",
+                false,
+            );
         } else {
-            set_condition(&mut status, "Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", false);
+            set_condition(
+                &mut status,
+                "Available",
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+                false,
+            );
         }
         // A ReplicaSet that cannot create pods says so on the Deployment.
         let failure = all.iter().find_map(|r| {
-            r.status().conditions.into_iter().flatten().find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+            r.status()
+                .conditions
+                .into_iter()
+                .flatten()
+                .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
         });
         match failure {
-            Some(c) => set_condition(&mut status, "ReplicaFailure", "True", c.reason.as_deref().unwrap_or("FailedCreate"), c.message.as_deref().unwrap_or_default(), false),
+            Some(c) => set_condition(
+                &mut status,
+                "ReplicaFailure",
+                "True",
+                c.reason.as_deref().unwrap_or("FailedCreate"),
+                c.message.as_deref().unwrap_or_default(),
+                false,
+            ),
             None => remove_condition(&mut status, "ReplicaFailure"),
         }
-        for k in ["replicas", "updatedReplicas", "readyReplicas", "availableReplicas", "unavailableReplicas"] {
+        for k in COUNTS {
             if status[k] == json!(0) {
                 status.as_object_mut().unwrap().remove(k);
             }
@@ -821,14 +999,25 @@ impl DeploymentController {
         status
     }
 
-    async fn write_status(&self, d: &Deployment, new_rs: Option<&Rs>, old: &[Rs], _progress: bool) -> anyhow::Result<Option<Duration>> {
+    async fn write_status(
+        &self,
+        d: &Deployment,
+        new_rs: Option<&Rs>,
+        old: &[Rs],
+        _progress: bool,
+    ) -> anyhow::Result<Option<Duration>> {
         let status = self.compute_status(d, new_rs, old);
         self.patch_status_if_changed(d, status).await?;
         Ok(None)
     }
 
     /// Status plus the Progressing condition; requeue to notice a progress deadline passing.
-    async fn rollout_status(&self, d: &Deployment, new_rs: Option<&Rs>, old: &[Rs]) -> anyhow::Result<Option<Duration>> {
+    async fn rollout_status(
+        &self,
+        d: &Deployment,
+        new_rs: Option<&Rs>,
+        old: &[Rs],
+    ) -> anyhow::Result<Option<Duration>> {
         let mut status = self.compute_status(d, new_rs, old);
         let mut requeue = None;
         if !has_progress_deadline(d) {
@@ -836,28 +1025,75 @@ impl DeploymentController {
         } else {
             let prev = serde_json::to_value(&d.status).unwrap_or(json!({}));
             let cur = condition(&status, "Progressing").cloned();
-            let cur_reason = cur.as_ref().and_then(|c| c["reason"].as_str()).unwrap_or_default().to_string();
-            let is_complete = status["replicas"] == status["updatedReplicas"] && cur_reason == "NewReplicaSetAvailable";
+            let cur_reason = cur
+                .as_ref()
+                .and_then(|c| c["reason"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            let is_complete = status["replicas"] == status["updatedReplicas"]
+                && cur_reason == "NewReplicaSetAvailable";
             let name = new_rs.map(|r| r.name()).unwrap_or_default();
             if !is_complete {
                 if complete(d, &status) {
-                    set_condition(&mut status, "Progressing", "True", "NewReplicaSetAvailable", &format!("ReplicaSet \"{name}\" has successfully progressed."), true);
+                    set_condition(
+                        &mut status,
+                        "Progressing",
+                        "True",
+                        "NewReplicaSetAvailable",
+                        &format!("ReplicaSet \"{name}\" has successfully progressed."),
+                        true,
+                    );
                 } else if progressing(&prev, &status) {
                     let keep_transition = cur.as_ref().is_some_and(|c| c["status"] == "True");
-                    set_condition_keep(&mut status, "Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{name}\" is progressing."), keep_transition);
+                    set_condition_keep(
+                        &mut status,
+                        "Progressing",
+                        "True",
+                        "ReplicaSetUpdated",
+                        &format!("ReplicaSet \"{name}\" is progressing."),
+                        keep_transition,
+                    );
                 } else if timed_out(d, &status) {
                     if cur_reason != "ProgressDeadlineExceeded" {
-                        self.recorder.record(d, "Warning", "ProgressDeadlineExceeded", format!("Deployment \"{}\" has timed out progressing.", d.name_any()));
+                        self.recorder.record(
+                            d,
+                            "Warning",
+                            "ProgressDeadlineExceeded",
+                            format!("Deployment \"{}\" has timed out progressing.", d.name_any()),
+                        );
                     }
-                    set_condition(&mut status, "Progressing", "False", "ProgressDeadlineExceeded", &format!("ReplicaSet \"{name}\" has timed out progressing."), true);
+                    set_condition(
+                        &mut status,
+                        "Progressing",
+                        "False",
+                        "ProgressDeadlineExceeded",
+                        &format!("ReplicaSet \"{name}\" has timed out progressing."),
+                        true,
+                    );
                 } else if cur.is_none() {
-                    set_condition(&mut status, "Progressing", "True", "ReplicaSetUpdated", &format!("ReplicaSet \"{name}\" is progressing."), true);
+                    set_condition(
+                        &mut status,
+                        "Progressing",
+                        "True",
+                        "ReplicaSetUpdated",
+                        &format!("ReplicaSet \"{name}\" is progressing."),
+                        true,
+                    );
                 }
                 // Come back when the deadline would pass.
                 if let Some(c) = condition(&status, "Progressing") {
-                    if c["reason"] != "ProgressDeadlineExceeded" && c["reason"] != "NewReplicaSetAvailable" {
-                        let deadline = d.spec.as_ref().and_then(|s| s.progress_deadline_seconds).unwrap_or(600) as i64;
-                        if let Some(t) = c["lastUpdateTime"].as_str().and_then(|t| t.parse::<Timestamp>().ok()) {
+                    if c["reason"] != "ProgressDeadlineExceeded"
+                        && c["reason"] != "NewReplicaSetAvailable"
+                    {
+                        let deadline = d
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.progress_deadline_seconds)
+                            .unwrap_or(600) as i64;
+                        if let Some(t) = c["lastUpdateTime"]
+                            .as_str()
+                            .and_then(|t| t.parse::<Timestamp>().ok())
+                        {
                             let at = t + SignedDuration::from_secs(deadline);
                             let left = at.duration_since(Timestamp::now());
                             requeue = Some(Duration::from_secs(left.as_secs().max(0) as u64 + 1));
@@ -868,7 +1104,11 @@ impl DeploymentController {
         }
         self.patch_status_if_changed(d, status).await?;
         // minReadySeconds: come back when pods may have become available.
-        let min_ready = d.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0);
+        let min_ready = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.min_ready_seconds)
+            .unwrap_or(0);
         if min_ready > 0 {
             let again = Duration::from_secs(min_ready as u64);
             requeue = Some(requeue.map_or(again, |r: Duration| r.min(again)));
@@ -885,18 +1125,28 @@ impl DeploymentController {
     }
 
     async fn patch_status(&self, d: &Deployment, status: Value) -> anyhow::Result<()> {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &d.namespace().unwrap_or_default());
+        let api: Api<Deployment> =
+            Api::namespaced(self.client.clone(), &d.namespace().unwrap_or_default());
         // Replace the conditions list as a whole: a merge patch replaces lists.
         let mut patch = json!({"status": status});
-        for k in ["replicas", "updatedReplicas", "readyReplicas", "availableReplicas", "unavailableReplicas"] {
+        for k in COUNTS {
             if patch["status"].get(k).is_none() {
                 patch["status"][k] = Value::Null;
             }
         }
-        if patch["status"].get("collisionCount").is_some_and(|c| c.is_null()) {
-            patch["status"].as_object_mut().unwrap().remove("collisionCount");
+        if patch["status"]
+            .get("collisionCount")
+            .is_some_and(|c| c.is_null())
+        {
+            patch["status"]
+                .as_object_mut()
+                .unwrap()
+                .remove("collisionCount");
         }
-        ok_or_gone(api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await)?;
+        ok_or_gone(
+            api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        )?;
         Ok(())
     }
 }
@@ -936,7 +1186,11 @@ fn new_rs_replicas(d: &Deployment, all: &[Rs], new_rs: Option<&Rs>, p: &Params) 
 }
 
 fn has_progress_deadline(d: &Deployment) -> bool {
-    d.spec.as_ref().and_then(|s| s.progress_deadline_seconds).unwrap_or(600) != i32::MAX
+    d.spec
+        .as_ref()
+        .and_then(|s| s.progress_deadline_seconds)
+        .unwrap_or(600)
+        != i32::MAX
 }
 
 fn num(v: &Value, k: &str) -> i64 {
@@ -968,7 +1222,11 @@ fn timed_out(d: &Deployment, status: &Value) -> bool {
     if c["reason"] == "ProgressDeadlineExceeded" {
         return true;
     }
-    let deadline = d.spec.as_ref().and_then(|s| s.progress_deadline_seconds).unwrap_or(600) as i64;
+    let deadline = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.progress_deadline_seconds)
+        .unwrap_or(600) as i64;
     c["lastUpdateTime"]
         .as_str()
         .and_then(|t| t.parse::<Timestamp>().ok())
@@ -976,11 +1234,21 @@ fn timed_out(d: &Deployment, status: &Value) -> bool {
 }
 
 fn now_string() -> String {
-    Timestamp::now().round(k8s_openapi::jiff::Unit::Second).unwrap_or(Timestamp::now()).to_string()
+    Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or(Timestamp::now())
+        .to_string()
 }
 
 /// Set a condition; its transition time changes only when its status does.
-fn set_condition(status: &mut Value, t: &str, s: &str, reason: &str, message: &str, update_time: bool) {
+fn set_condition(
+    status: &mut Value,
+    t: &str,
+    s: &str,
+    reason: &str,
+    message: &str,
+    update_time: bool,
+) {
     let now = now_string();
     if !status["conditions"].is_array() {
         status["conditions"] = json!([]);
@@ -1000,11 +1268,23 @@ fn set_condition(status: &mut Value, t: &str, s: &str, reason: &str, message: &s
     conds.push(c);
 }
 
-fn set_condition_keep(status: &mut Value, t: &str, s: &str, reason: &str, message: &str, keep_transition: bool) {
+fn set_condition_keep(
+    status: &mut Value,
+    t: &str,
+    s: &str,
+    reason: &str,
+    message: &str,
+    keep_transition: bool,
+) {
     let old_transition = condition(status, t).map(|c| c["lastTransitionTime"].clone());
     set_condition(status, t, s, reason, message, true);
     if keep_transition {
-        if let (Some(ot), Some(c)) = (old_transition, status["conditions"].as_array_mut().and_then(|a| a.iter_mut().find(|c| c["type"] == t))) {
+        if let (Some(ot), Some(c)) = (
+            old_transition,
+            status["conditions"]
+                .as_array_mut()
+                .and_then(|a| a.iter_mut().find(|c| c["type"] == t)),
+        ) {
             c["lastTransitionTime"] = ot;
         }
     }
@@ -1018,7 +1298,15 @@ fn remove_condition(status: &mut Value, t: &str) {
 
 /// Whether two statuses differ beyond timestamps.
 fn status_differs(cur: &Value, new: &Value) -> bool {
-    for k in ["observedGeneration", "replicas", "updatedReplicas", "readyReplicas", "availableReplicas", "unavailableReplicas", "collisionCount"] {
+    for k in [
+        "observedGeneration",
+        "replicas",
+        "updatedReplicas",
+        "readyReplicas",
+        "availableReplicas",
+        "unavailableReplicas",
+        "collisionCount",
+    ] {
         if num(cur, k) != num(new, k) {
             return true;
         }
@@ -1028,20 +1316,20 @@ fn status_differs(cur: &Value, new: &Value) -> bool {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|c| (c["type"].clone(), c["status"].clone(), c["reason"].clone(), c["message"].clone(), c["lastUpdateTime"].clone()))
+            .map(|c| {
+                (
+                    c["type"].clone(),
+                    c["status"].clone(),
+                    c["reason"].clone(),
+                    c["message"].clone(),
+                    c["lastUpdateTime"].clone(),
+                )
+            })
             .collect();
         c.sort_by_key(|x| x.0.to_string());
         c
     };
     conds(cur) != conds(new)
-}
-
-fn ok_or_gone<T>(r: Result<T, kube::Error>) -> anyhow::Result<()> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 #[cfg(test)]
@@ -1052,7 +1340,10 @@ mod tests {
     fn surge_rounds_up_and_unavailability_down() {
         assert_eq!(resolve(None, 25, 10, true), 3);
         assert_eq!(resolve(None, 25, 10, false), 2);
-        assert_eq!(resolve(Some(&IntOrString::String("50%".into())), 25, 3, true), 2);
+        assert_eq!(
+            resolve(Some(&IntOrString::String("50%".into())), 25, 3, true),
+            2
+        );
         assert_eq!(resolve(Some(&IntOrString::Int(4)), 25, 3, false), 4);
     }
 
@@ -1063,9 +1354,18 @@ mod tests {
         assert_eq!(template_hash(&t, None), template_hash(&t, None));
         assert_ne!(template_hash(&t, None), template_hash(&u, None));
         assert_ne!(template_hash(&t, None), template_hash(&t, Some(1)));
-        assert!(template_hash(&t, None).chars().all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c)));
+        assert!(template_hash(&t, None)
+            .chars()
+            .all(|c| "bcdfghjklmnpqrstvwxz2456789".contains(c)));
         let mut hashed = t.clone();
-        hashed.metadata.as_mut().unwrap().labels.as_mut().unwrap().insert(HASH_LABEL.into(), "abc".into());
+        hashed
+            .metadata
+            .as_mut()
+            .unwrap()
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(HASH_LABEL.into(), "abc".into());
         assert!(equal_ignore_hash(&t, &hashed));
         assert!(!equal_ignore_hash(&t, &u));
     }
@@ -1075,21 +1375,41 @@ mod tests {
         let mut st = json!({"conditions": [{"type": "Available", "status": "True", "reason": "R", "message": "m",
             "lastUpdateTime": "2020-01-01T00:00:00Z", "lastTransitionTime": "2020-01-01T00:00:00Z"}]});
         set_condition(&mut st, "Available", "True", "R", "m", false);
-        assert_eq!(st["conditions"][0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
-        assert_eq!(st["conditions"][0]["lastUpdateTime"], "2020-01-01T00:00:00Z");
+        assert_eq!(
+            st["conditions"][0]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            st["conditions"][0]["lastUpdateTime"],
+            "2020-01-01T00:00:00Z"
+        );
         set_condition(&mut st, "Available", "False", "R2", "m2", false);
-        assert_ne!(st["conditions"][0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        assert_ne!(
+            st["conditions"][0]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
     }
 
     #[test]
     fn progress_and_completion_follow_upstream() {
-        let d: Deployment = serde_json::from_value(json!({"metadata": {"name": "d", "generation": 2},
-            "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}}, "template": {}}})).unwrap();
+        let d: Deployment =
+            serde_json::from_value(json!({"metadata": {"name": "d", "generation": 2},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}}, "template": {}}}))
+            .unwrap();
         let done = json!({"updatedReplicas": 3, "replicas": 3, "availableReplicas": 3, "observedGeneration": 2});
         assert!(complete(&d, &done));
-        assert!(!complete(&d, &json!({"updatedReplicas": 3, "replicas": 4, "availableReplicas": 3, "observedGeneration": 2})));
-        assert!(progressing(&json!({"updatedReplicas": 1}), &json!({"updatedReplicas": 2})));
-        assert!(progressing(&json!({"replicas": 4}), &json!({"replicas": 3})));
+        assert!(!complete(
+            &d,
+            &json!({"updatedReplicas": 3, "replicas": 4, "availableReplicas": 3, "observedGeneration": 2})
+        ));
+        assert!(progressing(
+            &json!({"updatedReplicas": 1}),
+            &json!({"updatedReplicas": 2})
+        ));
+        assert!(progressing(
+            &json!({"replicas": 4}),
+            &json!({"replicas": 3})
+        ));
         assert!(!progressing(&done, &done));
         let p = params(&d);
         assert_eq!((p.max_surge, p.max_unavailable), (1, 0));

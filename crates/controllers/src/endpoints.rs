@@ -14,6 +14,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::claim::ok_or_gone;
 use crate::replicaset::owner_ref;
 use crate::runtime::{self, Informer, Queue};
 
@@ -33,7 +34,11 @@ pub struct EndpointsController {
 }
 
 fn selector(svc: &Service) -> Option<&BTreeMap<String, String>> {
-    svc.spec.as_ref()?.selector.as_ref().filter(|s| !s.is_empty())
+    svc.spec
+        .as_ref()?
+        .selector
+        .as_ref()
+        .filter(|s| !s.is_empty())
 }
 
 fn selects(svc: &Service, pod: &Pod) -> bool {
@@ -155,11 +160,7 @@ impl EndpointsController {
         let Some(svc) = self.services.get(key) else {
             // The Service is gone: so are its Endpoints (slices go by ownerReference).
             if self.endpoints.get(key).is_some_and(|e| !is_apiserver(&e)) {
-                match ep_api.delete(name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
+                ok_or_gone(ep_api.delete(name, &DeleteParams::default()).await)?
             }
             return Ok(None);
         };
@@ -218,7 +219,8 @@ impl EndpointsController {
                 terminating,
             });
         }
-        self.write_endpoints(&svc, &groups, publish_not_ready).await?;
+        self.write_endpoints(&svc, &groups, publish_not_ready)
+            .await?;
         self.write_slices(&svc, &groups).await?;
         Ok(None)
     }
@@ -243,7 +245,10 @@ impl EndpointsController {
                 }
                 a
             };
-            let live: Vec<&Ep> = eps.iter().filter(|e| !e.terminating || publish_not_ready).collect();
+            let live: Vec<&Ep> = eps
+                .iter()
+                .filter(|e| !e.terminating || publish_not_ready)
+                .collect();
             let ready: Vec<Value> = live.iter().filter(|e| e.ready).map(|e| addr(e)).collect();
             let not_ready: Vec<Value> = live.iter().filter(|e| !e.ready).map(|e| addr(e)).collect();
             if ready.is_empty() && not_ready.is_empty() {
@@ -277,7 +282,8 @@ impl EndpointsController {
         let key = format!("{ns}/{name}");
         let current = self.endpoints.get(&key);
         let same = current.as_ref().is_some_and(|cur| {
-            let subs = serde_json::to_value(cur.subsets.clone().unwrap_or_default()).unwrap_or(Value::Null);
+            let subs = serde_json::to_value(cur.subsets.clone().unwrap_or_default())
+                .unwrap_or(Value::Null);
             subs == want_subsets && cur.labels() == &labels
         });
         if same {
@@ -305,7 +311,11 @@ impl EndpointsController {
         }
     }
 
-    async fn write_slices(&self, svc: &Service, groups: &BTreeMap<PortSet, Vec<Ep>>) -> anyhow::Result<()> {
+    async fn write_slices(
+        &self,
+        svc: &Service,
+        groups: &BTreeMap<PortSet, Vec<Ep>>,
+    ) -> anyhow::Result<()> {
         let ns = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let uid = svc.metadata.uid.clone().unwrap_or_default();
@@ -385,18 +395,21 @@ impl EndpointsController {
                     if &cur_v == w && cur.labels() == &labels {
                         continue;
                     }
-                    let slice = body(json!({"name": cur.name_any(), "namespace": ns, "labels": labels,
+                    let slice = body(
+                        json!({"name": cur.name_any(), "namespace": ns, "labels": labels,
                         "ownerReferences": [owner_ref(svc, &uid)],
-                        "resourceVersion": cur.metadata.resource_version}))?;
-                    match api.replace(&cur.name_any(), &PostParams::default(), &slice).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(e)) if e.code == 404 => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                        "resourceVersion": cur.metadata.resource_version}),
+                    )?;
+                    ok_or_gone(
+                        api.replace(&cur.name_any(), &PostParams::default(), &slice)
+                            .await,
+                    )?
                 }
                 None => {
-                    let slice = body(json!({"generateName": format!("{name}-"), "namespace": ns, "labels": labels,
-                        "ownerReferences": [owner_ref(svc, &uid)]}))?;
+                    let slice = body(
+                        json!({"generateName": format!("{name}-"), "namespace": ns, "labels": labels,
+                        "ownerReferences": [owner_ref(svc, &uid)]}),
+                    )?;
                     match api.create(&PostParams::default(), &slice).await {
                         Ok(_) => {}
                         Err(kube::Error::Api(e)) if e.code == 403 || e.code == 409 => {}
@@ -406,11 +419,10 @@ impl EndpointsController {
             }
         }
         for extra in existing.iter().skip(want.len()) {
-            match api.delete(&extra.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            ok_or_gone(
+                api.delete(&extra.name_any(), &DeleteParams::default())
+                    .await,
+            )?
         }
         Ok(())
     }
@@ -444,21 +456,38 @@ mod tests {
     #[test]
     fn named_ports_resolve_per_pod() {
         let p = pod(json!([{"name": "http", "containerPort": 8080}]));
-        assert_eq!(resolve_port(Some(&IntOrString::String("http".into())), 80, &p), Some(8080));
-        assert_eq!(resolve_port(Some(&IntOrString::String("grpc".into())), 80, &p), None);
-        assert_eq!(resolve_port(Some(&IntOrString::Int(9090)), 80, &p), Some(9090));
+        assert_eq!(
+            resolve_port(Some(&IntOrString::String("http".into())), 80, &p),
+            Some(8080)
+        );
+        assert_eq!(
+            resolve_port(Some(&IntOrString::String("grpc".into())), 80, &p),
+            None
+        );
+        assert_eq!(
+            resolve_port(Some(&IntOrString::Int(9090)), 80, &p),
+            Some(9090)
+        );
         assert_eq!(resolve_port(None, 80, &p), Some(80));
     }
 
     #[test]
     fn services_select_by_every_label() {
-        let svc: Service = serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": {"selector": {"app": "a", "tier": "t"}}})).unwrap();
+        let svc: Service = serde_json::from_value(
+            json!({"metadata": {"name": "s"}, "spec": {"selector": {"app": "a", "tier": "t"}}}),
+        )
+        .unwrap();
         let mut p = pod(json!([]));
         p.metadata.labels = Some([("app".to_string(), "a".to_string())].into());
         assert!(!selects(&svc, &p));
-        p.metadata.labels.as_mut().unwrap().insert("tier".into(), "t".into());
+        p.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("tier".into(), "t".into());
         assert!(selects(&svc, &p));
-        let none: Service = serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": {}})).unwrap();
+        let none: Service =
+            serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": {}})).unwrap();
         assert!(!selects(&none, &p));
     }
 }

@@ -19,8 +19,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
-use kube::discovery::{verbs, ApiResource, Discovery, Scope};
 use kube::core::PartialObjectMeta;
+use kube::discovery::{verbs, ApiResource, Discovery, Scope};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
@@ -133,8 +133,11 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                     }
                     Event::InitDone => {
                         // Whatever disappeared while we were not watching.
-                        let gone: Vec<String> =
-                            known.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+                        let gone: Vec<String> = known
+                            .keys()
+                            .filter(|u| !seen.contains(*u))
+                            .cloned()
+                            .collect();
                         gone.into_iter()
                             .filter_map(|u| known.remove(&u))
                             .map(Change::Delete)
@@ -157,15 +160,21 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         }
     };
     let g = gc.clone();
-    let deleter = gc.delete_queue.clone().run(5, "garbage-collector", move |uid| {
-        let g = g.clone();
-        async move { g.attempt_to_delete(&uid).await }
-    });
+    let deleter = gc
+        .delete_queue
+        .clone()
+        .run(5, "garbage-collector", move |uid| {
+            let g = g.clone();
+            async move { g.attempt_to_delete(&uid).await }
+        });
     let g = gc.clone();
-    let orphaner = gc.orphan_queue.clone().run(2, "garbage-collector-orphan", move |uid| {
-        let g = g.clone();
-        async move { g.attempt_to_orphan(&uid).await }
-    });
+    let orphaner = gc
+        .orphan_queue
+        .clone()
+        .run(2, "garbage-collector-orphan", move |uid| {
+            let g = g.clone();
+            async move { g.attempt_to_orphan(&uid).await }
+        });
     tokio::select! {
         _ = builder => {}
         _ = deleter => {}
@@ -195,7 +204,8 @@ impl Gc {
                 let was_deleting_dependents = node.deleting_dependents();
                 node.deleting = deleting;
                 node.finalizers = finalizers;
-                let (deleting_dependents, orphaning) = (node.deleting_dependents(), node.orphaning());
+                let (deleting_dependents, orphaning) =
+                    (node.deleting_dependents(), node.orphaning());
                 let dependents: Vec<String> = node.dependents.iter().cloned().collect();
                 let old: HashSet<&str> = old_owners.iter().map(|o| o.uid.as_str()).collect();
                 let new: HashSet<&str> = owners.iter().map(|o| o.uid.as_str()).collect();
@@ -287,8 +297,15 @@ impl Gc {
         }
     }
 
-    fn api_for(&self, api_version: &str, kind: &str, ns: Option<&str>) -> Option<Api<DynamicObject>> {
-        let r = self.resources.get(&(api_version.to_string(), kind.to_string()))?;
+    fn api_for(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+    ) -> Option<Api<DynamicObject>> {
+        let r = self
+            .resources
+            .get(&(api_version.to_string(), kind.to_string()))?;
         Some(match (r.namespaced, ns) {
             (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &r.ar),
             (true, None) => return None,
@@ -353,7 +370,10 @@ impl Gc {
                 .collect();
             let patch = json!({"metadata": {"ownerReferences": list_or_null(&keep), "resourceVersion": rv}});
             tracing::debug!(%kind, %name, "removing dangling owner references");
-            return patch_ok(api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await);
+            return patch_ok(
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await,
+            );
         }
         let has_dependents = self
             .graph
@@ -391,7 +411,11 @@ impl Gc {
         }
     }
 
-    async fn owner_state(&self, o: &OwnerReference, ns: Option<&str>) -> anyhow::Result<OwnerState> {
+    async fn owner_state(
+        &self,
+        o: &OwnerReference,
+        ns: Option<&str>,
+    ) -> anyhow::Result<OwnerState> {
         let Some(api) = self.api_for(&o.api_version, &o.kind, ns) else {
             // Not a kind we can look up: never delete on a guess.
             return Ok(OwnerState::Solid);
@@ -466,7 +490,14 @@ impl Gc {
                 .dependents
                 .iter()
                 .filter_map(|d| graph.get(d))
-                .map(|d| (d.api_version.clone(), d.kind.clone(), d.namespace.clone(), d.name.clone()))
+                .map(|d| {
+                    (
+                        d.api_version.clone(),
+                        d.kind.clone(),
+                        d.namespace.clone(),
+                        d.name.clone(),
+                    )
+                })
                 .collect();
             (
                 self.api_for(&n.api_version, &n.kind, n.namespace.as_deref()),
@@ -488,7 +519,10 @@ impl Gc {
             let keep: Vec<&OwnerReference> = owners.iter().filter(|o| o.uid != uid).collect();
             let patch = json!({"metadata": {"ownerReferences": list_or_null(&keep),
                 "resourceVersion": dep.metadata.resource_version}});
-            patch_ok(api.patch(&dname, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+            patch_ok(
+                api.patch(&dname, &PatchParams::default(), &Patch::Merge(patch))
+                    .await,
+            )?;
         }
         if let Some(api) = owner_api {
             remove_finalizer(&api, &name, uid, ORPHAN).await?;
@@ -538,6 +572,9 @@ async fn remove_finalizer(
     }
     let keep: Vec<&String> = fins.iter().filter(|f| *f != finalizer).collect();
     let patch = json!({"metadata": {"finalizers": list_or_null(&keep), "resourceVersion": cur.metadata.resource_version}});
-    patch_ok(api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await)?;
+    patch_ok(
+        api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await,
+    )?;
     Ok(())
 }

@@ -160,3 +160,21 @@ pub async fn release(client: Client, e: &Election) {
         tracing::info!(lease = %e.name, "leader election: released the lease");
     }
 }
+
+/// Run `work()` while holding the `name` lease in kube-system, until `shutdown` resolves; then
+/// release the lease so that a standby takes over at once.
+pub async fn lead<F, Fut>(
+    client: Client,
+    name: &str,
+    work: F,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let election = Election::new(name, &identity());
+    tokio::select! {
+        _ = run_elected(client.clone(), election.clone(), work) => {}
+        _ = shutdown => release(client, &election).await,
+    }
+}

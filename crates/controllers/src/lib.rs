@@ -4,6 +4,7 @@
 //! Today: the namespace controller, the ServiceAccount controller and node IPAM. The node lifecycle, workload, endpoints and garbage
 //! collection controllers join here (one file or folder each) on the same runtime.
 
+pub mod claim;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
@@ -19,8 +20,8 @@ pub mod runtime;
 pub mod serviceaccount;
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ReplicationController, Service};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ReplicationController, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Api, Client};
 
@@ -56,13 +57,13 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let election = leader::Election::new("kube-controller-manager", &leader::identity());
     let work = || {
         let (client, config) = (client.clone(), config.clone());
         async move {
             let recorder = events::Recorder::new(client.clone(), "controller-manager");
             let pods = runtime::start(Api::<Pod>::all(client.clone()), Default::default());
-            let replicasets = runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default());
+            let replicasets =
+                runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default());
             let rs = replicaset::ReplicaController::new(
                 client.clone(),
                 replicasets.clone(),
@@ -91,7 +92,10 @@ pub async fn run(
                 runtime::start(Api::<DaemonSet>::all(client.clone()), Default::default()),
                 nodes.clone(),
                 pods.clone(),
-                runtime::start(Api::<ControllerRevision>::all(client.clone()), Default::default()),
+                runtime::start(
+                    Api::<ControllerRevision>::all(client.clone()),
+                    Default::default(),
+                ),
                 recorder.named("daemonset-controller"),
             );
             let endpoints = endpoints::EndpointsController::new(
@@ -100,13 +104,19 @@ pub async fn run(
                 pods.clone(),
                 nodes.clone(),
                 runtime::start(Api::<Endpoints>::all(client.clone()), Default::default()),
-                runtime::start(Api::<EndpointSlice>::all(client.clone()), Default::default()),
+                runtime::start(
+                    Api::<EndpointSlice>::all(client.clone()),
+                    Default::default(),
+                ),
             );
             let lifecycle = nodelifecycle::NodeLifecycle::new(
                 client.clone(),
                 config.node_lifecycle.clone(),
                 nodes.clone(),
-                runtime::start(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), Default::default()),
+                runtime::start(
+                    Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+                    Default::default(),
+                ),
                 pods.clone(),
                 recorder.named("node-controller"),
             );
@@ -128,8 +138,5 @@ pub async fn run(
             }
         }
     };
-    tokio::select! {
-        _ = leader::run_elected(client.clone(), election.clone(), work) => {}
-        _ = shutdown => leader::release(client, &election).await,
-    }
+    leader::lead(client.clone(), "kube-controller-manager", work, shutdown).await;
 }

@@ -23,6 +23,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 
+use crate::claim::ok_or_gone;
 use crate::events::Recorder;
 use crate::runtime::{self, Informer, Queue};
 
@@ -122,7 +123,10 @@ fn ready_status(n: &Node) -> Option<String> {
 }
 
 fn taints(n: &Node) -> Vec<Taint> {
-    n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default()
+    n.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
 }
 
 fn zone(n: &Node) -> String {
@@ -153,7 +157,11 @@ impl NodeLifecycle {
         let q = nl.eviction_queue.clone();
         pods.on(move |_old, new| {
             if let Some(p) = new {
-                if p.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some_and(|n| !n.is_empty()) {
+                if p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .is_some_and(|n| !n.is_empty())
+                {
                     q.add(runtime::key_of(p));
                 }
             }
@@ -183,10 +191,13 @@ impl NodeLifecycle {
         self.leases.wait_synced().await;
         self.pods.wait_synced().await;
         let me = self.clone();
-        let evictions = self.eviction_queue.clone().run(5, "taint-eviction", move |key| {
-            let me = me.clone();
-            async move { me.evict(&key).await }
-        });
+        let evictions = self
+            .eviction_queue
+            .clone()
+            .run(5, "taint-eviction", move |key| {
+                let me = me.clone();
+                async move { me.evict(&key).await }
+            });
         let me = self.clone();
         let monitor = async move {
             loop {
@@ -223,7 +234,13 @@ impl NodeLifecycle {
                 let renew = self
                     .leases
                     .get(&format!("kube-node-lease/{name}"))
-                    .and_then(|l| l.spec.as_ref()?.renew_time.as_ref().map(|t| t.0.to_string()));
+                    .and_then(|l| {
+                        l.spec
+                            .as_ref()?
+                            .renew_time
+                            .as_ref()
+                            .map(|t| t.0.to_string())
+                    });
                 let heartbeat = n
                     .status
                     .as_ref()
@@ -246,8 +263,10 @@ impl NodeLifecycle {
             }
         }
         // Silent nodes: conditions to Unknown, pods not ready.
-        let mut ready_view: HashMap<String, Option<String>> =
-            nodes.iter().map(|n| (n.name_any(), ready_status(n))).collect();
+        let mut ready_view: HashMap<String, Option<String>> = nodes
+            .iter()
+            .map(|n| (n.name_any(), ready_status(n)))
+            .collect();
         for n in stale {
             if ready_status(&n).as_deref() == Some("Unknown") {
                 continue;
@@ -268,25 +287,37 @@ impl NodeLifecycle {
         let states: BTreeMap<String, (ZoneState, usize)> = zones
             .iter()
             .map(|(z, (r, nr))| {
-                (z.clone(), (zone_state(*r, *nr, self.settings.unhealthy_zone_threshold), r + nr))
+                (
+                    z.clone(),
+                    (
+                        zone_state(*r, *nr, self.settings.unhealthy_zone_threshold),
+                        r + nr,
+                    ),
+                )
             })
             .collect();
-        let all_disrupted = !states.is_empty() && states.values().all(|(s, _)| *s == ZoneState::FullDisruption);
+        let all_disrupted = !states.is_empty()
+            && states
+                .values()
+                .all(|(s, _)| *s == ZoneState::FullDisruption);
         for n in &nodes {
             let name = n.name_any();
             let ready = ready_view[&name].clone();
             let (state, size) = states[&zone(n)];
+            // No Ready condition yet: nothing to say until the grace period makes it Unknown.
             let want: Option<&str> = match ready.as_deref() {
-                Some("True") => None,
                 Some("False") => Some(NOT_READY),
-                _ => Some(UNREACHABLE),
+                Some("Unknown") => Some(UNREACHABLE),
+                _ => None,
             };
             let want = if all_disrupted { None } else { want };
             let current: Vec<Taint> = taints(n);
             let mut next: Vec<Taint> = current
                 .iter()
                 .filter(|t| {
-                    !(t.effect == "NoExecute" && (t.key == UNREACHABLE || t.key == NOT_READY) && Some(t.key.as_str()) != want)
+                    !(t.effect == "NoExecute"
+                        && (t.key == UNREACHABLE || t.key == NOT_READY)
+                        && Some(t.key.as_str()) != want)
                 })
                 .cloned()
                 .collect();
@@ -295,7 +326,9 @@ impl NodeLifecycle {
                 if !next.iter().any(|t| t.key == key && t.effect == "NoExecute") {
                     let rate = match state {
                         ZoneState::Normal => self.settings.eviction_rate,
-                        ZoneState::PartialDisruption if size > self.settings.large_cluster_threshold => {
+                        ZoneState::PartialDisruption
+                            if size > self.settings.large_cluster_threshold =>
+                        {
                             self.settings.secondary_eviction_rate
                         }
                         _ => 0.0,
@@ -305,13 +338,18 @@ impl NodeLifecycle {
                         .lock()
                         .unwrap()
                         .entry(zone(n))
-                        .or_insert(Limiter { tokens: 1.0, at: Instant::now() })
+                        .or_insert(Limiter {
+                            tokens: 1.0,
+                            at: Instant::now(),
+                        })
                         .take(rate);
                     if allowed {
                         next.push(Taint {
                             key: key.into(),
                             effect: "NoExecute".into(),
-                            time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now())),
+                            time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                                Timestamp::now(),
+                            )),
                             value: None,
                         });
                         adding = true;
@@ -319,31 +357,54 @@ impl NodeLifecycle {
                 }
             }
             // NoSchedule taints by condition.
-            let unschedulable = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+            let unschedulable = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
             let mut no_schedule: Vec<&str> = Vec::new();
             match ready.as_deref() {
-                Some("True") => {}
                 Some("False") => no_schedule.push(NOT_READY),
-                _ => no_schedule.push(UNREACHABLE),
+                Some("Unknown") => no_schedule.push(UNREACHABLE),
+                _ => {}
             }
             if unschedulable {
                 no_schedule.push(UNSCHEDULABLE);
             }
             next.retain(|t| {
-                !(t.effect == "NoSchedule" && [NOT_READY, UNREACHABLE, UNSCHEDULABLE].contains(&t.key.as_str()) && !no_schedule.contains(&t.key.as_str()))
+                !(t.effect == "NoSchedule"
+                    && [NOT_READY, UNREACHABLE, UNSCHEDULABLE].contains(&t.key.as_str())
+                    && !no_schedule.contains(&t.key.as_str()))
             });
             for key in no_schedule {
-                if !next.iter().any(|t| t.key == key && t.effect == "NoSchedule") {
-                    next.push(Taint { key: key.into(), effect: "NoSchedule".into(), time_added: None, value: None });
+                if !next
+                    .iter()
+                    .any(|t| t.key == key && t.effect == "NoSchedule")
+                {
+                    next.push(Taint {
+                        key: key.into(),
+                        effect: "NoSchedule".into(),
+                        time_added: None,
+                        value: None,
+                    });
                 }
             }
             if next != current {
                 let patch = json!({"spec": {"taints": if next.is_empty() { Value::Null } else { json!(next) }},
                                    "metadata": {"resourceVersion": n.metadata.resource_version}});
-                match self.nodes_api().patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                match self
+                    .nodes_api()
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                {
                     Ok(_) => {
                         if adding {
-                            self.recorder.record(&**n, "Normal", "NodeNotReady", format!("Node {name} status is now: NodeNotReady"));
+                            self.recorder.record(
+                                &**n,
+                                "Normal",
+                                "NodeNotReady",
+                                format!("Node {name} status is now: NodeNotReady"),
+                            );
                         }
                     }
                     Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
@@ -383,13 +444,22 @@ impl NodeLifecycle {
                 "message": "Kubelet never posted node status.", "lastHeartbeatTime": now, "lastTransitionTime": now}));
         }
         let patch = json!({"status": {"conditions": conditions}});
-        match self.nodes_api().patch_status(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+        match self
+            .nodes_api()
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
             Err(e) => return Err(e.into()),
         }
         tracing::info!(node = %name, "node stopped posting status: Ready is Unknown");
-        self.recorder.record(n, "Normal", "NodeNotReady", format!("Node {name} status is now: NodeNotReady"));
+        self.recorder.record(
+            n,
+            "Normal",
+            "NodeNotReady",
+            format!("Node {name} status is now: NodeNotReady"),
+        );
         // Its pods are not ready any more.
         for p in self.pods.list() {
             if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(name.as_str()) {
@@ -412,13 +482,13 @@ impl NodeLifecycle {
                     c["lastTransitionTime"] = json!(now);
                 }
             }
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
+            let api: Api<Pod> =
+                Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
             let patch = json!({"status": {"conditions": conds}});
-            match api.patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            ok_or_gone(
+                api.patch_status(&p.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+                    .await,
+            )?
         }
         Ok(())
     }
@@ -431,25 +501,44 @@ impl NodeLifecycle {
         if pod.metadata.deletion_timestamp.is_some() {
             return Ok(None);
         }
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()).and_then(|n| self.nodes.get(&n)) else {
+        let Some(node) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .and_then(|n| self.nodes.get(&n))
+        else {
             return Ok(None);
         };
-        let tolerations = pod.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+        let tolerations = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.tolerations.clone())
+            .unwrap_or_default();
         let mut deadline: Option<Timestamp> = None;
         let mut now_evict = false;
         for t in taints(&node).iter().filter(|t| t.effect == "NoExecute") {
-            let matching: Vec<_> = tolerations.iter().filter(|tol| scheduler::plugins::selectors::tolerates(tol, t)).collect();
+            let matching: Vec<_> = tolerations
+                .iter()
+                .filter(|tol| scheduler::plugins::selectors::tolerates(tol, t))
+                .collect();
             if matching.is_empty() {
                 now_evict = true;
                 break;
             }
             // The shortest tolerationSeconds among matching tolerations; none means forever.
-            let secs = matching.iter().filter_map(|tol| tol.toleration_seconds).min();
+            let secs = matching
+                .iter()
+                .filter_map(|tol| tol.toleration_seconds)
+                .min();
             if matching.iter().any(|tol| tol.toleration_seconds.is_none()) {
                 continue;
             }
             let Some(secs) = secs else { continue };
-            let added = t.time_added.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
+            let added = t
+                .time_added
+                .as_ref()
+                .map(|t| t.0)
+                .unwrap_or_else(Timestamp::now);
             let at = added + SignedDuration::from_secs(secs.max(0));
             deadline = Some(deadline.map_or(at, |d: Timestamp| d.min(at)));
         }
@@ -458,7 +547,9 @@ impl NodeLifecycle {
                 None => return Ok(None),
                 Some(at) if at > Timestamp::now() => {
                     let left = at.duration_since(Timestamp::now());
-                    return Ok(Some(Duration::from_millis(left.as_millis().max(0) as u64 + 50)));
+                    return Ok(Some(Duration::from_millis(
+                        left.as_millis().max(0) as u64 + 50,
+                    )));
                 }
                 Some(_) => {}
             }
@@ -466,13 +557,21 @@ impl NodeLifecycle {
         let (ns, name) = runtime::split_key(key);
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns.unwrap_or_default());
         let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
             ..Default::default()
         };
         match api.delete(name, &dp).await {
             Ok(_) => {
                 tracing::info!(pod = %key, node = %node.name_any(), "evicted by a NoExecute taint");
-                self.recorder.record(&*pod, "Normal", "TaintManagerEviction", format!("Marking for deletion Pod {key}"));
+                self.recorder.record(
+                    &*pod,
+                    "Normal",
+                    "TaintManagerEviction",
+                    format!("Marking for deletion Pod {key}"),
+                );
             }
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => return Err(e.into()),
@@ -485,7 +584,12 @@ impl NodeLifecycle {
         let nodes: HashSet<String> = self.nodes.list().iter().map(|n| n.name_any()).collect();
         let mut checked: HashMap<String, bool> = HashMap::new();
         for p in self.pods.list() {
-            let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()) else {
+            let Some(node) = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty())
+            else {
                 continue;
             };
             if nodes.contains(&node) {
@@ -503,14 +607,20 @@ impl NodeLifecycle {
             if !gone {
                 continue;
             }
-            let api: Api<Pod> = Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
+            let api: Api<Pod> =
+                Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions { uid: p.metadata.uid.clone(), resource_version: None }),
+                preconditions: Some(Preconditions {
+                    uid: p.metadata.uid.clone(),
+                    resource_version: None,
+                }),
                 ..Default::default()
             };
             match api.delete(&p.name_any(), &dp).await {
-                Ok(_) => tracing::info!(pod = %runtime::key_of(&*p), %node, "deleted a pod of a deleted node"),
+                Ok(_) => {
+                    tracing::info!(pod = %runtime::key_of(&*p), %node, "deleted a pod of a deleted node")
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
@@ -536,10 +646,16 @@ mod tests {
 
     #[test]
     fn limiter_allows_a_burst_of_one_then_the_rate() {
-        let mut l = Limiter { tokens: 1.0, at: Instant::now() };
+        let mut l = Limiter {
+            tokens: 1.0,
+            at: Instant::now(),
+        };
         assert!(l.take(0.1));
         assert!(!l.take(0.1));
-        let mut stopped = Limiter { tokens: 1.0, at: Instant::now() };
+        let mut stopped = Limiter {
+            tokens: 1.0,
+            at: Instant::now(),
+        };
         assert!(!stopped.take(0.0));
     }
 }

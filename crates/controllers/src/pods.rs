@@ -133,17 +133,56 @@ mod tests {
     #[test]
     fn victims_are_unscheduled_then_pending_then_unready_then_newest() {
         let pods = vec![
-            pod("old-ready", Some("n1"), "Running", true, "2026-01-01T00:00:00Z"),
-            pod("new-ready", Some("n2"), "Running", true, "2026-01-02T00:00:00Z"),
-            pod("unready", Some("n3"), "Running", false, "2026-01-01T00:00:00Z"),
-            pod("pending", Some("n4"), "Pending", false, "2026-01-01T00:00:00Z"),
-            pod("unscheduled", None, "Pending", false, "2026-01-01T00:00:00Z"),
+            pod(
+                "old-ready",
+                Some("n1"),
+                "Running",
+                true,
+                "2026-01-01T00:00:00Z",
+            ),
+            pod(
+                "new-ready",
+                Some("n2"),
+                "Running",
+                true,
+                "2026-01-02T00:00:00Z",
+            ),
+            pod(
+                "unready",
+                Some("n3"),
+                "Running",
+                false,
+                "2026-01-01T00:00:00Z",
+            ),
+            pod(
+                "pending",
+                Some("n4"),
+                "Pending",
+                false,
+                "2026-01-01T00:00:00Z",
+            ),
+            pod(
+                "unscheduled",
+                None,
+                "Pending",
+                false,
+                "2026-01-01T00:00:00Z",
+            ),
         ];
         let order: Vec<String> = rank_for_deletion(&pods, 5)
             .iter()
             .map(|p| p.metadata.name.clone().unwrap())
             .collect();
-        assert_eq!(order, ["unscheduled", "pending", "unready", "new-ready", "old-ready"]);
+        assert_eq!(
+            order,
+            [
+                "unscheduled",
+                "pending",
+                "unready",
+                "new-ready",
+                "old-ready"
+            ]
+        );
         assert_eq!(rank_for_deletion(&pods, 2).len(), 2);
     }
 
@@ -151,8 +190,20 @@ mod tests {
     fn crowded_nodes_lose_pods_first() {
         let pods = vec![
             pod("alone", Some("n1"), "Running", true, "2026-01-01T00:00:00Z"),
-            pod("crowd-a", Some("n2"), "Running", true, "2026-01-01T00:00:00Z"),
-            pod("crowd-b", Some("n2"), "Running", true, "2026-01-01T00:00:00Z"),
+            pod(
+                "crowd-a",
+                Some("n2"),
+                "Running",
+                true,
+                "2026-01-01T00:00:00Z",
+            ),
+            pod(
+                "crowd-b",
+                Some("n2"),
+                "Running",
+                true,
+                "2026-01-01T00:00:00Z",
+            ),
         ];
         let first = &rank_for_deletion(&pods, 1)[0];
         assert!(first.metadata.name.as_deref().unwrap().starts_with("crowd"));

@@ -16,6 +16,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::claim::{self, ok_or_gone, Claim};
 use crate::events::Recorder;
 use crate::pods;
 use crate::runtime::{self, Expectations, Informer, Queue};
@@ -39,7 +40,12 @@ pub struct View {
 
 pub trait Replicated:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
 {
     fn view(&self) -> View;
 }
@@ -57,7 +63,11 @@ impl Replicated for ReplicaSet {
     fn view(&self) -> View {
         let (uid, generation, deleting) = meta_common(self);
         let spec = self.spec.clone().unwrap_or_default();
-        let selector_empty = spec.selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        let selector_empty = spec
+            .selector
+            .match_labels
+            .as_ref()
+            .is_none_or(|m| m.is_empty())
             && spec
                 .selector
                 .match_expressions
@@ -142,13 +152,8 @@ impl<K: Replicated> ReplicaController<K> {
     /// The key of the owner of this kind controlling `pod`, if any.
     fn owner_key(pod: &Pod) -> Option<String> {
         let r = runtime::controller_ref(pod)?;
-        (r.kind == Self::kind()).then(|| {
-            format!(
-                "{}/{}",
-                pod.namespace().unwrap_or_default(),
-                r.name
-            )
-        })
+        (r.kind == Self::kind())
+            .then(|| format!("{}/{}", pod.namespace().unwrap_or_default(), r.name))
     }
 
     /// Owners in the pod's namespace whose selector matches it (for orphans).
@@ -179,7 +184,8 @@ impl<K: Replicated> ReplicaController<K> {
             }
             (Some(o), Some(p)) => {
                 let (ok, nk) = (Self::owner_key(o), Self::owner_key(p));
-                if o.metadata.deletion_timestamp.is_none() && p.metadata.deletion_timestamp.is_some()
+                if o.metadata.deletion_timestamp.is_none()
+                    && p.metadata.deletion_timestamp.is_some()
                 {
                     // A pod being deleted counts as deleted (upstream does the same).
                     if let Some(k) = &nk {
@@ -246,27 +252,23 @@ impl<K: Replicated> ReplicaController<K> {
 
         // Claim: keep ours that match, release ours that don't, adopt matching orphans.
         let mut mine = Vec::new();
+        let api = self.api_pods(ns);
         for p in self.pods.list_namespace(ns) {
             if !pods::is_active(&p) {
                 continue;
             }
             let matches = !v.selector_empty && v.selector.matches(p.labels());
-            match runtime::controller_ref(&*p) {
-                Some(r) if r.uid == v.uid => {
-                    if matches || v.deleting {
+            match claim::classify(&*p, &v.uid, matches, v.deleting) {
+                Claim::Keep => mine.push(p),
+                Claim::Release => {
+                    claim::release(&api, &*p, &v.uid).await?;
+                }
+                Claim::Adopt => {
+                    if claim::adopt(&api, &*p, owner_ref(&*owner, &v.uid)).await? {
                         mine.push(p);
-                    } else {
-                        self.release(&p, &v.uid).await?;
                     }
                 }
-                Some(_) => {}
-                None => {
-                    if matches && !v.deleting && p.metadata.deletion_timestamp.is_none() {
-                        if self.adopt(&owner, &p).await? {
-                            mine.push(p);
-                        }
-                    }
-                }
+                Claim::Ignore => {}
             }
         }
 
@@ -316,7 +318,12 @@ impl<K: Replicated> ReplicaController<K> {
 
         // Status.
         let now = k8s_openapi::jiff::Timestamp::now();
-        let template_labels = v.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        let template_labels = v
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
         let fully_labeled = mine
             .iter()
             .filter(|p| {
@@ -331,9 +338,15 @@ impl<K: Replicated> ReplicaController<K> {
             .count();
         let mut conditions: Vec<Value> = Vec::new();
         if let Some(e) = &create_error {
-            let reason = if diff_sign(&mine, v.replicas) < 0 { "FailedCreate" } else { "FailedDelete" };
-            conditions.push(json!({"type": "ReplicaFailure", "status": "True", "reason": reason,
-                "message": e.to_string(), "lastTransitionTime": now.to_string()}));
+            let reason = if diff_sign(&mine, v.replicas) < 0 {
+                "FailedCreate"
+            } else {
+                "FailedDelete"
+            };
+            conditions.push(
+                json!({"type": "ReplicaFailure", "status": "True", "reason": reason,
+                "message": e.to_string(), "lastTransitionTime": now.to_string()}),
+            );
         }
         let status = json!({
             "replicas": mine.len(),
@@ -345,14 +358,14 @@ impl<K: Replicated> ReplicaController<K> {
         });
         if status_changed(&v.status, &status) {
             let api: Api<K> = Api::namespaced(self.client.clone(), ns);
-            match api
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            ok_or_gone(
+                api.patch_status(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
+                .await,
+            )?
         }
         if let Some(e) = create_error {
             return Err(e);
@@ -364,13 +377,7 @@ impl<K: Replicated> ReplicaController<K> {
     }
 
     /// Create `want` pods in slow-start batches (1, 2, 4, ...): a failing create stops early.
-    async fn create_pods(
-        &self,
-        key: &str,
-        owner: &K,
-        v: &View,
-        want: usize,
-    ) -> anyhow::Result<()> {
+    async fn create_pods(&self, key: &str, owner: &K, v: &View, want: usize) -> anyhow::Result<()> {
         self.expectations.expect(key, want as i64, 0);
         let ns = owner.namespace().unwrap_or_default();
         let api = self.api_pods(&ns);
@@ -380,10 +387,7 @@ impl<K: Replicated> ReplicaController<K> {
         let mut batch = 1;
         while done < want {
             let n = batch.min(want - done);
-            let results = futures::future::join_all(
-                (0..n).map(|_| api.create(&pp, &pod)),
-            )
-            .await;
+            let results = futures::future::join_all((0..n).map(|_| api.create(&pp, &pod))).await;
             let mut failed = None;
             for r in results {
                 match r {
@@ -403,45 +407,17 @@ impl<K: Replicated> ReplicaController<K> {
             if let Some(e) = failed {
                 // The rest of this sync's creations will not happen: no longer expected.
                 self.expectations.lower(key, (want - done) as i64, 0);
-                self.recorder.record(owner, "Warning", "FailedCreate", format!("Error creating: {e}"));
+                self.recorder.record(
+                    owner,
+                    "Warning",
+                    "FailedCreate",
+                    format!("Error creating: {e}"),
+                );
                 return Err(e.into());
             }
             batch *= 2;
         }
         Ok(())
-    }
-
-    async fn adopt(&self, owner: &K, pod: &Pod) -> anyhow::Result<bool> {
-        let uid = owner.meta().uid.clone().unwrap_or_default();
-        let patch = json!({"metadata": {
-            "ownerReferences": [owner_ref(owner, &uid)],
-            "uid": pod.metadata.uid,
-        }});
-        match self
-            .api_pods(&pod.namespace().unwrap_or_default())
-            .patch(&pod.name_any(), &PatchParams::default(), &Patch::Strategic(patch))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 || e.code == 422 => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn release(&self, pod: &Pod, uid: &str) -> anyhow::Result<()> {
-        let patch = json!({"metadata": {
-            "ownerReferences": [{"$patch": "delete", "uid": uid}],
-            "uid": pod.metadata.uid,
-        }});
-        match self
-            .api_pods(&pod.namespace().unwrap_or_default())
-            .patch(&pod.name_any(), &PatchParams::default(), &Patch::Strategic(patch))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 || e.code == 422 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
     }
 }
 
@@ -465,7 +441,13 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(owner: &K, uid: &str) -> OwnerRe
 /// their timestamps).
 fn status_changed(cur: &Value, new: &Value) -> bool {
     let num = |v: &Value, k: &str| v[k].as_i64().unwrap_or(0);
-    for k in ["replicas", "fullyLabeledReplicas", "readyReplicas", "availableReplicas", "observedGeneration"] {
+    for k in [
+        "replicas",
+        "fullyLabeledReplicas",
+        "readyReplicas",
+        "availableReplicas",
+        "observedGeneration",
+    ] {
         if num(cur, k) != num(new, k) {
             return true;
         }
@@ -505,9 +487,12 @@ mod tests {
         .unwrap();
         let v = rc.view();
         assert!(!v.selector_empty);
-        assert!(v.selector.matches(&[("app".to_string(), "x".to_string())].into()));
+        assert!(v
+            .selector
+            .matches(&[("app".to_string(), "x".to_string())].into()));
         let rs: ReplicaSet = serde_json::from_value(json!({
-            "metadata": {"name": "r"}, "spec": {"selector": {}}})).unwrap();
+            "metadata": {"name": "r"}, "spec": {"selector": {}}}))
+        .unwrap();
         assert!(rs.view().selector_empty);
         assert_eq!(rs.view().replicas, 1);
     }

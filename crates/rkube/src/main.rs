@@ -110,6 +110,24 @@ pub async fn client_from_kubeconfig(path: &std::path::Path) -> anyhow::Result<ku
     Ok(kube::Client::try_from(config)?)
 }
 
+/// The scheduler while it holds the `kube-scheduler` lease (so two can run: the standby takes
+/// over within a lease duration), until `shutdown`.
+pub async fn run_scheduler(
+    client: kube::Client,
+    config: scheduler::Configuration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let work = || {
+        let (client, config) = (client.clone(), config.clone());
+        async move {
+            if let Err(e) = scheduler::run(client, config, std::future::pending()).await {
+                tracing::error!(error = %e, "scheduler stopped");
+            }
+        }
+    };
+    controllers::leader::lead(client.clone(), "kube-scheduler", work, shutdown).await;
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -144,10 +162,11 @@ fn main() -> ExitCode {
             };
             config.profiles()?;
             let client = client_from_kubeconfig(&kubeconfig).await?;
-            scheduler::run(client, config, async {
+            run_scheduler(client, config, async {
                 let _ = tokio::signal::ctrl_c().await;
             })
-            .await
+            .await;
+            Ok(())
         }),
         Command::ControllerManager {
             kubeconfig,

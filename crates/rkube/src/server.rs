@@ -100,7 +100,9 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 50s)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 50s)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -355,11 +357,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
-            if let Err(e) =
-                scheduler::run(client, scheduler::Configuration::default(), shutdown).await
-            {
-                tracing::error!(error = %e, "scheduler stopped");
-            }
+            crate::run_scheduler(client, scheduler::Configuration::default(), shutdown).await;
         }));
     }
     println!(

@@ -122,7 +122,7 @@ fn discovery_version_and_cluster_info() {
 
 #[test]
 fn create_get_and_printing() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(0, &["--disable", "controller-manager"]);
     let out = c.apply_yaml(MANIFEST);
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
@@ -371,7 +371,7 @@ fn watch_sees_added_modified_deleted() {
 
 #[test]
 fn label_annotate_patch_replace() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(0, &["--disable", "controller-manager"]);
     c.apply_yaml(MANIFEST);
     assert_eq!(
         c.kubectl(&["label", "pod", "web", "env=prod"]),
@@ -799,7 +799,7 @@ fn kubectl_one_minor_version_behind_works_too() {
     if !std::path::Path::new(old).exists() {
         panic!("{old} is missing: the machine image should ship kubectl 1.27-1.33");
     }
-    let c = Cluster::start();
+    let c = Cluster::start_with(0, &["--disable", "controller-manager"]);
     let run = |args: &[&str]| {
         let out = c.command(old).args(args).output().expect("kubectl 1.32");
         assert!(

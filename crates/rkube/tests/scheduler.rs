@@ -48,9 +48,18 @@ fn wait_unschedulable(c: &Cluster, pod: &str) -> String {
     })
 }
 
+/// The scheduler tests place pods on hand-made nodes that never post status, as upstream's
+/// scheduler integration tests do: without the controller manager, whose node lifecycle
+/// controller would (rightly) taint such nodes unreachable after the grace period.
+fn scheduler_cluster(also_disable: &[&str]) -> Cluster {
+    let mut disable = vec!["controller-manager"];
+    disable.extend_from_slice(also_disable);
+    Cluster::start_with(0, &["--disable", &disable.join(",")])
+}
+
 #[test]
 fn resources_selectors_taints_ports_and_the_reasons_users_read() {
-    let c = Cluster::start();
+    let c = scheduler_cluster(&[]);
     node(&c, "small", "1", "", "");
     node(&c, "big", "4", ", disk: ssd", "");
     node(
@@ -184,7 +193,7 @@ fn cpu_of(q: &str) -> f64 {
 
 #[test]
 fn pod_affinity_anti_affinity_and_topology_spread() {
-    let c = Cluster::start();
+    let c = scheduler_cluster(&[]);
     for (n, zone) in [("a1", "za"), ("a2", "za"), ("b1", "zb"), ("c1", "zc")] {
         node(
             &c,
@@ -304,7 +313,7 @@ fn pod_affinity_anti_affinity_and_topology_spread() {
 
 #[test]
 fn preemption_evicts_lower_priority_pods_and_places_the_higher() {
-    let c = Cluster::start();
+    let c = scheduler_cluster(&[]);
     c.apply_yaml("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: low}\nvalue: 100\n");
     c.apply_yaml("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: high}\nvalue: 1000\n");
     node(&c, "only", "2", "", "");
@@ -413,7 +422,7 @@ fn start_scheduler(c: &Cluster, config: Option<&std::path::Path>) -> Scheduler {
 
 #[test]
 fn a_restarted_scheduler_double_books_nothing_and_profiles_apply() {
-    let c = Cluster::start_with(0, &["--disable", "scheduler"]);
+    let c = scheduler_cluster(&["scheduler"]);
     let config = c.data_dir().join("scheduler.yaml");
     std::fs::write(
         &config,
@@ -491,7 +500,7 @@ fn a_restarted_scheduler_double_books_nothing_and_profiles_apply() {
 /// Scoring plugins, each isolated on otherwise equal nodes: the pod goes where the plugin says.
 #[test]
 fn scoring_plugins_pick_the_node_they_prefer() {
-    let c = Cluster::start();
+    let c = scheduler_cluster(&[]);
     let fresh_pair = |tag: &str, a_labels: &str, a_spec: &str| {
         node(
             &c,
@@ -568,7 +577,7 @@ fn scoring_plugins_pick_the_node_they_prefer() {
 /// no constraints of their own (here against what resource scoring alone would choose).
 #[test]
 fn pods_of_one_service_spread_by_default() {
-    let c = Cluster::start();
+    let c = scheduler_cluster(&[]);
     node(&c, "sp-a", "4", ", pair: sp", "");
     node(&c, "sp-b", "4", ", pair: sp", "");
     c.apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: spread-me}, ports: [{port: 80}]}\n");

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::framework::{Plugin, Profile};
 use crate::plugins::{registry, ScoringStrategy};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Configuration {
     #[serde(default)]
@@ -24,7 +24,7 @@ pub struct Configuration {
     pub profiles: Vec<ProfileConfig>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProfileConfig {
     #[serde(default)]
@@ -37,7 +37,7 @@ pub struct ProfileConfig {
     pub plugin_config: Vec<PluginConfig>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plugins {
     #[serde(default)]
@@ -60,7 +60,7 @@ pub struct Plugins {
     pub pre_bind: PluginSet,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct PluginSet {
     #[serde(default)]
     pub enabled: Vec<PluginRef>,
@@ -68,14 +68,14 @@ pub struct PluginSet {
     pub disabled: Vec<PluginRef>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct PluginRef {
     pub name: String,
     #[serde(default)]
     pub weight: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct PluginConfig {
     pub name: String,
     #[serde(default)]

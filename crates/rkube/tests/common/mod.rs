@@ -248,6 +248,80 @@ impl Cluster {
     }
 }
 
+/// A child process killed (and reaped) when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Cluster {
+    /// `rkube hollow-nodes` with `count` nodes named `{prefix}0..`; returns once they are Ready.
+    pub fn hollow(&self, count: usize, prefix: &str, extra: &[&str]) -> Proc {
+        let child = Command::new(rkube_bin())
+            .args(["hollow-nodes", "--kubeconfig"])
+            .arg(self.kubeconfig())
+            .args(["--count", &count.to_string(), "--name-prefix", prefix])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("rkube hollow-nodes");
+        let p = Proc(child);
+        self.eventually(&format!("{count} hollow nodes {prefix}* Ready"), || {
+            let out = self.kubectl(&[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status} {.spec.podCIDR}{\"\\n\"}{end}",
+            ]);
+            let ready = out
+                .lines()
+                .filter(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    f.len() == 3 && f[0].starts_with(prefix) && f[1] == "True" && !f[2].is_empty()
+                })
+                .count();
+            (ready == count).then_some(())
+        });
+        p
+    }
+
+    /// A component process (`controller-manager`, `scheduler`) on this cluster's kubeconfig.
+    pub fn component(&self, name: &str, extra: &[&str]) -> Proc {
+        Proc(
+            Command::new(rkube_bin())
+                .args([name, "--kubeconfig"])
+                .arg(self.kubeconfig())
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("rkube component"),
+        )
+    }
+
+    /// jsonpath over one object, or "" if kubectl fails (not there yet).
+    pub fn jsonpath(&self, args: &[&str], path: &str) -> String {
+        let mut a: Vec<&str> = args.to_vec();
+        let p = format!("jsonpath={path}");
+        a.extend(["-o", &p]);
+        let out = self.kubectl_output(&a);
+        if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).to_string()
+        } else {
+            String::new()
+        }
+    }
+}
+
 pub fn eventually<T>(what: &str, f: &mut dyn FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -310,6 +384,26 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Wait until at least `n` lines have arrived.
+    pub fn wait_lines(&mut self, n: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.seen.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("fewer than {n} lines: {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Every line so far (those already seen and those waiting).
+    pub fn drain(&mut self) -> Vec<String> {
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.clone()
     }
 
     /// Wait for the process to exit by itself; returns whether it succeeded.
