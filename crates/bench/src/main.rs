@@ -84,6 +84,10 @@ enum Cmd {
         /// Concurrent creating clients.
         #[arg(long, default_value_t = 16)]
         clients: usize,
+        /// Run the controller manager and the scheduler as their own processes, to report the
+        /// CPU time of each component.
+        #[arg(long)]
+        split: bool,
     },
     /// The embedded store and Debian's etcd side by side, same workload through the same API
     /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
@@ -880,11 +884,32 @@ async fn deployments_bench(
     replicas: usize,
     nodes: usize,
     clients: usize,
+    split: bool,
 ) -> Result<()> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::Node;
-    let server = Server::start(&bin)?;
+    // A /24 per node: 5,000 nodes need more than the default /16.
+    let mut flags = vec!["--cluster-cidr", "10.0.0.0/8"];
+    if split {
+        flags.extend(["--disable", "controller-manager,scheduler"]);
+    }
+    let server = Server::start_with(&bin, &flags)?;
     let client = server.client().await?;
+    let mut components: Vec<(&str, Child)> = Vec::new();
+    if split {
+        for (name, extra) in [
+            ("controller-manager", vec!["--cluster-cidr", "10.0.0.0/8"]),
+            ("scheduler", vec![]),
+        ] {
+            let child = Command::new(&bin)
+                .args([name, "--kubeconfig"])
+                .arg(&server.kubeconfig)
+                .args(extra)
+                .env("RUST_LOG", "warn")
+                .spawn()?;
+            components.push((name, child));
+        }
+    }
     // The hollow nodes, all Ready before the clock starts.
     let t0 = Instant::now();
     let mut hollow = Command::new(&bin)
@@ -900,8 +925,14 @@ async fn deployments_bench(
         .spawn()?;
     let node_api: Api<Node> = Api::all(client.clone());
     loop {
-        let list = node_api.list_metadata(&ListParams::default()).await?;
-        if list.items.len() >= nodes {
+        // Registered and given a pod CIDR.
+        let list = node_api.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|n| n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some())
+            .count();
+        if ready >= nodes {
             break;
         }
         if t0.elapsed() > Duration::from_secs(600) {
@@ -1019,9 +1050,35 @@ async fn deployments_bench(
         all_reported.as_secs_f64(),
         server.rss_mib(),
     );
+    let mut procs = vec![("server", server.child.id()), ("hollow-nodes", hollow.id())];
+    for (name, c) in &components {
+        procs.push((name, c.id()));
+    }
+    println!(
+        "CPU seconds since start, RSS: {}",
+        procs
+            .iter()
+            .map(|(n, pid)| format!("{n} {:.1}s {:.0} MiB", cpu_seconds(*pid), rss_mib_of(*pid)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (_, mut c) in components {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     let _ = hollow.kill();
     let _ = hollow.wait();
     Ok(())
+}
+
+/// User + system CPU seconds a process has used (from /proc/<pid>/stat; 100 ticks a second).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The rkube binary: as given, or next to this one.
@@ -1093,9 +1150,10 @@ async fn main() -> Result<()> {
             replicas,
             nodes,
             clients,
+            split,
         } => {
             let bin = rkube_bin(rkube)?;
-            deployments_bench(bin, deployments, replicas, nodes, clients).await
+            deployments_bench(bin, deployments, replicas, nodes, clients, split).await
         }
         Cmd::Datastores { rkube, seconds } => {
             let bin = rkube_bin(rkube)?;

@@ -296,7 +296,7 @@ impl DeploymentController {
         let deleting = d.metadata.deletion_timestamp.is_some();
         let mut out = Vec::new();
         let api = self.rs_api(&ns);
-        for rs in self.replicasets.list_namespace(&ns) {
+        for rs in self.replicasets.list_claimable(&ns, &uid) {
             let matches = selector.matches(rs.labels());
             match claim::classify(&*rs, &uid, matches, deleting) {
                 Claim::Keep => out.push(rs),

@@ -121,10 +121,23 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                         vec![]
                     }
                     Event::InitApply(o) | Event::Apply(o) => {
-                        let uid = o.metadata.uid.clone().unwrap_or_default();
+                        let mut meta = o.metadata;
+                        meta.managed_fields = None;
+                        meta.annotations = None;
+                        meta.labels = None;
+                        let uid = meta.uid.clone().unwrap_or_default();
                         seen.insert(uid.clone());
-                        known.insert(uid, o.metadata.clone());
-                        vec![Change::Upsert(r.clone(), o.metadata)]
+                        // Only what a later delete needs.
+                        known.insert(
+                            uid,
+                            ObjectMeta {
+                                name: meta.name.clone(),
+                                namespace: meta.namespace.clone(),
+                                uid: meta.uid.clone(),
+                                ..Default::default()
+                            },
+                        );
+                        vec![Change::Upsert(r.clone(), meta)]
                     }
                     Event::Delete(o) => {
                         let uid = o.metadata.uid.clone().unwrap_or_default();

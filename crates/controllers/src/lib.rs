@@ -25,8 +25,10 @@ use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ReplicationController, Se
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Api, Client};
 
-/// Concurrent reconciles per workload controller (upstream's --concurrent-*-syncs default 5).
-const WORKERS: usize = 5;
+/// Concurrent reconciles per workload controller. Upstream's `--concurrent-*-syncs` default to
+/// 5; a ReplicaSet sync here waits on a few sequential creates (slow start), so more workers
+/// keep the API busy: 16 created pods twice as fast as 5 in `rkube-bench deployments`.
+const WORKERS: usize = 16;
 
 /// What the controllers are configured with.
 #[derive(Debug, Clone)]

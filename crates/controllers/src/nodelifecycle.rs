@@ -56,6 +56,21 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Nodes per second a zone may have tainted for eviction (upstream's
+    /// ReducedQPSFunc / HealthyQPSFunc): full rate when healthy, the secondary rate in a large
+    /// partially disrupted zone, none in a small one or a fully disrupted one.
+    pub fn zone_rate(&self, state: ZoneState, size: usize) -> f64 {
+        match state {
+            ZoneState::Normal => self.eviction_rate,
+            ZoneState::PartialDisruption if size > self.large_cluster_threshold => {
+                self.secondary_eviction_rate
+            }
+            _ => 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZoneState {
     Normal,
@@ -324,15 +339,7 @@ impl NodeLifecycle {
             let mut adding = false;
             if let Some(key) = want {
                 if !next.iter().any(|t| t.key == key && t.effect == "NoExecute") {
-                    let rate = match state {
-                        ZoneState::Normal => self.settings.eviction_rate,
-                        ZoneState::PartialDisruption
-                            if size > self.settings.large_cluster_threshold =>
-                        {
-                            self.settings.secondary_eviction_rate
-                        }
-                        _ => 0.0,
-                    };
+                    let rate = self.settings.zone_rate(state, size);
                     let allowed = self
                         .limiters
                         .lock()
@@ -642,6 +649,15 @@ mod tests {
         assert_eq!(zone_state(1, 2, 0.55), ZoneState::Normal);
         assert_eq!(zone_state(2, 3, 0.55), ZoneState::PartialDisruption);
         assert_eq!(zone_state(5, 3, 0.55), ZoneState::Normal);
+    }
+
+    #[test]
+    fn eviction_slows_in_large_disrupted_zones_and_stops_in_small_or_dead_ones() {
+        let s = Settings::default();
+        assert_eq!(s.zone_rate(ZoneState::Normal, 3), 0.1);
+        assert_eq!(s.zone_rate(ZoneState::PartialDisruption, 100), 0.01);
+        assert_eq!(s.zone_rate(ZoneState::PartialDisruption, 10), 0.0);
+        assert_eq!(s.zone_rate(ZoneState::FullDisruption, 100), 0.0);
     }
 
     #[test]

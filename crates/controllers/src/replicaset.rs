@@ -253,7 +253,7 @@ impl<K: Replicated> ReplicaController<K> {
         // Claim: keep ours that match, release ours that don't, adopt matching orphans.
         let mut mine = Vec::new();
         let api = self.api_pods(ns);
-        for p in self.pods.list_namespace(ns) {
+        for p in self.pods.list_claimable(ns, &v.uid) {
             if !pods::is_active(&p) {
                 continue;
             }

@@ -59,6 +59,8 @@ struct Cache<K> {
     objects: HashMap<String, Arc<K>>,
     by_namespace: HashMap<String, HashSet<String>>,
     by_controller: HashMap<String, HashSet<String>>,
+    /// Objects without a controller, by namespace (what a controller may adopt).
+    orphans: HashMap<String, HashSet<String>>,
 }
 
 impl<K: Resource> Cache<K> {
@@ -67,11 +69,17 @@ impl<K: Resource> Cache<K> {
         let old = self.remove(&key);
         let ns = obj.meta().namespace.clone().unwrap_or_default();
         self.by_namespace.entry(ns).or_default().insert(key.clone());
-        if let Some(uid) = controller_uid(&*obj) {
-            self.by_controller
-                .entry(uid.to_string())
-                .or_default()
-                .insert(key.clone());
+        match controller_uid(&*obj) {
+            Some(uid) => {
+                self.by_controller
+                    .entry(uid.to_string())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            None => {
+                let ns = obj.meta().namespace.clone().unwrap_or_default();
+                self.orphans.entry(ns).or_default().insert(key.clone());
+            }
         }
         self.objects.insert(key, obj);
         old
@@ -86,11 +94,21 @@ impl<K: Resource> Cache<K> {
                 self.by_namespace.remove(&ns);
             }
         }
-        if let Some(uid) = controller_uid(&*old) {
-            if let Some(set) = self.by_controller.get_mut(uid) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_controller.remove(uid);
+        match controller_uid(&*old) {
+            Some(uid) => {
+                if let Some(set) = self.by_controller.get_mut(uid) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.by_controller.remove(uid);
+                    }
+                }
+            }
+            None => {
+                if let Some(set) = self.orphans.get_mut(&ns) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.orphans.remove(&ns);
+                    }
                 }
             }
         }
@@ -119,6 +137,7 @@ where
                 objects: HashMap::new(),
                 by_namespace: HashMap::new(),
                 by_controller: HashMap::new(),
+                orphans: HashMap::new(),
             }),
             handlers: Mutex::new(Vec::new()),
             synced: tokio::sync::watch::channel(false).0,
@@ -168,6 +187,21 @@ where
             .collect()
     }
 
+    /// What an owner with this uid in this namespace may claim: the objects it controls and
+    /// the namespace's objects that have no controller.
+    pub fn list_claimable(&self, ns: &str, uid: &str) -> Vec<Arc<K>> {
+        let cache = self.cache.read().unwrap();
+        cache
+            .by_controller
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .chain(cache.orphans.get(ns).into_iter().flatten())
+            .filter_map(|k| cache.objects.get(k).cloned())
+            .filter(|o| o.meta().namespace.as_deref().unwrap_or_default() == ns)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.cache.read().unwrap().objects.len()
     }
@@ -196,7 +230,9 @@ where
         let mut relist: Option<HashMap<String, Arc<K>>> = None;
         while let Some(ev) = stream.next().await {
             let ev = match ev {
-                Ok(ev) => ev,
+                // managedFields are for apply, not for controllers: not kept (upstream's
+                // controller manager and scheduler trim them from their informers too).
+                Ok(ev) => ev.modify(|o| o.meta_mut().managed_fields = None),
                 Err(e) => {
                     tracing::debug!(error = %e, kind = %K::kind(&()), "watch error");
                     continue;
@@ -457,6 +493,52 @@ mod tests {
         assert!(!e.satisfied("x"));
         e.lower("x", 1, 0);
         assert!(e.satisfied("x"));
+    }
+
+    #[test]
+    fn the_cache_indexes_by_namespace_controller_and_orphans() {
+        use k8s_openapi::api::core::v1::Pod;
+        let pod = |ns: &str, name: &str, owner: Option<&str>| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({"metadata": {
+                    "name": name, "namespace": ns,
+                    "ownerReferences": owner.map(|u| vec![serde_json::json!(
+                        {"apiVersion": "v1", "kind": "X", "name": "x", "uid": u, "controller": true})]),
+                }}))
+                .unwrap(),
+            )
+        };
+        let mut c: Cache<Pod> = Cache {
+            objects: HashMap::new(),
+            by_namespace: HashMap::new(),
+            by_controller: HashMap::new(),
+            orphans: HashMap::new(),
+        };
+        c.insert(pod("a", "mine", Some("u1")));
+        c.insert(pod("a", "theirs", Some("u2")));
+        c.insert(pod("a", "orphan", None));
+        c.insert(pod("b", "far-orphan", None));
+        let inf_keys = |c: &Cache<Pod>, ns: &str, uid: &str| {
+            let mut v: Vec<String> = c
+                .by_controller
+                .get(uid)
+                .into_iter()
+                .flatten()
+                .chain(c.orphans.get(ns).into_iter().flatten())
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(inf_keys(&c, "a", "u1"), ["a/mine", "a/orphan"]);
+        // Adopted: no longer an orphan; released: an orphan again.
+        c.insert(pod("a", "orphan", Some("u1")));
+        assert_eq!(inf_keys(&c, "a", "u2"), ["a/theirs"]);
+        c.insert(pod("a", "mine", None));
+        assert_eq!(inf_keys(&c, "a", "u2"), ["a/mine", "a/theirs"]);
+        c.remove("a/mine");
+        assert_eq!(inf_keys(&c, "a", "u2"), ["a/theirs"]);
+        assert_eq!(c.by_namespace["a"].len(), 2);
     }
 
     #[test]

@@ -59,21 +59,27 @@ pub struct ControllerArgs {
     #[arg(long, env = "RKUBE_CLUSTER_CIDR", default_value = controllers::DEFAULT_CLUSTER_CIDR)]
     pub cluster_cidr: String,
     /// How long a node may go unheard before its Ready condition becomes Unknown (`50s`, `1m`).
-    #[arg(long, default_value = "50s", value_parser = parse_duration)]
+    #[arg(long, env = "RKUBE_NODE_MONITOR_GRACE_PERIOD", default_value = "50s", value_parser = parse_duration)]
     pub node_monitor_grace_period: std::time::Duration,
     /// How often node health is checked.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "RKUBE_NODE_MONITOR_PERIOD", default_value = "5s", value_parser = parse_duration)]
     pub node_monitor_period: std::time::Duration,
     /// Nodes per second tainted for eviction in a healthy zone.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, env = "RKUBE_NODE_EVICTION_RATE", default_value_t = 0.1)]
     pub node_eviction_rate: f64,
     /// Nodes per second in a partially disrupted zone larger than --large-cluster-size-threshold.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(
+        long,
+        env = "RKUBE_SECONDARY_NODE_EVICTION_RATE",
+        default_value_t = 0.01
+    )]
     pub secondary_node_eviction_rate: f64,
     /// The share of not-ready nodes (at least 3) that makes a zone partially disrupted.
-    #[arg(long, default_value_t = 0.55)]
+    #[arg(long, env = "RKUBE_UNHEALTHY_ZONE_THRESHOLD", default_value_t = 0.55)]
     pub unhealthy_zone_threshold: f64,
-    #[arg(long, default_value_t = 50)]
+    /// Zones with more nodes than this slow eviction down instead of stopping it when
+    /// partially disrupted.
+    #[arg(long, env = "RKUBE_LARGE_CLUSTER_SIZE_THRESHOLD", default_value_t = 50)]
     pub large_cluster_size_threshold: usize,
 }
 

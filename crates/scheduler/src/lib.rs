@@ -695,6 +695,8 @@ async fn inform<K>(
     let mut seen: Option<HashSet<String>> = None;
     let mut stream = watcher(api, watcher::Config::default()).boxed();
     while let Some(ev) = stream.next().await {
+        // managedFields are never read here: not kept.
+        let ev = ev.map(|e| e.modify(|o| o.meta_mut().managed_fields = None));
         match ev {
             Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
             Ok(watcher::Event::InitApply(o)) => {

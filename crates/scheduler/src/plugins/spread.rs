@@ -113,6 +113,65 @@ fn count(
     out
 }
 
+/// Per constraint: matching pods per domain, only for the domains of `candidates` (what Score
+/// needs). A hostname domain is the node itself, so only the candidates are visited for it;
+/// other keys visit every node whose domain a candidate shares.
+fn count_for_scoring(
+    pod: &PodInfo,
+    cs: &[TopologySpreadConstraint],
+    cache: &Cache,
+    candidates: &[&NodeInfo],
+) -> Vec<HashMap<String, i64>> {
+    let matching = |c: &TopologySpreadConstraint, node: &NodeInfo| -> i64 {
+        node.pods
+            .iter()
+            .filter(|p| {
+                p.namespace() == pod.namespace()
+                    && p.pod.metadata.deletion_timestamp.is_none()
+                    && c.label_selector
+                        .as_ref()
+                        .is_some_and(|s| selector_matches(s, p.labels()))
+            })
+            .count() as i64
+    };
+    cs.iter()
+        .map(|c| {
+            let mut counts: HashMap<String, i64> = HashMap::new();
+            if c.topology_key == "kubernetes.io/hostname" {
+                for node in candidates {
+                    if let Some(v) = node.labels().get(&c.topology_key) {
+                        *counts.entry(v.clone()).or_default() += matching(c, node);
+                    }
+                }
+                return counts;
+            }
+            let wanted: std::collections::HashSet<&str> = candidates
+                .iter()
+                .filter_map(|n| n.labels().get(&c.topology_key).map(String::as_str))
+                .collect();
+            if wanted.is_empty() {
+                return counts;
+            }
+            for node in &cache.nodes {
+                let Some(v) = node.labels().get(&c.topology_key) else {
+                    continue;
+                };
+                if !wanted.contains(v.as_str()) || !NodeAffinity::required_ok(pod, node) {
+                    continue;
+                }
+                let n = matching(c, node);
+                match counts.get_mut(v) {
+                    Some(x) => *x += n,
+                    None => {
+                        counts.insert(v.clone(), n);
+                    }
+                }
+            }
+            counts
+        })
+        .collect()
+}
+
 pub struct PodTopologySpread;
 
 struct Pre {
@@ -174,7 +233,7 @@ impl Plugin for PodTopologySpread {
         &self,
         state: &mut CycleState,
         pod: &PodInfo,
-        _nodes: &[&NodeInfo],
+        nodes: &[&NodeInfo],
         cache: &Cache,
     ) -> Status {
         let mut cs = constraints(pod, "ScheduleAnyway");
@@ -184,7 +243,7 @@ impl Plugin for PodTopologySpread {
         if cs.is_empty() {
             return Status::skip();
         }
-        let counts = count(pod, &cs, cache);
+        let counts = count_for_scoring(pod, &cs, cache, nodes);
         state.write(
             "PodTopologySpreadScore",
             Pre {
