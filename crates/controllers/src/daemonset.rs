@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{Selector, SelectorExt};
 use kube::{Client, ResourceExt};
 use scheduler::plugins::selectors;
@@ -548,20 +548,7 @@ impl DaemonSetController {
                     }
                 }
             }
-            let deletes = futures::future::join_all(delete.iter().map(|p| {
-                let api = api.clone();
-                async move {
-                    let dp = DeleteParams {
-                        preconditions: Some(Preconditions {
-                            uid: p.metadata.uid.clone(),
-                            resource_version: None,
-                        }),
-                        ..Default::default()
-                    };
-                    (p, api.delete(&p.name_any(), &dp).await)
-                }
-            }))
-            .await;
+            let deletes = pods::delete_all(&api, &delete).await;
             for (p, r) in deletes {
                 match r {
                     Ok(_) => self.recorder.record(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
 
@@ -563,14 +563,10 @@ impl NodeLifecycle {
         }
         let (ns, name) = runtime::split_key(key);
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns.unwrap_or_default());
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: pod.metadata.uid.clone(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match api.delete(name, &dp).await {
+        match api
+            .delete(name, &crate::pods::delete_params(&pod, None))
+            .await
+        {
             Ok(_) => {
                 tracing::info!(pod = %key, node = %node.name_any(), "evicted by a NoExecute taint");
                 self.recorder.record(
@@ -616,15 +612,10 @@ impl NodeLifecycle {
             }
             let api: Api<Pod> =
                 Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
-            let dp = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions {
-                    uid: p.metadata.uid.clone(),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            match api.delete(&p.name_any(), &dp).await {
+            match api
+                .delete(&p.name_any(), &crate::pods::delete_params(&p, Some(0)))
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(pod = %runtime::key_of(&*p), %node, "deleted a pod of a deleted node")
                 }

@@ -94,6 +94,32 @@ pub fn rank_for_deletion(pods: &[Arc<Pod>], n: usize) -> Vec<Arc<Pod>> {
     sorted
 }
 
+/// Delete options pinned to this pod's uid (never a same-named successor), with an optional
+/// grace period.
+pub fn delete_params(pod: &Pod, grace_period_seconds: Option<u32>) -> kube::api::DeleteParams {
+    kube::api::DeleteParams {
+        grace_period_seconds,
+        preconditions: Some(kube::api::Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Delete these pods concurrently (uid-pinned); each with its result.
+pub async fn delete_all(
+    api: &kube::Api<Pod>,
+    pods: &[Arc<Pod>],
+) -> Vec<(Arc<Pod>, Result<(), kube::Error>)> {
+    futures::future::join_all(pods.iter().map(|p| async move {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let r = api.delete(&name, &delete_params(p, None)).await.map(|_| ());
+        (p.clone(), r)
+    }))
+    .await
+}
+
 /// A pod for a controller: the template's labels, annotations and spec, a generated name after
 /// the owner's, and the controller reference.
 pub fn from_template(template: &PodTemplateSpec, owner_name: &str, owner: OwnerReference) -> Pod {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::{Selector, SelectorExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -283,20 +283,7 @@ impl<K: Replicated> ReplicaController<K> {
                 let victims = pods::rank_for_deletion(&mine, n);
                 self.expectations.expect(key, 0, victims.len() as i64);
                 let api = self.api_pods(ns);
-                let results = futures::future::join_all(victims.iter().map(|p| {
-                    let api = api.clone();
-                    async move {
-                        let dp = DeleteParams {
-                            preconditions: Some(Preconditions {
-                                uid: p.metadata.uid.clone(),
-                                resource_version: None,
-                            }),
-                            ..Default::default()
-                        };
-                        (p, api.delete(&p.name_any(), &dp).await)
-                    }
-                }))
-                .await;
+                let results = pods::delete_all(&api, &victims).await;
                 for (p, r) in results {
                     match r {
                         Ok(_) => self.recorder.record(
