@@ -222,13 +222,19 @@ where
         }
     }
 
-    /// Watch forever (the watcher relists and resumes by itself, with backoff).
-    pub async fn run(self: Arc<Self>) {
-        let mut stream = watcher(self.api.clone(), self.config.clone())
-            .default_backoff()
-            .boxed();
+    /// Watch (the watcher relists and resumes by itself, with backoff) for as long as anyone
+    /// holds the informer: a controller manager that loses its lease drops its controllers, and
+    /// with them their informers' watches.
+    async fn run(weak: std::sync::Weak<Self>) {
+        let Some((api, config)) = weak.upgrade().map(|i| (i.api.clone(), i.config.clone())) else {
+            return;
+        };
+        let mut stream = watcher(api, config).default_backoff().boxed();
         let mut relist: Option<HashMap<String, Arc<K>>> = None;
         while let Some(ev) = stream.next().await {
+            let Some(this) = weak.upgrade() else {
+                return;
+            };
             let ev = match ev {
                 // managedFields are for apply, not for controllers: not kept (upstream's
                 // controller manager and scheduler trim them from their informers too).
@@ -249,7 +255,7 @@ where
                     let fresh = relist.take().unwrap_or_default();
                     let mut changes = Vec::new();
                     {
-                        let mut cache = self.cache.write().unwrap();
+                        let mut cache = this.cache.write().unwrap();
                         let gone: Vec<String> = cache
                             .objects
                             .keys()
@@ -272,19 +278,19 @@ where
                         }
                     }
                     for (old, new) in changes {
-                        self.notify(old.as_deref(), new.as_deref());
+                        this.notify(old.as_deref(), new.as_deref());
                     }
-                    self.synced.send_replace(true);
+                    this.synced.send_replace(true);
                 }
                 Event::Apply(obj) => {
                     let obj = Arc::new(obj);
-                    let old = self.cache.write().unwrap().insert(obj.clone());
-                    self.notify(old.as_deref(), Some(&obj));
+                    let old = this.cache.write().unwrap().insert(obj.clone());
+                    this.notify(old.as_deref(), Some(&obj));
                 }
                 Event::Delete(obj) => {
-                    let old = self.cache.write().unwrap().remove(&key_of(&obj));
+                    let old = this.cache.write().unwrap().remove(&key_of(&obj));
                     let old = old.unwrap_or_else(|| Arc::new(obj));
-                    self.notify(Some(&old), None);
+                    this.notify(Some(&old), None);
                 }
             }
         }
@@ -297,7 +303,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let inf = Informer::new(api, config);
-    tokio::spawn(inf.clone().run());
+    tokio::spawn(Informer::run(Arc::downgrade(&inf)));
     inf
 }
 
