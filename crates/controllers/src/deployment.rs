@@ -331,7 +331,6 @@ impl DeploymentController {
         let Some(d) = self.deployments.get(key) else {
             return Ok(None);
         };
-        let ns = d.namespace().unwrap_or_default();
         let Some(selector) = selector_of(&d) else {
             self.recorder.record(
                 &*d,
@@ -344,21 +343,20 @@ impl DeploymentController {
         let all = self.claim(&d, &selector).await?;
         if d.metadata.deletion_timestamp.is_some() {
             let (new_rs, old) = self.split(&d, &all);
-            return self.write_status(&d, new_rs.as_ref(), &old, false).await;
+            return self.write_status(&d, new_rs.as_ref(), &old).await;
         }
         let spec = d.spec.clone().unwrap_or_default();
         let paused = spec.paused.unwrap_or(false);
         self.paused_condition(&d, paused).await?;
         let p = params(&d);
-        if paused || self.is_scaling_event(&d, &all, &p) {
+        if paused || self.is_scaling_event(&all, &p) {
             let (new_rs, old) = self.split(&d, &all);
             self.scale(&d, new_rs.as_ref(), &old, &p).await?;
             if paused {
                 self.cleanup(&d, &old).await?;
             }
-            return self.write_status(&d, new_rs.as_ref(), &old, false).await;
+            return self.write_status(&d, new_rs.as_ref(), &old).await;
         }
-        let _ = ns;
         if p.rolling {
             self.rollout_rolling(&d, all, &p).await
         } else {
@@ -391,8 +389,7 @@ impl DeploymentController {
         }
     }
 
-    fn is_scaling_event(&self, d: &Deployment, all: &[Rs], p: &Params) -> bool {
-        let _ = d;
+    fn is_scaling_event(&self, all: &[Rs], p: &Params) -> bool {
         all.iter().filter(|r| r.replicas > 0).any(|r| {
             r.annotation(DESIRED_REPLICAS)
                 .and_then(|a| a.parse::<i32>().ok())
@@ -500,7 +497,7 @@ impl DeploymentController {
             annotations.insert(REVISION.into(), revision.to_string());
             annotations.insert(DESIRED_REPLICAS.into(), p.replicas.to_string());
             annotations.insert(MAX_REPLICAS.into(), (p.replicas + p.max_surge).to_string());
-            let replicas = new_rs_replicas(d, all, None, p);
+            let replicas = new_rs_replicas(all, None, p);
             let mut labels = template
                 .metadata
                 .as_ref()
@@ -690,7 +687,7 @@ impl DeploymentController {
         let target = if new_rs.replicas > p.replicas {
             p.replicas
         } else {
-            new_rs_replicas(d, &everything, Some(&new_rs), p)
+            new_rs_replicas(&everything, Some(&new_rs), p)
         };
         if target != new_rs.replicas {
             self.scale_rs(d, &mut new_rs, target, p).await?;
@@ -1004,7 +1001,6 @@ impl DeploymentController {
         d: &Deployment,
         new_rs: Option<&Rs>,
         old: &[Rs],
-        _progress: bool,
     ) -> anyhow::Result<Option<Duration>> {
         let status = self.compute_status(d, new_rs, old);
         self.patch_status_if_changed(d, status).await?;
@@ -1170,8 +1166,7 @@ fn copy_annotations(d: &Deployment, into: &mut BTreeMap<String, String>) {
 }
 
 /// How big the new ReplicaSet may be now (upstream's NewRSNewReplicas).
-fn new_rs_replicas(d: &Deployment, all: &[Rs], new_rs: Option<&Rs>, p: &Params) -> i32 {
-    let _ = d;
+fn new_rs_replicas(all: &[Rs], new_rs: Option<&Rs>, p: &Params) -> i32 {
     let cur_new = new_rs.map(|r| r.replicas).unwrap_or(0);
     if !p.rolling {
         return p.replicas;
