@@ -78,6 +78,12 @@ impl Rs {
     fn available(&self) -> i32 {
         self.status().available_replicas.unwrap_or(0)
     }
+    /// Available pods the rollout may count on: never more than the size this controller last
+    /// set. Right after a scale-down the ReplicaSet's status still counts the pods being
+    /// deleted; counting them would let the next sync scale down past maxUnavailable.
+    fn usable(&self) -> i32 {
+        self.available().min(self.replicas)
+    }
     fn revision(&self) -> i64 {
         revision_of(&self.obj)
     }
@@ -716,7 +722,7 @@ impl DeploymentController {
         }
         let all_pods = old_pods + new_rs.replicas;
         let min_available = p.replicas - p.max_unavailable;
-        let new_unavailable = new_rs.replicas - new_rs.available();
+        let new_unavailable = new_rs.replicas - new_rs.usable();
         let max_scaled_down = all_pods - min_available - new_unavailable;
         if max_scaled_down <= 0 {
             return Ok(false);
@@ -728,16 +734,16 @@ impl DeploymentController {
             if cleaned >= max_scaled_down {
                 break;
             }
-            if rs.replicas == 0 || rs.available() >= rs.replicas {
+            if rs.replicas == 0 || rs.usable() >= rs.replicas {
                 continue;
             }
-            let n = (max_scaled_down - cleaned).min(rs.replicas - rs.available());
+            let n = (max_scaled_down - cleaned).min(rs.replicas - rs.usable());
             let to = rs.replicas - n;
             self.scale_rs(d, rs, to, p).await?;
             cleaned += n;
         }
         // Then healthy ones, down to minAvailable.
-        let available: i32 = old.iter().map(Rs::available).sum::<i32>() + new_rs.available();
+        let available: i32 = old.iter().map(Rs::usable).sum::<i32>() + new_rs.usable();
         let mut scaled = 0;
         if available > min_available {
             let total = available - min_available;
@@ -836,7 +842,7 @@ impl DeploymentController {
             return Ok(());
         }
         if let Some(n) = new_rs {
-            let saturated = n.replicas == p.replicas && n.available() == p.replicas;
+            let saturated = n.replicas == p.replicas && n.usable() == p.replicas;
             if saturated {
                 for rs in old {
                     let mut rs = rs.clone();
