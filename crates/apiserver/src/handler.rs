@@ -370,8 +370,8 @@ async fn route(
         ("create", Some("token")) => ctx.token(&name, &body, content_type.as_deref()).await,
         ("update", sub) => ctx.update(&name, sub, &body, content_type.as_deref()).await,
         ("patch", sub) => ctx.patch(&name, sub, &body, content_type.as_deref()).await,
-        ("delete", None) => ctx.delete(&name, &body).await,
-        ("deletecollection", None) => ctx.delete_collection(&body).await,
+        ("delete", None) => ctx.delete(&name, &body, content_type.as_deref()).await,
+        ("deletecollection", None) => ctx.delete_collection(&body, content_type.as_deref()).await,
         _ => Err(ApiError::method_not_allowed(method.as_str())),
     }
 }
@@ -1712,9 +1712,11 @@ impl Ctx {
     }
 
     /// Delete options from the body (a DeleteOptions) and the query string.
-    fn delete_options(&self, body: &[u8]) -> Result<Value, ApiError> {
+    fn delete_options(&self, body: &[u8], content_type: Option<&str>) -> Result<Value, ApiError> {
         let mut opts = if body.iter().all(u8::is_ascii_whitespace) {
             json!({})
+        } else if codec::media_type(content_type)? == Media::Protobuf {
+            protobuf::delete_options(body)?
         } else {
             let v = codec::parse_body(body, Media::Json)?;
             if !v.is_object() {
@@ -1757,8 +1759,13 @@ impl Ctx {
         Ok(opts)
     }
 
-    async fn delete(&self, name: &str, body: &[u8]) -> Result<Response<Body>, ApiError> {
-        let opts = self.delete_options(body)?;
+    async fn delete(
+        &self,
+        name: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let opts = self.delete_options(body, content_type)?;
         let (obj, code) = self.delete_object(name, &opts).await?;
         Ok(self.object_response(code, &obj))
     }
@@ -1873,8 +1880,12 @@ impl Ctx {
         ))
     }
 
-    async fn delete_collection(&self, body: &[u8]) -> Result<Response<Body>, ApiError> {
-        let opts = self.delete_options(body)?;
+    async fn delete_collection(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let opts = self.delete_options(body, content_type)?;
         let (items, rev, _) = self.list_objects().await?;
         let mut deleted = Vec::new();
         for item in items {

@@ -68,6 +68,49 @@ pub fn to_json_as(
     Ok(Value::Object(out))
 }
 
+/// A DeleteOptions body (kubectl's typed client sends one with every delete, e.g. `kubectl
+/// drain`), in any group version, as its JSON form.
+pub fn delete_options(body: &[u8]) -> Result<Value, ApiError> {
+    let rest = body.strip_prefix(MAGIC).ok_or_else(|| {
+        ApiError::bad_request("protobuf body does not start with the k8s\\0 envelope")
+    })?;
+    let unknown = k8s_pb::apimachinery::pkg::runtime::Unknown::decode(rest).map_err(|e| {
+        ApiError::bad_request(format!("protobuf envelope could not be decoded: {e}"))
+    })?;
+    let kind = unknown.type_meta.and_then(|t| t.kind).unwrap_or_default();
+    if kind != "DeleteOptions" {
+        return Err(ApiError::bad_request(format!(
+            "a delete takes DeleteOptions, not {kind:?}"
+        )));
+    }
+    let o: k8s_pb::apimachinery::pkg::apis::meta::v1::DeleteOptions =
+        decode(&unknown.raw.unwrap_or_default())?;
+    let mut out = json!({"kind": "DeleteOptions", "apiVersion": "v1"});
+    if let Some(g) = o.grace_period_seconds {
+        out["gracePeriodSeconds"] = json!(g);
+    }
+    if let Some(p) = o.preconditions {
+        let mut pre = json!({});
+        if let Some(uid) = p.uid {
+            pre["uid"] = json!(uid);
+        }
+        if let Some(rv) = p.resource_version {
+            pre["resourceVersion"] = json!(rv);
+        }
+        out["preconditions"] = pre;
+    }
+    if let Some(o) = o.orphan_dependents {
+        out["orphanDependents"] = json!(o);
+    }
+    if let Some(p) = o.propagation_policy {
+        out["propagationPolicy"] = json!(p);
+    }
+    if !o.dry_run.is_empty() {
+        out["dryRun"] = json!(o.dry_run);
+    }
+    Ok(out)
+}
+
 fn decode<M: Message + Default>(raw: &[u8]) -> Result<M, ApiError> {
     M::decode(raw)
         .map_err(|e| ApiError::bad_request(format!("protobuf body could not be decoded: {e}")))
@@ -590,6 +633,46 @@ fn self_review(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delete_options_decode_from_protobuf() {
+        use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
+        let opts = meta::DeleteOptions {
+            grace_period_seconds: Some(0),
+            propagation_policy: Some("Foreground".into()),
+            preconditions: Some(meta::Preconditions {
+                uid: Some("u1".into()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        let env = k8s_pb::apimachinery::pkg::runtime::Unknown {
+            type_meta: Some(k8s_pb::apimachinery::pkg::runtime::TypeMeta {
+                api_version: Some("v1".into()),
+                kind: Some("DeleteOptions".into()),
+            }),
+            raw: Some(opts.encode_to_vec()),
+            ..Default::default()
+        };
+        let mut body = MAGIC.to_vec();
+        body.extend(env.encode_to_vec());
+        let v = delete_options(&body).unwrap();
+        assert_eq!(v["gracePeriodSeconds"], 0);
+        assert_eq!(v["propagationPolicy"], "Foreground");
+        assert_eq!(v["preconditions"]["uid"], "u1");
+        let mut wrong = MAGIC.to_vec();
+        wrong.extend(
+            k8s_pb::apimachinery::pkg::runtime::Unknown {
+                type_meta: Some(k8s_pb::apimachinery::pkg::runtime::TypeMeta {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(delete_options(&wrong).unwrap_err().code, 400);
+    }
     use crate::registry::lookup;
 
     fn envelope(api_version: &str, kind: &str, raw: Vec<u8>) -> Vec<u8> {

@@ -703,3 +703,40 @@ fn deleting_a_namespace_deletes_everything_in_it() {
         assert!(left.trim().is_empty(), "{kind} left: {left}");
     }
 }
+
+#[test]
+fn draining_a_node_moves_its_pods_and_keeps_its_daemons() {
+    let c = Cluster::start();
+    let _nodes = c.hollow(2, "node-", &[]);
+    c.apply_yaml(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec: {containers: [{name: c, image: busybox}]}\n",
+    );
+    c.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox",
+        "--replicas=4",
+    ]);
+    rollout_done(&c, "web");
+    c.eventually("two daemons", || {
+        (pods(&c, "app=agent").len() == 2).then_some(())
+    });
+    let on = |c: &Cluster, sel: &str, node: &str| {
+        c.kubectl(&["get", "pods", "-l", sel, "--field-selector", &format!("spec.nodeName={node}"), "-o", "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}"])
+            .lines()
+            .filter(|l| l.split(' ').nth(1).is_none_or(|d| d.is_empty()))
+            .count()
+    };
+    // kubectl drain: cordon, then delete (this server has no eviction subresource, so kubectl
+    // falls back to deletes with protobuf DeleteOptions).
+    let out = c.kubectl(&["drain", "node-0", "--ignore-daemonsets", "--timeout=60s"]);
+    assert!(out.contains("node/node-0 drained"), "{out}");
+    c.eventually("web pods moved to node-1", || {
+        (on(&c, "app=web", "node-0") == 0 && on(&c, "app=web", "node-1") == 4).then_some(())
+    });
+    assert_eq!(on(&c, "app=agent", "node-0"), 1, "the daemon stays");
+    let st = c.kubectl(&["get", "node", "node-0", "--no-headers"]);
+    assert!(st.contains("SchedulingDisabled"), "{st}");
+    c.kubectl(&["uncordon", "node-0"]);
+}
