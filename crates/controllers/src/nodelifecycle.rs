@@ -426,14 +426,7 @@ impl NodeLifecycle {
     async fn mark_unknown(&self, n: &Node) -> anyhow::Result<()> {
         let name = n.name_any();
         let now = Timestamp::now().to_string();
-        let mut conditions: Vec<Value> = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default()
-            .iter()
-            .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
-            .collect();
+        let mut conditions = as_json(n.status.as_ref().and_then(|s| s.conditions.as_ref()));
         let mut has_ready = false;
         for c in conditions.iter_mut() {
             if c["type"] == "Ready" {
@@ -475,14 +468,7 @@ impl NodeLifecycle {
             if !crate::pods::is_ready(&p) {
                 continue;
             }
-            let mut conds: Vec<Value> = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.clone())
-                .unwrap_or_default()
-                .iter()
-                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
-                .collect();
+            let mut conds = as_json(p.status.as_ref().and_then(|s| s.conditions.as_ref()));
             for c in conds.iter_mut() {
                 if c["type"] == "Ready" || c["type"] == "ContainersReady" {
                     c["status"] = json!("False");
@@ -625,6 +611,15 @@ impl NodeLifecycle {
         }
         Ok(())
     }
+}
+
+/// Conditions as JSON, to be changed and written back with a merge patch.
+fn as_json<T: serde::Serialize>(items: Option<&Vec<T>>) -> Vec<Value> {
+    items
+        .into_iter()
+        .flatten()
+        .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
+        .collect()
 }
 
 #[cfg(test)]

@@ -242,10 +242,16 @@ fn a_silent_node_is_marked_unknown_tainted_and_its_pods_move() {
     );
     c.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"]);
     let on = |node: &str| {
-        c.kubectl(&["get", "pods", "-l", "app=web", "--field-selector", &format!("spec.nodeName={node}"), "-o", "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}"])
-            .lines()
-            .filter(|l| l.split(' ').nth(1).is_none_or(|d| d.is_empty()))
-            .count()
+        c.live_pods(
+            &[
+                "-l",
+                "app=web",
+                "--field-selector",
+                &format!("spec.nodeName={node}"),
+            ],
+            "{.metadata.name}",
+        )
+        .len()
     };
     // Spread puts some pods on b-0 (the scheduler spreads by default).
     assert!(on("b-0") > 0, "no pod on b-0 to evict");
@@ -321,14 +327,7 @@ fn a_rollout_survives_a_controller_manager_crash() {
     c.kubectl(&["set", "image", "deployment/web", "c=busybox:2"]);
     // Mid-rollout: some new pods exist, not all.
     c.eventually("rollout under way", || {
-        let n = c.kubectl(&[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ]);
+        let n = c.pod_images("app=web");
         let new = n.split_whitespace().filter(|i| *i == "busybox:2").count();
         (new > 0).then_some(())
     });
@@ -336,14 +335,7 @@ fn a_rollout_survives_a_controller_manager_crash() {
     let _cm2 = c.component("controller-manager", &[]);
     c.kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"]);
     c.eventually("final state", || {
-        let imgs = c.kubectl(&[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ]);
+        let imgs = c.pod_images("app=web");
         let rs = c.kubectl(&[
             "get",
             "rs",

@@ -14,18 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 
 fn pods(c: &Cluster, selector: &str) -> Vec<String> {
-    c.kubectl(&[
-        "get",
-        "pods",
-        "-l",
-        selector,
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .filter(|l| l.split(' ').nth(1).is_none_or(|d| d.is_empty()))
-    .map(|l| l.split(' ').next().unwrap_or_default().to_string())
-    .collect()
+    c.live_pods(&["-l", selector], "{.metadata.name}")
 }
 
 fn wait_pods(c: &Cluster, selector: &str, n: usize) -> Vec<String> {
@@ -246,28 +235,12 @@ fn deployments_roll_within_surge_and_unavailability_and_roll_back() {
             "fewer than replicas - maxUnavailable ready at once: {s:?}"
         );
     }
-    let images = c.kubectl(&[
-        "get",
-        "pods",
-        "-l",
-        "app=web",
-        "-o",
-        "jsonpath={.items[*].spec.containers[0].image}",
-    ]);
     c.eventually("old pods gone", || {
-        let imgs = c.kubectl(&[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ]);
+        let imgs = c.pod_images("app=web");
         imgs.split_whitespace()
             .all(|i| i == "busybox:2")
             .then_some(())
     });
-    let _ = images;
     let status = get(&c, &["get", "deploy", "web"], "{.status.replicas}/{.status.updatedReplicas}/{.status.readyReplicas}/{.status.availableReplicas}");
     assert_eq!(status, "6/6/6/6");
     let progressing = get(
@@ -283,14 +256,7 @@ fn deployments_roll_within_surge_and_unavailability_and_roll_back() {
     c.kubectl(&["rollout", "undo", "deployment/web"]);
     rollout_done(&c, "web");
     c.eventually("back on busybox:1", || {
-        let imgs = c.kubectl(&[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ]);
+        let imgs = c.pod_images("app=web");
         (imgs.split_whitespace().count() == 6 && imgs.split_whitespace().all(|i| i == "busybox:1"))
             .then_some(())
     });
@@ -398,12 +364,7 @@ fn daemon_sets_follow_nodes_joining_leaving_and_tainted() {
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec: {containers: [{name: c, image: busybox:1}]}\n",
     );
     let on_nodes = |c: &Cluster| -> Vec<String> {
-        let mut v: Vec<String> = c
-            .kubectl(&["get", "pods", "-l", "app=agent", "-o", "jsonpath={range .items[*]}{.spec.nodeName} {.metadata.deletionTimestamp}{\"\\n\"}{end}"])
-            .lines()
-            .filter(|l| l.split(' ').nth(1).is_none_or(|d| d.is_empty()))
-            .map(|l| l.split(' ').next().unwrap_or_default().to_string())
-            .collect();
+        let mut v = c.live_pods(&["-l", "app=agent"], "{.spec.nodeName}");
         v.sort();
         v
     };
@@ -434,14 +395,7 @@ fn daemon_sets_follow_nodes_joining_leaving_and_tainted() {
     c.kubectl(&["set", "image", "ds/agent", "c=busybox:2"]);
     c.kubectl(&["rollout", "status", "ds/agent", "--timeout=60s"]);
     c.eventually("new image everywhere", || {
-        let imgs = c.kubectl(&[
-            "get",
-            "pods",
-            "-l",
-            "app=agent",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ]);
+        let imgs = c.pod_images("app=agent");
         (imgs.split_whitespace().count() == 2 && imgs.split_whitespace().all(|i| i == "busybox:2"))
             .then_some(())
     });
@@ -460,14 +414,7 @@ fn daemon_sets_follow_nodes_joining_leaving_and_tainted() {
         let gen = get(&c, &["get", "ds", "agent"], "{.metadata.generation}");
         (get(&c, &["get", "ds", "agent"], "{.status.observedGeneration}") == gen).then_some(())
     });
-    let imgs = c.kubectl(&[
-        "get",
-        "pods",
-        "-l",
-        "app=agent",
-        "-o",
-        "jsonpath={.items[*].spec.containers[0].image}",
-    ]);
+    let imgs = c.pod_images("app=agent");
     assert!(imgs.split_whitespace().all(|i| i == "busybox:2"), "{imgs}");
 }
 
@@ -723,10 +670,16 @@ fn draining_a_node_moves_its_pods_and_keeps_its_daemons() {
         (pods(&c, "app=agent").len() == 2).then_some(())
     });
     let on = |c: &Cluster, sel: &str, node: &str| {
-        c.kubectl(&["get", "pods", "-l", sel, "--field-selector", &format!("spec.nodeName={node}"), "-o", "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}"])
-            .lines()
-            .filter(|l| l.split(' ').nth(1).is_none_or(|d| d.is_empty()))
-            .count()
+        c.live_pods(
+            &[
+                "-l",
+                sel,
+                "--field-selector",
+                &format!("spec.nodeName={node}"),
+            ],
+            "{.metadata.name}",
+        )
+        .len()
     };
     // kubectl drain: cordon, then delete (this server has no eviction subresource, so kubectl
     // falls back to deletes with protobuf DeleteOptions).

@@ -308,6 +308,34 @@ impl Cluster {
         )
     }
 
+    /// One field (a jsonpath expression such as `{.metadata.name}`) of every pod that `args`
+    /// (`-l`, `--field-selector`, ...) select and that is not being deleted.
+    pub fn live_pods(&self, args: &[&str], field: &str) -> Vec<String> {
+        let path = format!(
+            "jsonpath={{range .items[*]}}{field} {{.metadata.deletionTimestamp}}{{\"\\n\"}}{{end}}"
+        );
+        let mut a = vec!["get", "pods"];
+        a.extend_from_slice(args);
+        a.extend(["-o", &path]);
+        self.kubectl(&a)
+            .lines()
+            .filter(|l| l.split(' ').nth(1).is_none_or(|d| d.is_empty()))
+            .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// The first container's image of every pod with this label selector, space separated.
+    pub fn pod_images(&self, selector: &str) -> String {
+        self.kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ])
+    }
+
     /// jsonpath over one object, or "" if kubectl fails (not there yet).
     pub fn jsonpath(&self, args: &[&str], path: &str) -> String {
         let mut a: Vec<&str> = args.to_vec();
