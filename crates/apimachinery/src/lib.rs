@@ -10,6 +10,7 @@ pub mod labels;
 pub mod managed;
 pub mod patch;
 pub mod patch_meta;
+pub mod quantity;
 pub mod status;
 pub mod strategic;
 pub mod validation;

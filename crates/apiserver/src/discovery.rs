@@ -39,6 +39,8 @@ fn verbs(_kind: &Kind) -> Vec<&'static str> {
 fn sub_verbs(sub: &str) -> Vec<&'static str> {
     match sub {
         "binding" | "token" => vec!["create"],
+        "log" => vec!["get"],
+        "exec" | "attach" | "portforward" => vec!["create", "get"],
         _ => vec!["get", "patch", "update"],
     }
 }
@@ -48,6 +50,9 @@ fn sub_kind(kind: &Kind, sub: &str) -> (&'static str, &'static str, &'static str
         "scale" => ("autoscaling", "v1", "Scale"),
         "binding" => ("", "v1", "Binding"),
         "token" => ("authentication.k8s.io", "v1", "TokenRequest"),
+        "exec" => ("", "v1", "PodExecOptions"),
+        "attach" => ("", "v1", "PodAttachOptions"),
+        "portforward" => ("", "v1", "PodPortForwardOptions"),
         _ => (kind.group, kind.version, kind.kind),
     }
 }

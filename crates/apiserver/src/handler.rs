@@ -317,6 +317,14 @@ async fn route(
     if target.kind.namespaced && target.namespace.is_none() && !matches!(verb, "list" | "watch") {
         return Err(ApiError::method_not_allowed(method.as_str()));
     }
+    if target.kind.plural == "pods"
+        && target
+            .sub
+            .as_deref()
+            .is_some_and(|s| crate::proxy::SUBRESOURCES.contains(&s))
+    {
+        return crate::proxy::pod_stream(&state, &target, req).await;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

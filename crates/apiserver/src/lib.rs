@@ -11,6 +11,7 @@ mod handler;
 mod object;
 mod pipeline;
 mod protobuf;
+mod proxy;
 mod registry;
 mod strategy;
 mod table;

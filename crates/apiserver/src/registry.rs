@@ -73,7 +73,7 @@ impl Kind {
             out.push("scale");
         }
         if self.plural == "pods" {
-            out.push("binding");
+            out.extend(["binding", "log", "exec", "attach", "portforward"]);
         }
         if self.plural == "serviceaccounts" {
             out.push("token");

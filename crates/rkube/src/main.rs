@@ -54,10 +54,21 @@ enum Command {
         #[command(flatten)]
         controllers: server::ControllerArgs,
     },
-    /// The kubelet alone.
+    /// The kubelet alone: runs this machine's pods through CRI.
     Kubelet {
         #[arg(long)]
         kubeconfig: PathBuf,
+        #[command(flatten)]
+        node: server::NodeArgs,
+    },
+    /// Build the images rkube makes for itself (OCI archives): `pause.tar` and `busybox.tar`.
+    Images {
+        /// Where to write them.
+        #[arg(long)]
+        out: PathBuf,
+        /// The busybox image's name.
+        #[arg(long, default_value = kubelet::images::BUSYBOX_IMAGE)]
+        busybox_name: String,
     },
     /// The service proxy alone.
     Proxy {
@@ -181,7 +192,25 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Migrate(args) => runtime.block_on(server::migrate(args)),
-        Command::Kubelet { .. } => return not_yet("kubelet"),
+        Command::Kubelet { kubeconfig, node } => runtime.block_on(async move {
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            kubelet::run(client, node.options(None)?, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }),
+        Command::Images { out, busybox_name } => (|| {
+            std::fs::create_dir_all(&out)?;
+            let bin = std::path::Path::new(kubelet::images::BUSYBOX_BINARY);
+            std::fs::write(out.join("pause.tar"), kubelet::images::pause(bin)?)?;
+            std::fs::write(
+                out.join("busybox.tar"),
+                kubelet::images::busybox(bin, &busybox_name)?,
+            )?;
+            println!("{}", out.join("pause.tar").display());
+            println!("{}", out.join("busybox.tar").display());
+            Ok(())
+        })(),
         Command::Proxy { .. } => return not_yet("proxy"),
         Command::HollowNodes {
             kubeconfig,

@@ -35,21 +35,69 @@ pub struct ServerArgs {
     /// Comma list of components to leave out.
     #[arg(long, env = "RKUBE_DISABLE", value_delimiter = ',')]
     pub disable: Vec<String>,
-    /// This machine's node name.
-    #[arg(long, env = "RKUBE_NODE_NAME")]
-    pub node_name: Option<String>,
-    /// An existing CRI socket instead of a supervised runtime.
-    #[arg(long, env = "RKUBE_CONTAINER_RUNTIME_ENDPOINT")]
-    pub container_runtime_endpoint: Option<String>,
     /// How often store history is compacted; each compaction keeps the last interval's
     /// revisions, so watchers and paged lists can resume within 1-2 intervals.
     #[arg(long, env = "RKUBE_COMPACTION_INTERVAL_SECONDS", default_value_t = 300)]
     pub compaction_interval_seconds: u64,
     #[command(flatten)]
     pub controllers: ControllerArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// The node's flags (in `rkube server`, `rkube agent` and `rkube kubelet`).
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// This machine's node name (default: the host name).
+    #[arg(long, env = "RKUBE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// An existing CRI socket instead of a supervised runtime.
+    #[arg(long, env = "RKUBE_CONTAINER_RUNTIME_ENDPOINT")]
+    pub container_runtime_endpoint: Option<String>,
     /// Registries to pull from over plain HTTP (repeatable).
     #[arg(long, env = "RKUBE_INSECURE_REGISTRY")]
     pub insecure_registry: Vec<String>,
+    /// The address this node reports and serves on (default: the default route's source).
+    #[arg(long, env = "RKUBE_NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+    /// The kubelet's HTTPS port (0 = a free one).
+    #[arg(long, env = "RKUBE_KUBELET_PORT", default_value_t = 0)]
+    pub kubelet_port: u16,
+    /// The node's own directory (for `rkube kubelet`; the server and agent use <data-dir>/agent).
+    #[arg(long, env = "RKUBE_KUBELET_DIR", default_value = "/var/lib/rkube/agent")]
+    pub kubelet_dir: PathBuf,
+}
+
+impl NodeArgs {
+    /// The kubelet's options; `dir` overrides --kubelet-dir.
+    pub fn options(&self, dir: Option<PathBuf>) -> Result<kubelet::Options> {
+        Ok(kubelet::Options {
+            node_name: self.node_name.clone().unwrap_or_else(hostname),
+            dir: dir.unwrap_or_else(|| self.kubelet_dir.clone()),
+            runtime_endpoint: self.container_runtime_endpoint.clone(),
+            insecure_registries: self.insecure_registry.clone(),
+            node_ip: self.node_ip,
+            port: self.kubelet_port,
+            labels: Vec::new(),
+        })
+    }
+
+    /// Why this machine cannot run a kubelet, if it cannot (no runtime to supervise).
+    pub fn missing_runtime(&self) -> Option<String> {
+        if self.container_runtime_endpoint.is_some() {
+            return None;
+        }
+        let found = |b: &str| {
+            std::env::var_os("PATH").is_some_and(|p| {
+                std::env::split_paths(&p).any(|d| d.join(b).is_file())
+            })
+        };
+        let missing: Vec<&str> = ["containerd", "runc", "ctr"]
+            .into_iter()
+            .filter(|b| !found(b))
+            .collect();
+        (!missing.is_empty()).then(|| format!("{} not installed", missing.join(", ")))
+    }
 }
 
 /// The controller manager's flags (in `rkube server` and `rkube controller-manager`).
@@ -365,6 +413,28 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             };
             crate::run_scheduler(client, scheduler::Configuration::default(), shutdown).await;
         }));
+    }
+    if !args.disable.iter().any(|d| d == "kubelet") {
+        match args.node.missing_runtime() {
+            Some(why) => tracing::warn!(
+                "no kubelet on this machine: {why} (install containerd, runc and containernetworking-plugins, or pass --container-runtime-endpoint)"
+            ),
+            None => {
+                let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+                let mut stop = stop_rx.clone();
+                let mut opts = args.node.options(Some(args.data_dir.join("agent")))?;
+                opts.labels
+                    .push(("node-role.kubernetes.io/control-plane".into(), "true".into()));
+                components.push(tokio::spawn(async move {
+                    let shutdown = async move {
+                        let _ = stop.changed().await;
+                    };
+                    if let Err(e) = kubelet::run(client, opts, shutdown).await {
+                        tracing::error!(error = %e, "kubelet stopped");
+                    }
+                }));
+            }
+        }
     }
     println!(
         "rkube: ready: kubeconfig {} (API server {url})",

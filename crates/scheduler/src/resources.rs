@@ -9,39 +9,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 pub const DEFAULT_MILLI_CPU: i64 = 100;
 pub const DEFAULT_MEMORY: i64 = 200 * 1024 * 1024;
 
-/// A Kubernetes quantity in base units ("100m" → 0.1, "1Gi" → 1073741824). None if malformed.
-pub fn parse_quantity(q: &str) -> Option<f64> {
-    let q = q.trim();
-    if q.is_empty() {
-        return None;
-    }
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0f64.powi(2),
-        "Gi" => 1024.0f64.powi(3),
-        "Ti" => 1024.0f64.powi(4),
-        "Pi" => 1024.0f64.powi(5),
-        "Ei" => 1024.0f64.powi(6),
-        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse().ok()?),
-        _ => return None,
-    };
-    Some(num * mult)
-}
+pub use apimachinery::quantity::parse_quantity;
 
 fn milli(q: &Quantity) -> i64 {
     parse_quantity(&q.0)

@@ -1,0 +1,261 @@
+//! The kubelet: runs the pods bound to its node as real containers through CRI (containerd +
+//! runc), reports the node and its pods, and serves logs, exec, attach and port-forward to the
+//! API server. It reaches the cluster only through the API (a kube `Client`).
+//!
+//! Not here: scheduling (the scheduler binds pods), Services (the proxy), node health decisions
+//! (the node lifecycle controller reads the Lease we renew).
+
+pub mod containerd;
+pub mod cri;
+pub mod images;
+pub mod logs;
+pub mod node;
+pub mod pods;
+pub mod server;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub node_name: String,
+    /// The node's own directory (`<data-dir>/agent`): runtime state, images, logs, volumes.
+    pub dir: PathBuf,
+    /// An existing CRI socket; None = start and supervise containerd.
+    pub runtime_endpoint: Option<String>,
+    pub insecure_registries: Vec<String>,
+    /// The address the node reports and serves on; None = the default route's source address.
+    pub node_ip: Option<IpAddr>,
+    /// The kubelet's HTTPS port; 0 = a free one (reported in the Node's daemonEndpoints).
+    pub port: u16,
+    pub labels: Vec<(String, String)>,
+}
+
+/// Runs the kubelet until `shutdown` resolves. Containers keep running after it returns.
+pub async fn run(
+    client: Client,
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let layout = containerd::Layout {
+        dir: opts.dir.clone(),
+    };
+    std::fs::create_dir_all(&opts.dir)?;
+    let (supervised, endpoint) = match &opts.runtime_endpoint {
+        Some(e) => (None, e.clone()),
+        None => {
+            let s = containerd::Supervised::start(
+                &layout,
+                images::PAUSE_IMAGE,
+                &opts.insecure_registries,
+            )
+            .await?;
+            let sock = s.socket.display().to_string();
+            (Some(s), sock)
+        }
+    };
+    let result = serve(client, &opts, &layout, &endpoint, supervised.is_some(), shutdown).await;
+    if let Some(s) = supervised {
+        s.stop().await;
+    }
+    result
+}
+
+async fn serve(
+    client: Client,
+    opts: &Options,
+    layout: &containerd::Layout,
+    endpoint: &str,
+    supervised: bool,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let socket = cri::socket_path(endpoint);
+    // Our pause image, then whatever the operator dropped into images/.
+    let pause = layout.images().join(".rkube-pause.tar");
+    std::fs::create_dir_all(layout.images())?;
+    images::write_if_changed(&pause, &images::pause(std::path::Path::new(images::BUSYBOX_BINARY))?)?;
+    containerd::import(&socket, &pause).await?;
+    let mut tarballs: Vec<PathBuf> = std::fs::read_dir(layout.images())?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    tarballs.sort();
+    for t in tarballs {
+        match containerd::import(&socket, &t).await {
+            Ok(()) => tracing::info!(image = %t.display(), "imported"),
+            Err(e) => tracing::warn!(error = %e, "image import failed"),
+        }
+    }
+    let runtime = cri::Cri::connect(endpoint).await?;
+    let version = runtime.version().await?;
+    let ip = opts.node_ip.unwrap_or_else(node::default_ip);
+    let tag = containerd::tag(&opts.dir);
+    let kubelet = Arc::new(pods::Kubelet {
+        client: client.clone(),
+        cri: runtime,
+        node: opts.node_name.clone(),
+        host_ip: ip.to_string(),
+        layout: containerd::Layout {
+            dir: opts.dir.clone(),
+        },
+        cgroup_root: format!("/rkube-{tag}"),
+    });
+    let (port, server) = server::start(kubelet.clone(), ip, opts.port).await?;
+    let facts = node::Facts {
+        name: opts.node_name.clone(),
+        ip,
+        port,
+        runtime_version: format!(
+            "{}://{}",
+            version.runtime_name, version.runtime_version
+        ),
+        labels: opts.labels.clone(),
+        storage_dir: opts.dir.clone(),
+    };
+    node::register(&client, &facts).await?;
+    tracing::info!(node = %opts.node_name, %ip, port, supervised, "kubelet registered");
+    let cni = pod_network(client.clone(), opts.node_name.clone(), containerd::Layout { dir: opts.dir.clone() }, tag);
+    tokio::select! {
+        _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
+        _ = node::status_loop(client.clone(), facts) => {}
+        _ = cni => {}
+        r = sync_pods(kubelet) => r?,
+        _ = server => {}
+        _ = shutdown => {}
+    }
+    Ok(())
+}
+
+/// Writes the CNI config once the node has a podCIDR (from node IPAM); without one after 15 s
+/// (no controller manager), a /24 of 10.88.0.0/16 picked from the node's directory.
+async fn pod_network(client: Client, name: String, layout: containerd::Layout, tag: String) {
+    let nodes: Api<Node> = Api::all(client);
+    let started = tokio::time::Instant::now();
+    let mut written: Option<String> = None;
+    loop {
+        let cidr = match nodes.get_opt(&name).await {
+            Ok(Some(n)) => n.spec.and_then(|s| s.pod_cidr),
+            _ => None,
+        };
+        let cidr = cidr.or_else(|| {
+            (written.is_none() && started.elapsed() > Duration::from_secs(15)).then(|| {
+                let b = u8::from_str_radix(&tag[..2], 16).unwrap_or(0);
+                format!("10.88.{b}.0/24")
+            })
+        });
+        if let Some(c) = cidr.filter(|c| written.as_ref() != Some(c)) {
+            match containerd::write_cni(&layout, &c) {
+                Ok(_) => {
+                    tracing::info!(pod_cidr = %c, "pod network configured");
+                    written = Some(c);
+                }
+                Err(e) => tracing::warn!(error = %e, "writing the CNI config"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(if written.is_some() { 30 } else { 1 })).await;
+    }
+}
+
+/// Watches the pods bound to this node and keeps one worker per pod; after the first list,
+/// removes sandboxes of pods that no longer exist.
+async fn sync_pods(k: Arc<pods::Kubelet>) -> anyhow::Result<()> {
+    let api: Api<Pod> = Api::all(k.client.clone());
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", k.node));
+    let mut stream = watcher(api, cfg).boxed();
+    let mut workers: HashMap<String, watch::Sender<Option<Arc<Pod>>>> = HashMap::new();
+    let mut listing: Option<std::collections::HashSet<String>> = None;
+    let mut gc = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            ev = stream.next() => {
+                let Some(ev) = ev else { anyhow::bail!("pod watch ended") };
+                match ev {
+                    Ok(watcher::Event::Init) => listing = Some(Default::default()),
+                    Ok(watcher::Event::InitApply(p)) => {
+                        if let Some(l) = listing.as_mut() {
+                            l.insert(p.uid().unwrap_or_default());
+                        }
+                        upsert(&k, &mut workers, p);
+                    }
+                    Ok(watcher::Event::Apply(p)) => upsert(&k, &mut workers, p),
+                    Ok(watcher::Event::Delete(p)) => {
+                        if let Some(tx) = workers.remove(&p.uid().unwrap_or_default()) {
+                            let _ = tx.send(None);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(seen) = listing.take() {
+                            workers.retain(|uid, tx| {
+                                let keep = seen.contains(uid);
+                                if !keep {
+                                    let _ = tx.send(None);
+                                }
+                                keep
+                            });
+                        }
+                        remove_orphans(&k, &workers).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pod watch");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            _ = gc.tick() => {
+                workers.retain(|_, tx| !tx.is_closed());
+            }
+        }
+    }
+}
+
+fn upsert(
+    k: &Arc<pods::Kubelet>,
+    workers: &mut HashMap<String, watch::Sender<Option<Arc<Pod>>>>,
+    pod: Pod,
+) {
+    let uid = pod.uid().unwrap_or_default();
+    let pod = Arc::new(pod);
+    if let Some(tx) = workers.get(&uid) {
+        if tx.send(Some(pod.clone())).is_ok() {
+            return;
+        }
+    }
+    let (tx, rx) = watch::channel(Some(pod));
+    tokio::spawn(pods::run_worker(k.clone(), rx));
+    workers.insert(uid, tx);
+}
+
+/// Sandboxes of this node whose pod is gone (deleted while the kubelet was down).
+async fn remove_orphans(
+    k: &Arc<pods::Kubelet>,
+    workers: &HashMap<String, watch::Sender<Option<Arc<Pod>>>>,
+) {
+    let boxes = match k.cri.sandboxes(&[(pods::LABEL_NODE, &k.node)]).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing sandboxes");
+            return;
+        }
+    };
+    for b in boxes {
+        let uid = b.labels.get(pods::LABEL_UID).cloned().unwrap_or_default();
+        if !workers.contains_key(&uid) {
+            tracing::info!(uid = %uid, "removing the containers of a pod that no longer exists");
+            if let Err(e) = k.kill_pod(&uid, 2, true).await {
+                tracing::warn!(uid = %uid, error = %e, "removing an orphaned pod");
+            }
+        }
+    }
+}

@@ -1,0 +1,1206 @@
+//! Pod workers: one task per pod bound to this node, each driving the runtime toward the pod's
+//! spec (level-based: every sync looks at what CRI has, never at what it remembers) and writing
+//! the status upstream's kubelet writes.
+//!
+//! A sync: sandbox (with the pod's network), init containers one by one, then the app containers,
+//! restarted by restartPolicy with upstream's back-off (10 s doubling to 5 min); then status
+//! (phase, conditions, container statuses, IPs). A pod marked for deletion: containers stopped
+//! within its grace period, sandbox removed, then the pod object deleted for good.
+//!
+//! Everything is found again through CRI labels (`io.kubernetes.pod.uid`, ...), so a restarted
+//! kubelet adopts the containers it finds and restarts nothing that is healthy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Container as KContainer, Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::{Client, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::containerd::Layout;
+use crate::cri::{self, Cri};
+
+pub const LABEL_UID: &str = "io.kubernetes.pod.uid";
+pub const LABEL_NAME: &str = "io.kubernetes.pod.name";
+pub const LABEL_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
+/// Which node's kubelet owns a sandbox, so that two nodes sharing one runtime keep apart.
+pub const LABEL_NODE: &str = "rkube.io/node";
+
+const BACKOFF_INITIAL: i64 = 10;
+const BACKOFF_MAX: i64 = 300;
+
+/// What every pod worker shares.
+pub struct Kubelet {
+    pub client: Client,
+    pub cri: Cri,
+    pub node: String,
+    pub host_ip: String,
+    pub layout: Layout,
+    /// The cgroup every pod's cgroup sits under (`/rkube-<tag>`).
+    pub cgroup_root: String,
+}
+
+fn ns_of(pod: &Pod) -> String {
+    pod.namespace().unwrap_or_else(|| "default".into())
+}
+
+fn uid_of(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn rfc3339(nanos: i64) -> Option<String> {
+    if nanos <= 0 {
+        return None;
+    }
+    chrono::DateTime::from_timestamp(nanos / 1_000_000_000, (nanos % 1_000_000_000) as u32)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A container as CRI knows it, with its status.
+#[derive(Clone)]
+struct Seen {
+    status: cri::ContainerStatus,
+}
+
+impl Seen {
+    fn attempt(&self) -> u32 {
+        self.status.metadata.as_ref().map_or(0, |m| m.attempt)
+    }
+    fn running(&self) -> bool {
+        self.status.state == cri::ContainerState::ContainerRunning as i32
+    }
+    fn exited(&self) -> bool {
+        self.status.state == cri::ContainerState::ContainerExited as i32
+    }
+    fn created(&self) -> bool {
+        self.status.state == cri::ContainerState::ContainerCreated as i32
+    }
+    fn id(&self) -> String {
+        format!("containerd://{}", self.status.id)
+    }
+    fn terminated(&self) -> Value {
+        let code = self.status.exit_code;
+        let reason = if !self.status.reason.is_empty() {
+            self.status.reason.clone()
+        } else if code == 0 {
+            "Completed".into()
+        } else {
+            "Error".into()
+        };
+        let mut t = json!({
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": rfc3339(self.status.started_at),
+            "finishedAt": rfc3339(self.status.finished_at),
+            "containerID": self.id(),
+        });
+        if !self.status.message.is_empty() {
+            t["message"] = json!(self.status.message);
+        }
+        t
+    }
+}
+
+/// Why a container is not running yet, as the worker saw it.
+#[derive(Clone, Debug, PartialEq)]
+struct Waiting {
+    reason: String,
+    message: String,
+}
+
+/// The per-pod state a worker keeps between syncs (none of it is needed after a restart).
+#[derive(Default)]
+pub struct Worker {
+    waiting: HashMap<String, Waiting>,
+    pull_failures: HashMap<String, u32>,
+    pull_failed_at: HashMap<String, tokio::time::Instant>,
+    last_status: Option<Value>,
+    start_time: Option<String>,
+    /// When each mounted configMap/secret volume was last refreshed.
+    volumes_refreshed: Option<tokio::time::Instant>,
+    /// Readiness per container name, from the readiness probe (true without one).
+    pub ready: HashMap<String, bool>,
+}
+
+/// What a sync asks for next.
+pub enum Next {
+    /// Sync again after this long (or sooner, on a change).
+    After(Duration),
+    /// The pod is gone from this node: the worker ends.
+    Done,
+}
+
+impl Kubelet {
+    fn pod_dir(&self, uid: &str) -> std::path::PathBuf {
+        self.layout.dir.join("pods").join(uid)
+    }
+
+    fn log_dir(&self, pod: &Pod) -> std::path::PathBuf {
+        self.layout.logs().join(format!(
+            "{}_{}_{}",
+            ns_of(pod),
+            pod.name_any(),
+            uid_of(pod)
+        ))
+    }
+
+    /// Every container of a pod (all sandboxes, all attempts), newest attempt first per name.
+    async fn seen(&self, uid: &str) -> cri::Result<HashMap<String, Vec<Seen>>> {
+        let list = self
+            .cri
+            .containers(cri::ContainerFilter {
+                label_selector: [(LABEL_UID.to_string(), uid.to_string())].into(),
+                ..Default::default()
+            })
+            .await?;
+        let mut out: HashMap<String, Vec<Seen>> = HashMap::new();
+        for c in list {
+            let Some(status) = self.cri.container_status(&c.id).await? else {
+                continue;
+            };
+            let name = c.labels.get(LABEL_CONTAINER).cloned().unwrap_or_default();
+            out.entry(name).or_default().push(Seen { status });
+        }
+        for v in out.values_mut() {
+            v.sort_by(|a, b| {
+                (b.attempt(), b.status.created_at).cmp(&(a.attempt(), a.status.created_at))
+            });
+        }
+        Ok(out)
+    }
+
+    async fn sandboxes(&self, uid: &str) -> cri::Result<Vec<cri::PodSandbox>> {
+        let mut s = self.cri.sandboxes(&[(LABEL_UID, uid)]).await?;
+        s.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(s)
+    }
+
+    /// Stops every container of the pod (SIGTERM, SIGKILL after `grace` seconds), then its
+    /// sandboxes; removes them all when `remove`.
+    pub async fn kill_pod(&self, uid: &str, grace: i64, remove: bool) -> cri::Result<()> {
+        let containers = self
+            .cri
+            .containers(cri::ContainerFilter {
+                label_selector: [(LABEL_UID.to_string(), uid.to_string())].into(),
+                ..Default::default()
+            })
+            .await?;
+        let stops = containers
+            .iter()
+            .filter(|c| c.state != cri::ContainerState::ContainerExited as i32)
+            .map(|c| self.cri.stop_container(&c.id, grace.max(0)));
+        for r in futures::future::join_all(stops).await {
+            r?;
+        }
+        for s in self.sandboxes(uid).await? {
+            self.cri.stop_sandbox(&s.id).await?;
+            if remove {
+                self.cri.remove_sandbox(&s.id).await?;
+            }
+        }
+        if remove {
+            let _ = std::fs::remove_dir_all(self.pod_dir(uid));
+        }
+        Ok(())
+    }
+
+    fn sandbox_config(&self, pod: &Pod, attempt: u32) -> cri::PodSandboxConfig {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let uid = uid_of(pod);
+        let mut labels: HashMap<String, String> = pod.labels().clone().into_iter().collect();
+        labels.insert(LABEL_UID.into(), uid.clone());
+        labels.insert(LABEL_NAME.into(), pod.name_any());
+        labels.insert(LABEL_NAMESPACE.into(), ns_of(pod));
+        labels.insert(LABEL_NODE.into(), self.node.clone());
+        let mut ports = Vec::new();
+        for c in &spec.containers {
+            for p in c.ports.iter().flatten() {
+                if let Some(hp) = p.host_port.filter(|p| *p > 0) {
+                    ports.push(cri::PortMapping {
+                        protocol: match p.protocol.as_deref() {
+                            Some("UDP") => cri::Protocol::Udp as i32,
+                            Some("SCTP") => cri::Protocol::Sctp as i32,
+                            _ => cri::Protocol::Tcp as i32,
+                        },
+                        container_port: p.container_port,
+                        host_port: hp,
+                        host_ip: p.host_ip.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        let host_network = spec.host_network.unwrap_or(false);
+        let hostname = spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| pod.name_any().chars().take(63).collect());
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: pod.name_any(),
+                uid: uid.clone(),
+                namespace: ns_of(pod),
+                attempt,
+            }),
+            hostname: if host_network { String::new() } else { hostname },
+            log_directory: self.log_dir(pod).display().to_string(),
+            port_mappings: ports,
+            labels,
+            annotations: pod.annotations().clone().into_iter().collect(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: format!("{}/pod{uid}", self.cgroup_root),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: if host_network {
+                            cri::NamespaceMode::Node as i32
+                        } else {
+                            cri::NamespaceMode::Pod as i32
+                        },
+                        pid: if spec.share_process_namespace.unwrap_or(false) {
+                            cri::NamespaceMode::Pod as i32
+                        } else {
+                            cri::NamespaceMode::Container as i32
+                        },
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The ready sandbox of the pod, started if there is none (an old one is removed first:
+    /// its containers died with it and start again in the new one).
+    async fn ensure_sandbox(
+        &self,
+        pod: &Pod,
+    ) -> anyhow::Result<(String, cri::PodSandboxConfig, String)> {
+        let uid = uid_of(pod);
+        let boxes = self.sandboxes(&uid).await?;
+        let attempt = boxes
+            .iter()
+            .map(|b| b.metadata.as_ref().map_or(0, |m| m.attempt) + 1)
+            .max()
+            .unwrap_or(0);
+        if let Some(b) = boxes
+            .iter()
+            .find(|b| b.state == cri::PodSandboxState::SandboxReady as i32)
+        {
+            let attempt = b.metadata.as_ref().map_or(0, |m| m.attempt);
+            let ip = self
+                .cri
+                .sandbox_status(&b.id)
+                .await?
+                .and_then(|s| s.network)
+                .map(|n| n.ip)
+                .unwrap_or_default();
+            return Ok((b.id.clone(), self.sandbox_config(pod, attempt), ip));
+        }
+        for b in &boxes {
+            self.cri.stop_sandbox(&b.id).await?;
+            self.cri.remove_sandbox(&b.id).await?;
+        }
+        let config = self.sandbox_config(pod, attempt);
+        std::fs::create_dir_all(self.log_dir(pod))?;
+        let id = self
+            .cri
+            .runtime
+            .clone()
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        let ip = self
+            .cri
+            .sandbox_status(&id)
+            .await?
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        Ok((id, config, ip))
+    }
+
+    /// The value of a `fieldRef` as upstream's downward API resolves it.
+    fn field_ref(&self, pod: &Pod, pod_ip: &str, path: &str) -> Option<String> {
+        let spec = pod.spec.as_ref();
+        Some(match path {
+            "metadata.name" => pod.name_any(),
+            "metadata.namespace" => ns_of(pod),
+            "metadata.uid" => uid_of(pod),
+            "spec.nodeName" => self.node.clone(),
+            "spec.serviceAccountName" => spec?.service_account_name.clone().unwrap_or_default(),
+            "status.podIP" => pod_ip.to_string(),
+            "status.hostIP" => self.host_ip.clone(),
+            p => {
+                let (map, key) = p
+                    .strip_prefix("metadata.labels['")
+                    .map(|k| (pod.labels(), k))
+                    .or_else(|| {
+                        p.strip_prefix("metadata.annotations['")
+                            .map(|k| (pod.annotations(), k))
+                    })?;
+                map.get(key.strip_suffix("']")?).cloned().unwrap_or_default()
+            }
+        })
+    }
+
+    async fn config_map(&self, ns: &str, name: &str) -> anyhow::Result<Option<ConfigMap>> {
+        Ok(Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await?)
+    }
+
+    async fn secret(&self, ns: &str, name: &str) -> anyhow::Result<Option<Secret>> {
+        Ok(Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await?)
+    }
+
+    /// The container's environment: envFrom first, then env (later entries win), with
+    /// fieldRef, resourceFieldRef, configMapKeyRef and secretKeyRef resolved.
+    async fn env(&self, pod: &Pod, c: &KContainer, pod_ip: &str) -> anyhow::Result<Vec<cri::KeyValue>> {
+        let ns = ns_of(pod);
+        let mut env: Vec<(String, String)> = Vec::new();
+        let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
+            env.retain(|(n, _)| *n != k);
+            env.push((k, v));
+        };
+        for from in c.env_from.iter().flatten() {
+            let prefix = from.prefix.clone().unwrap_or_default();
+            if let Some(r) = &from.config_map_ref {
+                match self.config_map(&ns, &r.name).await? {
+                    Some(cm) => {
+                        for (k, v) in cm.data.unwrap_or_default() {
+                            set(&mut env, format!("{prefix}{k}"), v);
+                        }
+                    }
+                    None if r.optional == Some(true) => {}
+                    None => anyhow::bail!("configmap \"{}\" not found", r.name),
+                }
+            }
+            if let Some(r) = &from.secret_ref {
+                match self.secret(&ns, &r.name).await? {
+                    Some(s) => {
+                        for (k, v) in s.data.unwrap_or_default() {
+                            set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into());
+                        }
+                    }
+                    None if r.optional == Some(true) => {}
+                    None => anyhow::bail!("secret \"{}\" not found", r.name),
+                }
+            }
+        }
+        for e in c.env.iter().flatten() {
+            let value = match &e.value_from {
+                None => e.value.clone().unwrap_or_default(),
+                Some(from) => {
+                    if let Some(f) = &from.field_ref {
+                        self.field_ref(pod, pod_ip, &f.field_path).unwrap_or_default()
+                    } else if let Some(r) = &from.resource_field_ref {
+                        resource_field(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))
+                    } else if let Some(r) = &from.config_map_key_ref {
+                        let v = self
+                            .config_map(&ns, &r.name)
+                            .await?
+                            .and_then(|cm| cm.data.and_then(|d| d.get(&r.key).cloned()));
+                        match v {
+                            Some(v) => v,
+                            None if r.optional == Some(true) => continue,
+                            None => anyhow::bail!(
+                                "couldn't find key {} in ConfigMap {ns}/{}",
+                                r.key,
+                                r.name
+                            ),
+                        }
+                    } else if let Some(r) = &from.secret_key_ref {
+                        let v = self.secret(&ns, &r.name).await?.and_then(|s| {
+                            s.data
+                                .and_then(|d| d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into()))
+                        });
+                        match v {
+                            Some(v) => v,
+                            None if r.optional == Some(true) => continue,
+                            None => anyhow::bail!(
+                                "couldn't find key {} in Secret {ns}/{}",
+                                r.key,
+                                r.name
+                            ),
+                        }
+                    } else {
+                        String::new()
+                    }
+                }
+            };
+            let value = expand(&value, &env);
+            set(&mut env, e.name.clone(), value);
+        }
+        Ok(env
+            .into_iter()
+            .map(|(key, value)| cri::KeyValue { key, value })
+            .collect())
+    }
+
+    /// Writes the pod's volumes to disk (emptyDir, configMap, secret, downwardAPI; hostPath
+    /// is used in place) and returns each volume's host path.
+    async fn volumes(&self, pod: &Pod, refresh: bool) -> anyhow::Result<HashMap<String, String>> {
+        let ns = ns_of(pod);
+        let base = self.pod_dir(&uid_of(pod)).join("volumes");
+        let mut out = HashMap::new();
+        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            let dir = base.join(&v.name);
+            if let Some(h) = &v.host_path {
+                if h.type_.as_deref() == Some("DirectoryOrCreate") {
+                    std::fs::create_dir_all(&h.path)?;
+                }
+                out.insert(v.name.clone(), h.path.clone());
+                continue;
+            }
+            let fresh = !dir.exists();
+            std::fs::create_dir_all(&dir)?;
+            out.insert(v.name.clone(), dir.display().to_string());
+            if !(fresh || refresh) {
+                continue;
+            }
+            let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut items = |map: BTreeMap<String, Vec<u8>>, select: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>| {
+                match select {
+                    Some(items) => {
+                        for i in items {
+                            if let Some(d) = map.get(&i.key) {
+                                files.insert(i.path.clone(), d.clone());
+                            }
+                        }
+                    }
+                    None => files.extend(map),
+                }
+            };
+            if let Some(c) = &v.config_map {
+                match self.config_map(&ns, &c.name).await? {
+                    Some(cm) => {
+                        let mut m: BTreeMap<String, Vec<u8>> = cm
+                            .data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.into_bytes()))
+                            .collect();
+                        m.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+                        items(m, c.items.as_ref());
+                    }
+                    None if c.optional == Some(true) => {}
+                    None => anyhow::bail!("configmap \"{}\" not found", c.name),
+                }
+            } else if let Some(s) = &v.secret {
+                let name = s.secret_name.clone().unwrap_or_default();
+                match self.secret(&ns, &name).await? {
+                    Some(sec) => items(
+                        sec.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
+                        s.items.as_ref(),
+                    ),
+                    None if s.optional == Some(true) => {}
+                    None => anyhow::bail!("secret \"{name}\" not found"),
+                }
+            } else if let Some(d) = &v.downward_api {
+                for i in d.items.iter().flatten() {
+                    if let Some(f) = &i.field_ref {
+                        let val = self.field_ref(pod, "", &f.field_path).unwrap_or_default();
+                        files.insert(i.path.clone(), val.into_bytes());
+                    }
+                }
+            } else {
+                continue;
+            }
+            for (path, data) in &files {
+                let target = dir.join(path);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                crate::images::write_if_changed(&target, data)?;
+            }
+            // Keys that went away leave the volume too.
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    if e.path().is_file() && !files.contains_key(&n) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create_container(
+        &self,
+        pod: &Pod,
+        c: &KContainer,
+        attempt: u32,
+        sandbox: &(String, cri::PodSandboxConfig, String),
+        volumes: &HashMap<String, String>,
+    ) -> anyhow::Result<String> {
+        let image = c.image.clone().unwrap_or_default();
+        let mut labels: HashMap<String, String> = HashMap::new();
+        labels.insert(LABEL_UID.into(), uid_of(pod));
+        labels.insert(LABEL_NAME.into(), pod.name_any());
+        labels.insert(LABEL_NAMESPACE.into(), ns_of(pod));
+        labels.insert(LABEL_CONTAINER.into(), c.name.clone());
+        labels.insert(LABEL_NODE.into(), self.node.clone());
+        let mut mounts = Vec::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let Some(host) = volumes.get(&m.name) else {
+                anyhow::bail!("volume {:?} is not defined", m.name);
+            };
+            let mut host = std::path::PathBuf::from(host);
+            if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+                host = host.join(sub);
+                if !host.exists() {
+                    std::fs::create_dir_all(&host)?;
+                }
+            }
+            mounts.push(cri::Mount {
+                container_path: m.mount_path.clone(),
+                host_path: host.display().to_string(),
+                readonly: m.read_only.unwrap_or(false),
+                ..Default::default()
+            });
+        }
+        let sc = c.security_context.clone().unwrap_or_default();
+        let psc = pod.spec.as_ref().and_then(|s| s.security_context.clone()).unwrap_or_default();
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: c.name.clone(),
+                attempt,
+            }),
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            working_dir: c.working_dir.clone().unwrap_or_default(),
+            envs: self.env(pod, c, &sandbox.2).await?,
+            mounts,
+            labels,
+            annotations: [("io.kubernetes.container.restartCount".to_string(), attempt.to_string())].into(),
+            log_path: format!("{}/{attempt}.log", c.name),
+            stdin: c.stdin.unwrap_or(false),
+            stdin_once: c.stdin_once.unwrap_or(false),
+            tty: c.tty.unwrap_or(false),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(resources(c)),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged: sc.privileged.unwrap_or(false),
+                    readonly_rootfs: sc.read_only_root_filesystem.unwrap_or(false),
+                    run_as_user: sc.run_as_user.or(psc.run_as_user).map(|value| cri::Int64Value { value }),
+                    run_as_group: sc.run_as_group.or(psc.run_as_group).map(|value| cri::Int64Value { value }),
+                    supplemental_groups: psc.supplemental_groups.clone().unwrap_or_default(),
+                    capabilities: sc.capabilities.as_ref().map(|caps| cri::Capability {
+                        add_capabilities: caps.add.clone().unwrap_or_default(),
+                        drop_capabilities: caps.drop.clone().unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    namespace_options: sandbox
+                        .1
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .and_then(|s| s.namespace_options.clone()),
+                    no_new_privs: sc.allow_privilege_escalation == Some(false),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self
+            .cri
+            .runtime
+            .clone()
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox.0.clone(),
+                config: Some(config),
+                sandbox_config: Some(sandbox.1.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        self.cri
+            .runtime
+            .clone()
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
+        Ok(id)
+    }
+}
+
+/// `$(VAR)` references to earlier variables, as upstream expands them (`$$` escapes).
+fn expand(value: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(a) = after.strip_prefix('$') {
+            out.push('$');
+            rest = a;
+        } else if let Some(body) = after.strip_prefix('(') {
+            match body.find(')') {
+                Some(end) => {
+                    let name = &body[..end];
+                    match env.iter().rev().find(|(k, _)| k == name) {
+                        Some((_, v)) => out.push_str(v),
+                        None => out.push_str(&format!("$({name})")),
+                    }
+                    rest = &body[end + 1..];
+                }
+                None => {
+                    out.push('$');
+                    rest = after;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn quantity(c: &KContainer, which: &str, resource: &str) -> Option<f64> {
+    let r = c.resources.as_ref()?;
+    let m = if which == "limits" { r.limits.as_ref() } else { r.requests.as_ref() }?;
+    apimachinery::quantity::parse_quantity(&m.get(resource)?.0)
+}
+
+fn resource_field(c: &KContainer, resource: &str, divisor: Option<&str>) -> String {
+    let (which, name) = resource.split_once('.').unwrap_or(("limits", resource));
+    let value = quantity(c, which, name).unwrap_or(0.0);
+    let div = divisor
+        .and_then(apimachinery::quantity::parse_quantity)
+        .filter(|d| *d > 0.0)
+        .unwrap_or(1.0);
+    format!("{}", (value / div).ceil() as i64)
+}
+
+/// cgroup settings from requests and limits, as upstream's kubelet computes them.
+fn resources(c: &KContainer) -> cri::LinuxContainerResources {
+    let req_cpu = quantity(c, "requests", "cpu").or_else(|| quantity(c, "limits", "cpu"));
+    let lim_cpu = quantity(c, "limits", "cpu");
+    let mut r = cri::LinuxContainerResources {
+        cpu_shares: req_cpu.map_or(2, |v| ((v * 1024.0) as i64).max(2)),
+        ..Default::default()
+    };
+    if let Some(l) = lim_cpu {
+        r.cpu_period = 100_000;
+        r.cpu_quota = ((l * 100_000.0) as i64).max(1000);
+    }
+    if let Some(m) = quantity(c, "limits", "memory") {
+        r.memory_limit_in_bytes = m as i64;
+    }
+    r
+}
+
+/// Back-off before restarting a container that has restarted `restarts` times: none for the
+/// first restart, then 10 s doubling to 5 min.
+pub fn backoff_seconds(restarts: u32) -> i64 {
+    if restarts == 0 {
+        return 0;
+    }
+    let shift = (restarts - 1).min(10);
+    (BACKOFF_INITIAL << shift).min(BACKOFF_MAX)
+}
+
+fn should_restart(policy: &str, exit_code: i32) -> bool {
+    match policy {
+        "Never" => false,
+        "OnFailure" => exit_code != 0,
+        _ => true,
+    }
+}
+
+impl Worker {
+    /// Brings the runtime in line with `pod`, then writes its status.
+    pub async fn sync(&mut self, k: &Kubelet, pod: &Pod) -> anyhow::Result<Next> {
+        let uid = uid_of(pod);
+        if let Some(grace) = pod.metadata.deletion_timestamp.as_ref().map(|_| {
+            pod.metadata.deletion_grace_period_seconds.unwrap_or(30)
+        }) {
+            k.kill_pod(&uid, grace, true).await?;
+            let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid.clone()),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(&pod.name_any(), &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(Next::Done);
+        }
+        let spec = pod.spec.clone().unwrap_or_default();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            // Finished: nothing runs again; the sandbox (and its IP) is released.
+            k.kill_pod(&uid, 0, false).await?;
+            return Ok(Next::After(Duration::from_secs(30)));
+        }
+        if self.start_time.is_none() {
+            self.start_time = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .map(|t| t.0.to_string())
+                .or_else(|| Some(now()));
+        }
+        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let sandbox = match k.ensure_sandbox(pod).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name_any(), error = %e, "sandbox");
+                for c in &spec.containers {
+                    self.waiting.insert(
+                        c.name.clone(),
+                        Waiting {
+                            reason: "ContainerCreating".into(),
+                            message: String::new(),
+                        },
+                    );
+                }
+                self.write_status(k, pod, &HashMap::new(), "").await?;
+                return Ok(Next::After(Duration::from_secs(2)));
+            }
+        };
+        let refresh = self
+            .volumes_refreshed
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(5));
+        let volumes = k.volumes(pod, refresh).await;
+        if refresh {
+            self.volumes_refreshed = Some(tokio::time::Instant::now());
+        }
+        let mut seen = k.seen(&uid).await?;
+        let mut started_something = false;
+        let init_done = {
+            let mut done = true;
+            for c in spec.init_containers.iter().flatten() {
+                let latest = seen.get(&c.name).and_then(|v| v.first()).cloned();
+                match latest {
+                    Some(s) if s.exited() && s.status.exit_code == 0 => continue,
+                    Some(s) if s.running() || s.created() => {
+                        done = false;
+                        break;
+                    }
+                    Some(s) if s.exited() => {
+                        done = false;
+                        if policy == "Never" {
+                            break;
+                        }
+                        self.restart(k, pod, c, Some(&s), &sandbox, &volumes).await?;
+                        started_something = true;
+                        break;
+                    }
+                    _ => {
+                        done = false;
+                        self.restart(k, pod, c, None, &sandbox, &volumes).await?;
+                        started_something = true;
+                        break;
+                    }
+                }
+            }
+            done
+        };
+        if init_done {
+            for c in &spec.containers {
+                let latest = seen.get(&c.name).and_then(|v| v.first()).cloned();
+                match latest {
+                    None => {
+                        self.restart(k, pod, c, None, &sandbox, &volumes).await?;
+                        started_something = true;
+                    }
+                    Some(s) if s.exited() && should_restart(&policy, s.status.exit_code) => {
+                        self.restart(k, pod, c, Some(&s), &sandbox, &volumes).await?;
+                        started_something = true;
+                    }
+                    Some(_) => {
+                        self.waiting.remove(&c.name);
+                    }
+                }
+            }
+        }
+        if started_something {
+            seen = k.seen(&uid).await?;
+        }
+        self.write_status(k, pod, &seen, &sandbox.2).await?;
+        Ok(Next::After(Duration::from_secs(1)))
+    }
+
+    /// Starts container `c` (again, after `last` exited, once its back-off has passed).
+    async fn restart(
+        &mut self,
+        k: &Kubelet,
+        pod: &Pod,
+        c: &KContainer,
+        last: Option<&Seen>,
+        sandbox: &(String, cri::PodSandboxConfig, String),
+        volumes: &anyhow::Result<HashMap<String, String>>,
+    ) -> anyhow::Result<()> {
+        let attempt = last.map_or(0, |s| s.attempt() + 1);
+        if let Some(s) = last {
+            let wait = backoff_seconds(s.attempt());
+            let finished = s.status.finished_at / 1_000_000_000;
+            let now = chrono::Utc::now().timestamp();
+            if finished + wait > now {
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "CrashLoopBackOff".into(),
+                        message: format!(
+                            "back-off {wait}s restarting failed container={} pod={}_{}({})",
+                            c.name,
+                            pod.name_any(),
+                            ns_of(pod),
+                            uid_of(pod)
+                        ),
+                    },
+                );
+                return Ok(());
+            }
+        }
+        let volumes = match volumes {
+            Ok(v) => v,
+            Err(e) => {
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "ContainerCreating".into(),
+                        message: format!("MountVolume.SetUp failed: {e}"),
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let image = c.image.clone().unwrap_or_default();
+        let pull_policy = c.image_pull_policy.clone().unwrap_or_else(|| {
+            if image.ends_with(":latest") || !image.rsplit('/').next().unwrap_or("").contains(':') {
+                "Always".into()
+            } else {
+                "IfNotPresent".into()
+            }
+        });
+        let present = k.cri.image_present(&image).await?.is_some();
+        let must_pull = match pull_policy.as_str() {
+            "Always" => true,
+            "Never" => false,
+            _ => !present,
+        };
+        if pull_policy == "Never" && !present {
+            self.waiting.insert(
+                c.name.clone(),
+                Waiting {
+                    reason: "ErrImageNeverPull".into(),
+                    message: format!("Container image \"{image}\" is not present with pull policy of Never"),
+                },
+            );
+            return Ok(());
+        }
+        if must_pull {
+            let failures = self.pull_failures.get(&c.name).copied().unwrap_or(0);
+            if failures > 0 {
+                if let Some(w) = self.waiting.get(&c.name) {
+                    if w.reason == "ErrImagePull" || w.reason == "ImagePullBackOff" {
+                        // Back off between pulls as upstream does (10 s doubling).
+                        let since = self.pull_failed_at.get(&c.name).copied();
+                        let wait = Duration::from_secs(backoff_seconds(failures) as u64);
+                        if since.is_some_and(|t| t.elapsed() < wait) {
+                            self.waiting.insert(
+                                c.name.clone(),
+                                Waiting {
+                                    reason: "ImagePullBackOff".into(),
+                                    message: format!("Back-off pulling image \"{image}\""),
+                                },
+                            );
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            if let Err(e) = k.cri.pull(&image).await {
+                *self.pull_failures.entry(c.name.clone()).or_default() += 1;
+                self.pull_failed_at
+                    .insert(c.name.clone(), tokio::time::Instant::now());
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "ErrImagePull".into(),
+                        message: format!("failed to pull image \"{image}\": {e}"),
+                    },
+                );
+                return Ok(());
+            }
+            self.pull_failures.remove(&c.name);
+        }
+        match k.create_container(pod, c, attempt, sandbox, volumes).await {
+            Ok(_) => {
+                self.waiting.remove(&c.name);
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.name_any(), container = %c.name, error = %e, "start failed");
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "CreateContainerConfigError".into(),
+                        message: e.to_string(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn container_status(&self, c: &KContainer, seen: Option<&Vec<Seen>>, policy: &str) -> (Value, bool) {
+        let image = c.image.clone().unwrap_or_default();
+        let latest = seen.and_then(|v| v.first());
+        let previous = seen.and_then(|v| v.get(1));
+        let mut st = json!({"name": c.name, "image": image, "imageID": "", "ready": false, "restartCount": latest.map_or(0, |s| s.attempt()), "started": false});
+        let mut ready = false;
+        let waiting = self.waiting.get(&c.name);
+        match latest {
+            Some(s) => {
+                st["containerID"] = json!(s.id());
+                st["imageID"] = json!(s.status.image_ref);
+                if s.running() {
+                    st["state"] = json!({"running": {"startedAt": rfc3339(s.status.started_at)}});
+                    st["started"] = json!(true);
+                    ready = self.ready.get(&c.name).copied().unwrap_or(true);
+                    st["ready"] = json!(ready);
+                    if let Some(p) = previous {
+                        st["lastState"] = json!({"terminated": p.terminated()});
+                    }
+                } else if s.exited() && should_restart(policy, s.status.exit_code) {
+                    let w = waiting.cloned().unwrap_or(Waiting {
+                        reason: "CrashLoopBackOff".into(),
+                        message: String::new(),
+                    });
+                    st["state"] = json!({"waiting": {"reason": w.reason, "message": w.message}});
+                    st["lastState"] = json!({"terminated": s.terminated()});
+                } else if s.exited() {
+                    st["state"] = json!({"terminated": s.terminated()});
+                    if let Some(p) = previous {
+                        st["lastState"] = json!({"terminated": p.terminated()});
+                    }
+                } else {
+                    st["state"] = json!({"waiting": {"reason": "ContainerCreating"}});
+                }
+            }
+            None => {
+                let w = waiting.cloned().unwrap_or(Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: String::new(),
+                });
+                let mut wj = json!({"reason": w.reason});
+                if !w.message.is_empty() {
+                    wj["message"] = json!(w.message);
+                }
+                st["state"] = json!({ "waiting": wj });
+            }
+        }
+        if st.get("lastState").is_none() {
+            st["lastState"] = json!({});
+        }
+        (st, ready)
+    }
+
+    async fn write_status(
+        &mut self,
+        k: &Kubelet,
+        pod: &Pod,
+        seen: &HashMap<String, Vec<Seen>>,
+        pod_ip: &str,
+    ) -> anyhow::Result<()> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let mut init_statuses = Vec::new();
+        let mut init_pending = false;
+        let mut init_failed = false;
+        for c in spec.init_containers.iter().flatten() {
+            let (mut st, _) = self.container_status(c, seen.get(&c.name), &policy);
+            let done = seen
+                .get(&c.name)
+                .and_then(|v| v.first())
+                .is_some_and(|s| s.exited() && s.status.exit_code == 0);
+            if done {
+                st["ready"] = json!(true);
+            } else {
+                if seen.get(&c.name).and_then(|v| v.first()).is_some_and(|s| s.exited()) && policy == "Never" {
+                    init_failed = true;
+                }
+                init_pending = true;
+            }
+            init_statuses.push(st);
+        }
+        let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
+        let mut statuses = Vec::new();
+        let mut all_ready = !spec.containers.is_empty();
+        for c in &spec.containers {
+            let (st, ready) = self.container_status(c, seen.get(&c.name), &policy);
+            all_ready &= ready;
+            if st["state"].get("running").is_some() {
+                running += 1;
+            } else if let Some(t) = st["state"].get("terminated") {
+                stopped += 1;
+                if t["exitCode"] == 0 {
+                    succeeded += 1;
+                }
+            } else if st["lastState"].get("terminated").is_some() {
+                stopped += 1;
+            } else {
+                waiting += 1;
+            }
+            statuses.push(st);
+        }
+        let phase = if init_failed {
+            "Failed"
+        } else if init_pending || waiting > 0 {
+            "Pending"
+        } else if running > 0 {
+            "Running"
+        } else if stopped > 0 {
+            if policy == "Always" {
+                "Running"
+            } else if stopped == succeeded {
+                "Succeeded"
+            } else if policy == "Never" {
+                "Failed"
+            } else {
+                "Running"
+            }
+        } else {
+            "Pending"
+        };
+        let terminal = phase == "Succeeded" || phase == "Failed";
+        let old: Vec<Value> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| serde_json::to_value(c).ok())
+            .collect();
+        let cond = |t: &str, ok: bool, reason: &str| {
+            let status = if ok { "True" } else { "False" };
+            let since = old
+                .iter()
+                .find(|c| c["type"] == t && c["status"] == status)
+                .and_then(|c| c.get("lastTransitionTime").cloned())
+                .unwrap_or_else(|| json!(now()));
+            let mut c = json!({"type": t, "status": status, "lastProbeTime": null, "lastTransitionTime": since});
+            if !ok && !reason.is_empty() {
+                c["reason"] = json!(reason);
+            }
+            c
+        };
+        let ready = all_ready && !init_pending && !terminal;
+        let mut conditions = vec![
+            cond("PodReadyToStartContainers", !pod_ip.is_empty() || spec.host_network == Some(true), ""),
+            cond("Initialized", !init_pending, "ContainersNotInitialized"),
+            cond("Ready", ready, if terminal { "PodCompleted" } else { "ContainersNotReady" }),
+            cond("ContainersReady", ready, if terminal { "PodCompleted" } else { "ContainersNotReady" }),
+        ];
+        if let Some(s) = old.iter().find(|c| c["type"] == "PodScheduled") {
+            conditions.push(s.clone());
+        }
+        let pod_ip = if spec.host_network == Some(true) { k.host_ip.as_str() } else { pod_ip };
+        let mut status = json!({
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": k.host_ip,
+            "hostIPs": [{"ip": k.host_ip}],
+            "startTime": self.start_time,
+            "containerStatuses": statuses,
+            "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()),
+        });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if !pod_ip.is_empty() {
+            status["podIP"] = json!(pod_ip);
+            status["podIPs"] = json!([{ "ip": pod_ip }]);
+        }
+        if self.last_status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
+        match api
+            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
+            .await
+        {
+            Ok(_) => {
+                self.last_status = Some(status);
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Runs one pod's worker until the pod is gone from this node: syncs on every change of the
+/// pod and at least every `Next::After`.
+pub async fn run_worker(k: Arc<Kubelet>, mut rx: tokio::sync::watch::Receiver<Option<Arc<Pod>>>) {
+    let mut w = Worker::default();
+    let mut failures = 0u32;
+    let mut uid = String::new();
+    loop {
+        let pod = rx.borrow_and_update().clone();
+        let next = match pod {
+            None => break,
+            Some(pod) => {
+                uid = uid_of(&pod);
+                match w.sync(&k, &pod).await {
+                    Ok(n) => {
+                        failures = 0;
+                        n
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(pod = %pod.name_any(), error = %e, "pod sync failed");
+                        Next::After(Duration::from_millis(500 * u64::from(failures.min(10))))
+                    }
+                }
+            }
+        };
+        match next {
+            Next::Done => return,
+            Next::After(d) => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { break },
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+    }
+    // Deleted from the API without us (a forced delete): the containers go too.
+    if !uid.is_empty() {
+        if let Err(e) = k.kill_pod(&uid, 2, true).await {
+            tracing::warn!(uid = %uid, error = %e, "cleaning up a deleted pod");
+        }
+    }
+}
