@@ -2,6 +2,7 @@
 //! Generic metadata rules apply to every kind; the per-kind parts are small functions chosen by
 //! kind name.
 
+use base64::Engine;
 use apimachinery::{validation, Cause};
 use serde_json::{json, Map, Value};
 
@@ -37,6 +38,17 @@ pub fn apply_defaults(kind: &Kind, obj: &mut Value) {
         ("", "Secret") => {
             if let Some(m) = obj.as_object_mut() {
                 default(m, "type", json!("Opaque"));
+                // stringData is write-only: it lands in data (base64), where it wins, as upstream.
+                if let Some(Value::Object(strings)) = m.remove("stringData") {
+                    let data = m.entry("data").or_insert_with(|| json!({}));
+                    if !data.is_object() {
+                        *data = json!({});
+                    }
+                    for (k, v) in strings {
+                        let text = v.as_str().unwrap_or_default().as_bytes().to_vec();
+                        data[k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+                    }
+                }
             }
         }
         ("", "Service") => default_service(obj),

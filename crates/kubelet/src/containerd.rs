@@ -203,6 +203,7 @@ impl Supervised {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        stop_stale(&layout.dir.join("containerd/containerd.pid")).await;
         let _ = std::fs::remove_file(layout.socket());
         let mut child = Command::new("containerd")
             .arg("--config")
@@ -213,6 +214,9 @@ impl Supervised {
             .kill_on_drop(true)
             .spawn()
             .map_err(Error::Spawn)?;
+        if let Some(pid) = child.id() {
+            std::fs::write(layout.dir.join("containerd/containerd.pid"), pid.to_string())?;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -246,6 +250,31 @@ impl Supervised {
         {
             let _ = self.child.kill().await;
         }
+    }
+}
+
+/// A containerd left running by a node that was killed (SIGKILL gives it no chance to stop
+/// its child): stopped before a new one starts on the same directories.
+async fn stop_stale(pid_file: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "containerd" {
+        return;
+    }
+    tracing::info!(pid, "stopping a containerd left over from an earlier run");
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if tokio::time::Instant::now() > deadline {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status().await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -11,6 +11,7 @@ pub mod images;
 pub mod logs;
 pub mod node;
 pub mod pods;
+pub mod probes;
 pub mod server;
 
 use std::collections::HashMap;
@@ -39,6 +40,9 @@ pub struct Options {
     /// The kubelet's HTTPS port; 0 = a free one (reported in the Node's daemonEndpoints).
     pub port: u16,
     pub labels: Vec<(String, String)>,
+    /// Stop every pod of this node when the kubelet stops (default: they keep running, as
+    /// upstream's do across kubelet restarts).
+    pub stop_pods_on_exit: bool,
 }
 
 /// Runs the kubelet until `shutdown` resolves. Containers keep running after it returns.
@@ -131,9 +135,12 @@ async fn serve(
         _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
         _ = node::status_loop(client.clone(), facts) => {}
         _ = cni => {}
-        r = sync_pods(kubelet) => r?,
+        r = sync_pods(kubelet.clone()) => r?,
         _ = server => {}
         _ = shutdown => {}
+    }
+    if opts.stop_pods_on_exit {
+        stop_all(&kubelet).await;
     }
     Ok(())
 }
@@ -235,6 +242,30 @@ fn upsert(
     let (tx, rx) = watch::channel(Some(pod));
     tokio::spawn(pods::run_worker(k.clone(), rx));
     workers.insert(uid, tx);
+}
+
+/// Stops and removes every pod sandbox of this node (--stop-pods-on-exit).
+async fn stop_all(k: &pods::Kubelet) {
+    let boxes = k
+        .cri
+        .sandboxes(&[(pods::LABEL_NODE, &k.node)])
+        .await
+        .unwrap_or_default();
+    let uids: std::collections::HashSet<String> = boxes
+        .iter()
+        .filter_map(|b| b.labels.get(pods::LABEL_UID).cloned())
+        .collect();
+    let stops = uids.iter().map(|uid| k.kill_pod(uid, 2, true));
+    for r in futures::future::join_all(stops).await {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "stopping a pod on exit");
+        }
+    }
+    // With no pods left, the node's bridge goes too (another node may reuse its range).
+    let _ = tokio::process::Command::new("ip")
+        .args(["link", "del", &k.layout.bridge()])
+        .output()
+        .await;
 }
 
 /// Sandboxes of this node whose pod is gone (deleted while the kubelet was down).

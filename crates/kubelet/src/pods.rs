@@ -125,8 +125,8 @@ pub struct Worker {
     start_time: Option<String>,
     /// When each mounted configMap/secret volume was last refreshed.
     volumes_refreshed: Option<tokio::time::Instant>,
-    /// Readiness per container name, from the readiness probe (true without one).
-    pub ready: HashMap<String, bool>,
+    /// Probe state per container name (for the container instance it names).
+    probes: HashMap<String, crate::probes::Probes>,
 }
 
 /// What a sync asks for next.
@@ -197,12 +197,12 @@ impl Kubelet {
             .filter(|c| c.state != cri::ContainerState::ContainerExited as i32)
             .map(|c| self.cri.stop_container(&c.id, grace.max(0)));
         for r in futures::future::join_all(stops).await {
-            r?;
+            tolerate(r)?;
         }
         for s in self.sandboxes(uid).await? {
-            self.cri.stop_sandbox(&s.id).await?;
+            tolerate(self.cri.stop_sandbox(&s.id).await)?;
             if remove {
-                self.cri.remove_sandbox(&s.id).await?;
+                tolerate(self.cri.remove_sandbox(&s.id).await)?;
             }
         }
         if remove {
@@ -642,7 +642,74 @@ impl Kubelet {
                 container_id: id.clone(),
             })
             .await?;
+        // postStart (exec): a failure kills the container, which restarts by policy.
+        if let Some(cmd) = c
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.post_start.as_ref())
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone())
+        {
+            let r = self
+                .cri
+                .runtime
+                .clone()
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: id.clone(),
+                    cmd,
+                    timeout: 30,
+                })
+                .await;
+            if !matches!(&r, Ok(resp) if resp.get_ref().exit_code == 0) {
+                self.cri.stop_container(&id, 0).await?;
+                anyhow::bail!("PostStartHookError: postStart hook of container {} failed", c.name);
+            }
+        }
         Ok(id)
+    }
+}
+
+impl Kubelet {
+    /// Runs the preStop hooks (exec) of the pod's running containers, within `grace` seconds.
+    async fn pre_stop(&self, pod: &Pod, grace: i64) {
+        let Ok(seen) = self.seen(&uid_of(pod)).await else {
+            return;
+        };
+        let hooks = pod.spec.iter().flat_map(|s| s.containers.iter()).filter_map(|c| {
+            let cmd = c.lifecycle.as_ref()?.pre_stop.as_ref()?.exec.as_ref()?.command.clone()?;
+            let s = seen.get(&c.name)?.first()?.clone();
+            s.running().then_some((s.status.id.clone(), cmd))
+        });
+        let runs = hooks.map(|(id, cmd)| {
+            let req = cri::ExecSyncRequest {
+                container_id: id,
+                cmd,
+                timeout: grace.max(1),
+            };
+            let mut rt = self.cri.runtime.clone();
+            async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(grace.max(1) as u64),
+                    rt.exec_sync(req),
+                )
+                .await;
+            }
+        });
+        futures::future::join_all(runs).await;
+    }
+}
+
+/// A stop or remove that lost a race with another one (the object is gone or going) is fine.
+fn tolerate(r: cri::Result<()>) -> cri::Result<()> {
+    match r {
+        Err(cri::Error::Call(s))
+            if s.code() == tonic::Code::NotFound
+                || s.message().contains("not found")
+                || s.message().contains("already in removing state") =>
+        {
+            Ok(())
+        }
+        r => r,
     }
 }
 
@@ -739,7 +806,10 @@ impl Worker {
         if let Some(grace) = pod.metadata.deletion_timestamp.as_ref().map(|_| {
             pod.metadata.deletion_grace_period_seconds.unwrap_or(30)
         }) {
-            k.kill_pod(&uid, grace, true).await?;
+            let started = tokio::time::Instant::now();
+            k.pre_stop(pod, grace).await;
+            let left = grace - started.elapsed().as_secs() as i64;
+            k.kill_pod(&uid, left.max(if grace > 0 { 1 } else { 0 }), true).await?;
             let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -848,8 +918,48 @@ impl Worker {
         if started_something {
             seen = k.seen(&uid).await?;
         }
+        if self.probe(k, pod, &seen, &sandbox.2).await? {
+            seen = k.seen(&uid).await?;
+        }
         self.write_status(k, pod, &seen, &sandbox.2).await?;
         Ok(Next::After(Duration::from_secs(1)))
+    }
+
+    /// Runs the due probes of the running app containers; a container that fails its liveness
+    /// or startup probe is stopped (and restarted by policy). Returns whether one was stopped.
+    async fn probe(
+        &mut self,
+        k: &Kubelet,
+        pod: &Pod,
+        seen: &HashMap<String, Vec<Seen>>,
+        pod_ip: &str,
+    ) -> anyhow::Result<bool> {
+        let grace = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        let mut stopped = false;
+        for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            let Some(s) = seen.get(&c.name).and_then(|v| v.first()).filter(|s| s.running()) else {
+                self.probes.remove(&c.name);
+                continue;
+            };
+            let p = self
+                .probes
+                .entry(c.name.clone())
+                .or_insert_with(|| crate::probes::Probes::new(&s.status.id));
+            if p.container_id != s.status.id {
+                *p = crate::probes::Probes::new(&s.status.id);
+            }
+            if let crate::probes::Verdict::Restart(msg) = p.round(&k.cri, c, pod_ip).await {
+                tracing::info!(pod = %pod.name_any(), container = %c.name, "{msg}");
+                k.cri.stop_container(&s.status.id, grace).await?;
+                self.probes.remove(&c.name);
+                stopped = true;
+            }
+        }
+        Ok(stopped)
     }
 
     /// Starts container `c` (again, after `last` exited, once its back-off has passed).
@@ -988,8 +1098,12 @@ impl Worker {
                 st["imageID"] = json!(s.status.image_ref);
                 if s.running() {
                     st["state"] = json!({"running": {"startedAt": rfc3339(s.status.started_at)}});
-                    st["started"] = json!(true);
-                    ready = self.ready.get(&c.name).copied().unwrap_or(true);
+                    let probes = self
+                        .probes
+                        .get(&c.name)
+                        .filter(|p| p.container_id == s.status.id);
+                    st["started"] = json!(probes.is_some_and(|p| p.started(c)));
+                    ready = probes.is_some_and(|p| p.ready(c));
                     st["ready"] = json!(ready);
                     if let Some(p) = previous {
                         st["lastState"] = json!({"terminated": p.terminated()});

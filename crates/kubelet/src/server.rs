@@ -60,12 +60,22 @@ pub async fn start(
         rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(
-        IpAddr::from([0, 0, 0, 0]),
-        port,
-    ))
-    .await?;
+    // With port 0, the port of the last run if it is still free: the Node keeps its endpoint.
+    let saved = k.layout.dir.join("kubelet.port");
+    let any = IpAddr::from([0, 0, 0, 0]);
+    let listener = match std::fs::read_to_string(&saved)
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .filter(|_| port == 0)
+    {
+        Some(p) => match tokio::net::TcpListener::bind(SocketAddr::new(any, p)).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind(SocketAddr::new(any, 0)).await?,
+        },
+        None => tokio::net::TcpListener::bind(SocketAddr::new(any, port)).await?,
+    };
     let port = listener.local_addr()?.port();
+    let _ = std::fs::write(&saved, port.to_string());
     let serve = async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {

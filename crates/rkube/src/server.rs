@@ -66,6 +66,10 @@ pub struct NodeArgs {
     /// The node's own directory (for `rkube kubelet`; the server and agent use <data-dir>/agent).
     #[arg(long, env = "RKUBE_KUBELET_DIR", default_value = "/var/lib/rkube/agent")]
     pub kubelet_dir: PathBuf,
+    /// Stop this node's pods when rkube stops (by default they keep running, and a restarted
+    /// kubelet adopts them).
+    #[arg(long, env = "RKUBE_STOP_PODS_ON_EXIT")]
+    pub stop_pods_on_exit: bool,
 }
 
 impl NodeArgs {
@@ -79,6 +83,7 @@ impl NodeArgs {
             node_ip: self.node_ip,
             port: self.kubelet_port,
             labels: Vec::new(),
+            stop_pods_on_exit: self.stop_pods_on_exit,
         })
     }
 

@@ -366,6 +366,7 @@ async fn migrate_an_embedded_store_into_etcd() {
         child: None,
         port: c.port,
         extra: vec![],
+        kubelet: false,
     };
     std::mem::swap(&mut on_etcd.dir, &mut c.dir);
     on_etcd.set_extra(&["--datastore-endpoint", &etcd.endpoint()]);

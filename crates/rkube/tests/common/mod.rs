@@ -16,6 +16,8 @@ pub struct Cluster {
     pub child: Option<Child>,
     pub port: u16,
     pub extra: Vec<String>,
+    /// Whether the server runs its kubelet (on real containerd); other tests leave it out.
+    pub kubelet: bool,
 }
 
 pub fn rkube_bin() -> PathBuf {
@@ -35,6 +37,33 @@ impl Cluster {
             child: None,
             port,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            kubelet: false,
+        };
+        c.boot();
+        c
+    }
+
+    /// A server that also runs this machine as a node (real containerd), with the busybox
+    /// test image imported; its pods are stopped when the server stops.
+    pub fn with_kubelet(extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let images = dir.path().join("agent/images");
+        std::fs::create_dir_all(&images).expect("images dir");
+        let out = Command::new(rkube_bin())
+            .args(["images", "--out"])
+            .arg(&images)
+            .output()
+            .expect("rkube images");
+        assert!(out.status.success(), "rkube images: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::remove_file(images.join("pause.tar")).expect("pause.tar");
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        extra.extend(["--cluster-cidr".to_string(), unique_cluster_cidr()]);
+        let mut c = Cluster {
+            dir,
+            child: None,
+            port: 0,
+            extra,
+            kubelet: true,
         };
         c.boot();
         c
@@ -71,6 +100,11 @@ impl Cluster {
             .arg("--port")
             .arg(self.port.to_string())
             .args(&self.extra)
+            .args(if self.kubelet {
+                &["--stop-pods-on-exit"][..]
+            } else {
+                &["--disable", "kubelet"][..]
+            })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -350,6 +384,26 @@ impl Cluster {
     }
 }
 
+/// A pod range no other cluster of this test binary uses (their bridges share the host).
+pub fn unique_cluster_cidr() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("10.{}.0.0/16", 100 + (std::process::id() + n * 7) % 100)
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0; the whole response, or None if it failed.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
 pub fn eventually<T>(what: &str, f: &mut dyn FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -365,6 +419,10 @@ pub fn eventually<T>(what: &str, f: &mut dyn FnMut() -> Option<T>) -> T {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.kubelet && self.child.is_some() {
+            // A clean stop: the kubelet stops its pods and containerd before the dir goes.
+            self.stop();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
