@@ -44,6 +44,8 @@ pub struct State {
     /// Signs and verifies service account tokens.
     pub signer: TokenSigner,
     pub shutdown: tokio_watch::Receiver<bool>,
+    /// The token agents join with (`<data-dir>/token`): it authenticates as a node.
+    pub node_token: std::sync::RwLock<Option<String>>,
 }
 
 /// Priority admission's copy of the PriorityClasses it looked up (found ones only, so that a
@@ -81,6 +83,7 @@ impl ApiServer {
             priority_classes: Default::default(),
             signer,
             shutdown: shutdown_rx.clone(),
+            node_token: Default::default(),
         });
         handler::bootstrap(&state).await?;
         tokio::spawn(compactor(
@@ -109,6 +112,13 @@ impl ApiServer {
     }
 
     /// Stop accepting, end watches, let in-flight requests finish (bounded), then return.
+    /// Accept `token` from agents joining as nodes (`rkube agent --token`).
+    pub fn accept_node_token(&self, token: &str) {
+        if let Ok(mut t) = self.state.node_token.write() {
+            *t = Some(token.trim().to_string()).filter(|t| !t.is_empty());
+        }
+    }
+
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.done.await;

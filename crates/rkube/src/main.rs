@@ -32,10 +32,17 @@ enum Command {
     Server(server::ServerArgs),
     /// A worker node joining a server (kubelet + proxy).
     Agent {
+        /// The API server's URL (the `server:` of the server's kubeconfig).
         #[arg(long, env = "RKUBE_SERVER")]
         server: String,
+        /// The server's `<data-dir>/token`.
         #[arg(long, env = "RKUBE_TOKEN")]
         token: String,
+        /// Everything this node keeps (its runtime, images, logs) goes under `<data-dir>/agent`.
+        #[arg(long, env = "RKUBE_DATA_DIR", default_value = "/var/lib/rkube")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        node: server::NodeArgs,
     },
     /// The API server alone.
     Apiserver(server::ServerArgs),
@@ -112,6 +119,22 @@ fn not_yet(component: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// A client for the API server named in a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &std::path::Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(path)?;
@@ -162,7 +185,25 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Server(args) | Command::Apiserver(args) => runtime.block_on(server::run(args)),
-        Command::Agent { .. } => return not_yet("agent"),
+        Command::Agent {
+            server,
+            token,
+            data_dir,
+            node,
+        } => runtime.block_on(async move {
+            let mut config = kube::Config::new(
+                server
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--server {server}: {e}"))?,
+            );
+            config.auth_info.token = Some(token.trim().to_string().into());
+            // The join token carries no CA pin yet: the server's certificate is not checked.
+            config.accept_invalid_certs = true;
+            let client = kube::Client::try_from(config)?;
+            let opts = node.options(Some(data_dir.join("agent")))?;
+            kubelet::run(client, opts, terminated())
+            .await
+        }),
         Command::Scheduler { kubeconfig, config } => runtime.block_on(async move {
             let config = match config {
                 Some(path) => scheduler::Configuration::parse(
@@ -194,9 +235,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => runtime.block_on(server::migrate(args)),
         Command::Kubelet { kubeconfig, node } => runtime.block_on(async move {
             let client = client_from_kubeconfig(&kubeconfig).await?;
-            kubelet::run(client, node.options(None)?, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            kubelet::run(client, node.options(None)?, terminated())
             .await
         }),
         Command::Images { out, busybox_name } => (|| {

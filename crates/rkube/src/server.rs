@@ -397,6 +397,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let kubeconfig_path = args.data_dir.join("kubeconfig.yaml");
     write_atomic(&kubeconfig_path, &kubeconfig(&url, &pki))?;
     ensure_token(&args.data_dir)?;
+    api.accept_node_token(&fs::read_to_string(args.data_dir.join("token"))?);
 
     // Components after the API server, each reaching it only through the kubeconfig.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

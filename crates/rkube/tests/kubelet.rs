@@ -316,3 +316,57 @@ fn images_pulled_from_a_registry_and_a_kubelet_restart_adopts_running_pods() {
     assert_eq!(field(&c, "pulled", "{.status.containerStatuses[0].state.running.startedAt}"), started);
     assert_eq!(field(&c, "pulled", "{.status.containerStatuses[0].restartCount}"), "0");
 }
+
+#[test]
+fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
+    let c = Cluster::with_kubelet(&[]);
+    let token = std::fs::read_to_string(c.data_dir().join("token")).unwrap();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let images = agent_dir.path().join("agent/images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(
+        c.data_dir().join("agent/images/busybox.tar"),
+        images.join("busybox.tar"),
+    )
+    .unwrap();
+    let agent = Command::new(common::rkube_bin())
+        .args(["agent", "--server", &c.server_url(), "--token", token.trim()])
+        .arg("--data-dir")
+        .arg(agent_dir.path())
+        .args(["--node-name", "second", "--stop-pods-on-exit"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("rkube agent");
+    let mut agent = Proc(agent);
+    c.eventually("node second Ready with a pod CIDR", || {
+        let ready = c.jsonpath(&["get", "node", "second"], "{.status.conditions[?(@.type==\"Ready\")].status}");
+        let cidr = c.jsonpath(&["get", "node", "second"], "{.spec.podCIDR}");
+        (ready == "True" && !cidr.is_empty()).then_some(cidr)
+    });
+    // A wrong token is refused.
+    let bad = Command::new(common::rkube_bin())
+        .args(["agent", "--server", &c.server_url(), "--token", "wrong", "--node-name", "third"])
+        .arg("--data-dir")
+        .arg(agent_dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("401") || String::from_utf8_lossy(&bad.stderr).contains("Unauthorized"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    c.apply_yaml(&pod_yaml(
+        "there",
+        "  nodeSelector: {kubernetes.io/hostname: second}\n",
+        "    command: [sh, -c, 'echo on-$(hostname); while true; do sleep 0.2; done']\n",
+    ));
+    wait_field(&c, "there", "{.status.phase}", "Running");
+    assert_eq!(field(&c, "there", "{.spec.nodeName}"), "second");
+    assert_eq!(exec(&c, "there", "echo hi"), "hi\n");
+    c.eventually("logs from the second node", || {
+        c.kubectl(&["logs", "there"]).contains("on-there").then_some(())
+    });
+    c.kubectl(&["delete", "pod", "there", "--grace-period=1"]);
+
+    let _ = Command::new("kill").args(["-TERM", &agent.0.id().to_string()]).status();
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "agent exit: {status}");
+}
