@@ -40,7 +40,13 @@ mod tests {
 
     #[test]
     fn quantities() {
-        for (q, v) in [("100m", 0.1), ("1Gi", 1073741824.0), ("2", 2.0), ("1k", 1000.0), ("3e2", 300.0)] {
+        for (q, v) in [
+            ("100m", 0.1),
+            ("1Gi", 1073741824.0),
+            ("2", 2.0),
+            ("1k", 1000.0),
+            ("3e2", 300.0),
+        ] {
             assert_eq!(parse_quantity(q), Some(v), "{q}");
         }
         assert_eq!(parse_quantity("1Xi"), None);

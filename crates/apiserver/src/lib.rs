@@ -46,6 +46,8 @@ pub struct State {
     pub shutdown: tokio_watch::Receiver<bool>,
     /// The token agents join with (`<data-dir>/token`): it authenticates as a node.
     pub node_token: std::sync::RwLock<Option<String>>,
+    /// The TLS client used towards kubelets (with the API server's client certificate).
+    pub kubelet_tls: std::sync::RwLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
 /// Priority admission's copy of the PriorityClasses it looked up (found ones only, so that a
@@ -84,6 +86,7 @@ impl ApiServer {
             signer,
             shutdown: shutdown_rx.clone(),
             node_token: Default::default(),
+            kubelet_tls: Default::default(),
         });
         handler::bootstrap(&state).await?;
         tokio::spawn(compactor(
@@ -112,6 +115,19 @@ impl ApiServer {
     }
 
     /// Stop accepting, end watches, let in-flight requests finish (bounded), then return.
+    /// Present this client certificate (PEM chain and key) to kubelets.
+    pub fn set_kubelet_client(&self, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+        let cfg = streaming::tls_without_server_check(Some((chain, key)))?;
+        if let Ok(mut t) = self.state.kubelet_tls.write() {
+            *t = Some(Arc::new(cfg));
+        }
+        Ok(())
+    }
+
     /// Accept `token` from agents joining as nodes (`rkube agent --token`).
     pub fn accept_node_token(&self, token: &str) {
         if let Ok(mut t) = self.state.node_token.write() {

@@ -16,13 +16,28 @@ use crate::State;
 
 pub const SUBRESOURCES: [&str; 4] = ["log", "exec", "attach", "portforward"];
 
-fn tls() -> Option<Arc<rustls::ClientConfig>> {
-    static TLS: OnceLock<Option<Arc<rustls::ClientConfig>>> = OnceLock::new();
-    TLS.get_or_init(|| streaming::tls_without_server_check(None).ok().map(Arc::new))
-        .clone()
+/// The API server's client certificate if it has one, else a client with none (kubelets that
+/// check client certificates will refuse it).
+fn tls(state: &State) -> Option<Arc<rustls::ClientConfig>> {
+    static ANONYMOUS: OnceLock<Option<Arc<rustls::ClientConfig>>> = OnceLock::new();
+    state
+        .kubelet_tls
+        .read()
+        .ok()
+        .and_then(|t| t.clone())
+        .or_else(|| {
+            ANONYMOUS
+                .get_or_init(|| streaming::tls_without_server_check(None).ok().map(Arc::new))
+                .clone()
+        })
 }
 
-async fn object(state: &State, plural: &str, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+async fn object(
+    state: &State,
+    plural: &str,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Value, ApiError> {
     let kind = lookup("", "v1", plural).ok_or_else(|| ApiError::internal("no such kind"))?;
     let kv = state
         .store
@@ -39,7 +54,12 @@ fn container(pod: &Value, name: &str, asked: Option<&str>, sub: &str) -> Result<
         .as_array()
         .into_iter()
         .flatten()
-        .chain(pod["spec"]["initContainers"].as_array().into_iter().flatten())
+        .chain(
+            pod["spec"]["initContainers"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
         .filter_map(|c| c["name"].as_str())
         .collect();
     match asked.filter(|s| !s.is_empty()) {
@@ -55,9 +75,9 @@ fn container(pod: &Value, name: &str, asked: Option<&str>, sub: &str) -> Result<
                 .filter_map(|c| c["name"].as_str())
                 .collect();
             if app.len() == 1 || sub != "log" {
-                app.first().map(|s| s.to_string()).ok_or_else(|| {
-                    ApiError::bad_request(format!("pod {name} has no containers"))
-                })
+                app.first()
+                    .map(|s| s.to_string())
+                    .ok_or_else(|| ApiError::bad_request(format!("pod {name} has no containers")))
             } else {
                 Err(ApiError::bad_request(format!(
                     "a container name must be specified for pod {name}, choose one of: [{}]",
@@ -121,7 +141,7 @@ pub async fn pod_stream(
     let uri: http::Uri = format!("https://{host}:{port}{path}?{query}")
         .parse()
         .map_err(|e| ApiError::internal(format!("kubelet address: {e}")))?;
-    streaming::proxy(req, &uri, tls()).await.map_err(|e| {
+    streaming::proxy(req, &uri, tls(state)).await.map_err(|e| {
         ApiError::new(
             502,
             "InternalError",
@@ -145,6 +165,9 @@ mod tests {
         let e = container(&two, "p", None, "log").unwrap_err();
         assert_eq!(e.code, 400);
         assert!(e.message.contains("choose one of: [a b]"), "{}", e.message);
-        assert_eq!(container(&one, "p", Some("zz"), "log").unwrap_err().code, 400);
+        assert_eq!(
+            container(&one, "p", Some("zz"), "log").unwrap_err().code,
+            400
+        );
     }
 }

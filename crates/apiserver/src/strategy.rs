@@ -2,8 +2,8 @@
 //! Generic metadata rules apply to every kind; the per-kind parts are small functions chosen by
 //! kind name.
 
-use base64::Engine;
 use apimachinery::{validation, Cause};
+use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use crate::registry::Kind;

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod podstartup;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
@@ -88,6 +90,18 @@ enum Cmd {
         /// CPU time of each component.
         #[arg(long)]
         split: bool,
+    },
+    /// Pod startup latency (creation to all containers started, seen through a watch, image
+    /// cached) on a real `rkube kubelet` with containerd: N pods one after another, then a
+    /// burst; and the kubelet's memory.
+    PodStartup {
+        /// The rkube binary (default: next to this one).
+        #[arg(long)]
+        rkube: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        sequential: usize,
+        #[arg(long, default_value_t = 30)]
+        burst: usize,
     },
     /// The embedded store and Debian's etcd side by side, same workload through the same API
     /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
@@ -1155,6 +1169,11 @@ async fn main() -> Result<()> {
             let bin = rkube_bin(rkube)?;
             deployments_bench(bin, deployments, replicas, nodes, clients, split).await
         }
+        Cmd::PodStartup {
+            rkube,
+            sequential,
+            burst,
+        } => podstartup::run(rkube_bin(rkube)?, sequential, burst).await,
         Cmd::Datastores { rkube, seconds } => {
             let bin = rkube_bin(rkube)?;
             datastores_bench(bin, seconds).await

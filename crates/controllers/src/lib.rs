@@ -8,7 +8,7 @@ pub mod claim;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
-pub mod events;
+pub use events;
 pub mod gc;
 pub mod leader;
 pub mod namespace;

@@ -117,37 +117,8 @@ fn node_object(opts: &Options, name: &str, i: usize) -> Value {
 }
 
 fn conditions() -> Value {
-    let now = Timestamp::now().to_string();
-    let c = |t: &str, s: &str, reason: &str, msg: &str| {
-        json!({"type": t, "status": s, "reason": reason, "message": msg,
-               "lastHeartbeatTime": now, "lastTransitionTime": now})
-    };
-    json!([
-        c(
-            "MemoryPressure",
-            "False",
-            "KubeletHasSufficientMemory",
-            "kubelet has sufficient memory available"
-        ),
-        c(
-            "DiskPressure",
-            "False",
-            "KubeletHasNoDiskPressure",
-            "kubelet has no disk pressure"
-        ),
-        c(
-            "PIDPressure",
-            "False",
-            "KubeletHasSufficientPID",
-            "kubelet has sufficient PID available"
-        ),
-        c(
-            "Ready",
-            "True",
-            "KubeletReady",
-            "kubelet is posting ready status"
-        ),
-    ])
+    // The same conditions the real kubelet reports.
+    kubelet::node::conditions(&Timestamp::now().to_string())
 }
 
 fn node_ready(n: &Node) -> bool {

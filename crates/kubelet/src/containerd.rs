@@ -215,14 +215,20 @@ impl Supervised {
             .spawn()
             .map_err(Error::Spawn)?;
         if let Some(pid) = child.id() {
-            std::fs::write(layout.dir.join("containerd/containerd.pid"), pid.to_string())?;
+            std::fs::write(
+                layout.dir.join("containerd/containerd.pid"),
+                pid.to_string(),
+            )?;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
                 return Err(Error::Exited(status, log_path.display().to_string()));
             }
-            if tokio::net::UnixStream::connect(layout.socket()).await.is_ok() {
+            if tokio::net::UnixStream::connect(layout.socket())
+                .await
+                .is_ok()
+            {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -267,11 +273,19 @@ async fn stop_stale(pid_file: &Path) {
         return;
     }
     tracing::info!(pid, "stopping a containerd left over from an earlier run");
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{pid}")).exists() {
         if tokio::time::Instant::now() > deadline {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status().await;
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status()
+                .await;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -283,7 +297,13 @@ pub async fn import(socket: &Path, tarball: &Path) -> Result<(), Error> {
     let out = Command::new("ctr")
         .arg("--address")
         .arg(socket)
-        .args(["--namespace", "k8s.io", "images", "import", "--no-unpack=false"])
+        .args([
+            "--namespace",
+            "k8s.io",
+            "images",
+            "import",
+            "--no-unpack=false",
+        ])
         .arg(tarball)
         .stdin(Stdio::null())
         .output()
@@ -310,13 +330,18 @@ mod tests {
             dir: "/tmp/b/agent".into(),
         };
         assert_ne!(a.bridge(), b.bridge());
-        assert!(a.bridge().len() <= 15, "interface names are at most 15 bytes");
+        assert!(
+            a.bridge().len() <= 15,
+            "interface names are at most 15 bytes"
+        );
         let c = config(&a, "x/pause:1", &["127.0.0.1:5000".into()]);
         assert!(c.contains("\"/tmp/a/agent/containerd/containerd.sock\""));
         assert!(c.contains("endpoint = [\"http://127.0.0.1:5000\"]"), "{c}");
-        let n: serde_json::Value =
-            serde_json::from_str(&cni_conflist(&a, "10.42.3.0/24")).unwrap();
-        assert_eq!(n["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], "10.42.3.0/24");
+        let n: serde_json::Value = serde_json::from_str(&cni_conflist(&a, "10.42.3.0/24")).unwrap();
+        assert_eq!(
+            n["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+            "10.42.3.0/24"
+        );
         assert_eq!(n["plugins"][0]["bridge"], a.bridge());
     }
 }

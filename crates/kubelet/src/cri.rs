@@ -64,10 +64,7 @@ impl Cri {
             .into_inner())
     }
 
-    pub async fn sandboxes(
-        &self,
-        labels: &[(&str, &str)],
-    ) -> Result<Vec<PodSandbox>> {
+    pub async fn sandboxes(&self, labels: &[(&str, &str)]) -> Result<Vec<PodSandbox>> {
         let filter = PodSandboxFilter {
             label_selector: labels
                 .iter()

@@ -21,7 +21,7 @@ const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {path}: {source} (install Debian's busybox-static)")]
+    #[error("{path}: {source} (install Debian's busybox-static)")]
     Busybox {
         path: String,
         #[source]
@@ -124,15 +124,49 @@ fn oci_archive(name: &str, layer: &[u8], config: Value) -> std::io::Result<Vec<u
         (&config_digest, config.as_slice()),
         (&manifest_digest, manifest.as_slice()),
     ] {
-        put(&format!("blobs/sha256/{}", &digest["sha256:".len()..]), data)?;
+        put(
+            &format!("blobs/sha256/{}", &digest["sha256:".len()..]),
+            data,
+        )?;
     }
     out.into_inner()
 }
 
 fn busybox_binary(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Busybox {
+    let data = std::fs::read(path).map_err(|source| Error::Busybox {
         path: path.display().to_string(),
         source,
+    })?;
+    // A dynamically linked busybox (Debian's `busybox`) would not run in an image without libc.
+    if has_interpreter(&data) {
+        return Err(Error::Busybox {
+            path: path.display().to_string(),
+            source: std::io::Error::other("it is dynamically linked"),
+        });
+    }
+    Ok(data)
+}
+
+/// Whether a 64-bit little-endian ELF file names a program interpreter (is dynamically linked).
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(|b: [u8; 8]| u64::from_le_bytes(b) as usize)
+    };
+    if !elf.starts_with(b"\x7fELF") {
+        return false;
+    }
+    let (Some(phoff), Some(size), Some(num)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..num).any(|i| {
+        elf.get(phoff + i * size..phoff + i * size + 4)
+            .is_some_and(|t| t == [3, 0, 0, 0])
     })
 }
 
@@ -235,9 +269,9 @@ mod tests {
         std::fs::write(fake.path(), b"\x7fELF not really").unwrap();
         let a = pause(fake.path()).unwrap();
         assert_eq!(a, pause(fake.path()).unwrap(), "deterministic");
-        let files = files(&a);
+        let outer = files(&a);
         let get = |p: &str| {
-            files
+            outer
                 .iter()
                 .find(|(n, _)| n == p)
                 .map(|(_, d)| d.clone())
@@ -264,6 +298,17 @@ mod tests {
         assert!(inner
             .iter()
             .any(|(p, d)| p == "bin/busybox" && d == b"\x7fELF not really"));
+    }
+
+    #[test]
+    fn static_and_dynamic_binaries() {
+        // Whatever runs these tests is dynamically linked; Debian's busybox-static is not.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(has_interpreter(&me));
+        if let Ok(bb) = std::fs::read(BUSYBOX_BINARY) {
+            assert!(!has_interpreter(&bb));
+        }
+        assert!(!has_interpreter(b"\x7fELF short"));
     }
 
     #[test]

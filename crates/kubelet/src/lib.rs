@@ -43,6 +43,9 @@ pub struct Options {
     /// Stop every pod of this node when the kubelet stops (default: they keep running, as
     /// upstream's do across kubelet restarts).
     pub stop_pods_on_exit: bool,
+    /// The cluster CA: callers of the kubelet's endpoint must show a client certificate it
+    /// signed. None: read `kube-system/kube-root-ca.crt` from the API.
+    pub client_ca_pem: Option<String>,
 }
 
 /// Runs the kubelet until `shutdown` resolves. Containers keep running after it returns.
@@ -68,7 +71,15 @@ pub async fn run(
             (Some(s), sock)
         }
     };
-    let result = serve(client, &opts, &layout, &endpoint, supervised.is_some(), shutdown).await;
+    let result = serve(
+        client,
+        &opts,
+        &layout,
+        &endpoint,
+        supervised.is_some(),
+        shutdown,
+    )
+    .await;
     if let Some(s) = supervised {
         s.stop().await;
     }
@@ -87,13 +98,19 @@ async fn serve(
     // Our pause image, then whatever the operator dropped into images/.
     let pause = layout.images().join(".rkube-pause.tar");
     std::fs::create_dir_all(layout.images())?;
-    images::write_if_changed(&pause, &images::pause(std::path::Path::new(images::BUSYBOX_BINARY))?)?;
+    images::write_if_changed(
+        &pause,
+        &images::pause(std::path::Path::new(images::BUSYBOX_BINARY))?,
+    )?;
     containerd::import(&socket, &pause).await?;
     let mut tarballs: Vec<PathBuf> = std::fs::read_dir(layout.images())?
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "tar"))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     tarballs.sort();
     for t in tarballs {
@@ -115,22 +132,31 @@ async fn serve(
             dir: opts.dir.clone(),
         },
         cgroup_root: format!("/rkube-{tag}"),
+        recorder: events::Recorder::new(client.clone(), "kubelet").on_host(&opts.node_name),
     });
-    let (port, server) = server::start(kubelet.clone(), ip, opts.port).await?;
+    let ca = match &opts.client_ca_pem {
+        Some(ca) => ca.clone(),
+        None => root_ca(&client).await?,
+    };
+    let (port, server) = server::start(kubelet.clone(), ip, opts.port, &ca).await?;
     let facts = node::Facts {
         name: opts.node_name.clone(),
         ip,
         port,
-        runtime_version: format!(
-            "{}://{}",
-            version.runtime_name, version.runtime_version
-        ),
+        runtime_version: format!("{}://{}", version.runtime_name, version.runtime_version),
         labels: opts.labels.clone(),
         storage_dir: opts.dir.clone(),
     };
     node::register(&client, &facts).await?;
     tracing::info!(node = %opts.node_name, %ip, port, supervised, "kubelet registered");
-    let cni = pod_network(client.clone(), opts.node_name.clone(), containerd::Layout { dir: opts.dir.clone() }, tag);
+    let cni = pod_network(
+        client.clone(),
+        opts.node_name.clone(),
+        containerd::Layout {
+            dir: opts.dir.clone(),
+        },
+        tag,
+    );
     tokio::select! {
         _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
         _ = node::status_loop(client.clone(), facts) => {}
@@ -143,6 +169,18 @@ async fn serve(
         stop_all(&kubelet).await;
     }
     Ok(())
+}
+
+/// The cluster CA as the server publishes it (`kube-system/kube-root-ca.crt`, `ca.crt`).
+async fn root_ca(client: &Client) -> anyhow::Result<String> {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), "kube-system");
+    let cm = cms.get("kube-root-ca.crt").await.map_err(|e| {
+        anyhow::anyhow!("reading the cluster CA (kube-system/kube-root-ca.crt): {e}")
+    })?;
+    cm.data
+        .and_then(|d| d.get("ca.crt").cloned())
+        .ok_or_else(|| anyhow::anyhow!("kube-system/kube-root-ca.crt has no ca.crt"))
 }
 
 /// Writes the CNI config once the node has a podCIDR (from node IPAM); without one after 15 s

@@ -26,7 +26,10 @@ impl Query {
     pub fn parse(query: &str) -> Result<Query, String> {
         let mut q = Query::default();
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-            let num = |v: &str| v.parse::<i64>().map_err(|_| format!("{k}: {v:?} is not a number"));
+            let num = |v: &str| {
+                v.parse::<i64>()
+                    .map_err(|_| format!("{k}: {v:?} is not a number"))
+            };
             match k.as_ref() {
                 "follow" => q.follow = v == "true",
                 "previous" => q.previous = v == "true",

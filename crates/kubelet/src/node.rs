@@ -67,16 +67,37 @@ fn os_image() -> String {
         .unwrap_or_else(|| "Linux".into())
 }
 
+/// The healthy node conditions (no pressure, Ready) at time `now`.
 pub fn conditions(now: &str) -> Value {
     let c = |t: &str, s: &str, reason: &str, msg: &str| {
         json!({"type": t, "status": s, "reason": reason, "message": msg,
                "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
     json!([
-        c("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-        c("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-        c("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-        c("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        c(
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available"
+        ),
+        c(
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "kubelet has no disk pressure"
+        ),
+        c(
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "kubelet has sufficient PID available"
+        ),
+        c(
+            "Ready",
+            "True",
+            "KubeletReady",
+            "kubelet is posting ready status"
+        ),
     ])
 }
 
@@ -146,7 +167,11 @@ pub async fn register(client: &Client, f: &Facts) -> anyhow::Result<Node> {
                 ..Default::default()
             };
             nodes
-                .patch(&f.name, &pp, &Patch::Merge(json!({"metadata": {"labels": labels}})))
+                .patch(
+                    &f.name,
+                    &pp,
+                    &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                )
                 .await?;
             Ok(nodes
                 .patch_status(&f.name, &pp, &Patch::Merge(json!({ "status": status })))
@@ -200,7 +225,11 @@ pub async fn status_loop(client: Client, facts: Facts) {
     let pp = PatchParams::default();
     loop {
         let wait = match nodes
-            .patch_status(&facts.name, &pp, &Patch::Merge(json!({ "status": status(&facts) })))
+            .patch_status(
+                &facts.name,
+                &pp,
+                &Patch::Merge(json!({ "status": status(&facts) })),
+            )
             .await
         {
             Ok(_) => Duration::from_secs(60),

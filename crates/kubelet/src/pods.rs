@@ -41,6 +41,7 @@ pub struct Kubelet {
     pub layout: Layout,
     /// The cgroup every pod's cgroup sits under (`/rkube-<tag>`).
     pub cgroup_root: String,
+    pub recorder: events::Recorder,
 }
 
 fn ns_of(pod: &Pod) -> String {
@@ -143,12 +144,9 @@ impl Kubelet {
     }
 
     fn log_dir(&self, pod: &Pod) -> std::path::PathBuf {
-        self.layout.logs().join(format!(
-            "{}_{}_{}",
-            ns_of(pod),
-            pod.name_any(),
-            uid_of(pod)
-        ))
+        self.layout
+            .logs()
+            .join(format!("{}_{}_{}", ns_of(pod), pod.name_any(), uid_of(pod)))
     }
 
     /// Every container of a pod (all sandboxes, all attempts), newest attempt first per name.
@@ -178,7 +176,7 @@ impl Kubelet {
 
     async fn sandboxes(&self, uid: &str) -> cri::Result<Vec<cri::PodSandbox>> {
         let mut s = self.cri.sandboxes(&[(LABEL_UID, uid)]).await?;
-        s.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        s.sort_by_key(|b| std::cmp::Reverse(b.created_at));
         Ok(s)
     }
 
@@ -248,7 +246,11 @@ impl Kubelet {
                 namespace: ns_of(pod),
                 attempt,
             }),
-            hostname: if host_network { String::new() } else { hostname },
+            hostname: if host_network {
+                String::new()
+            } else {
+                hostname
+            },
             log_directory: self.log_dir(pod).display().to_string(),
             port_mappings: ports,
             labels,
@@ -351,7 +353,9 @@ impl Kubelet {
                         p.strip_prefix("metadata.annotations['")
                             .map(|k| (pod.annotations(), k))
                     })?;
-                map.get(key.strip_suffix("']")?).cloned().unwrap_or_default()
+                map.get(key.strip_suffix("']")?)
+                    .cloned()
+                    .unwrap_or_default()
             }
         })
     }
@@ -370,7 +374,12 @@ impl Kubelet {
 
     /// The container's environment: envFrom first, then env (later entries win), with
     /// fieldRef, resourceFieldRef, configMapKeyRef and secretKeyRef resolved.
-    async fn env(&self, pod: &Pod, c: &KContainer, pod_ip: &str) -> anyhow::Result<Vec<cri::KeyValue>> {
+    async fn env(
+        &self,
+        pod: &Pod,
+        c: &KContainer,
+        pod_ip: &str,
+    ) -> anyhow::Result<Vec<cri::KeyValue>> {
         let ns = ns_of(pod);
         let mut env: Vec<(String, String)> = Vec::new();
         let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
@@ -394,7 +403,11 @@ impl Kubelet {
                 match self.secret(&ns, &r.name).await? {
                     Some(s) => {
                         for (k, v) in s.data.unwrap_or_default() {
-                            set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into());
+                            set(
+                                &mut env,
+                                format!("{prefix}{k}"),
+                                String::from_utf8_lossy(&v.0).into(),
+                            );
                         }
                     }
                     None if r.optional == Some(true) => {}
@@ -407,7 +420,8 @@ impl Kubelet {
                 None => e.value.clone().unwrap_or_default(),
                 Some(from) => {
                     if let Some(f) = &from.field_ref {
-                        self.field_ref(pod, pod_ip, &f.field_path).unwrap_or_default()
+                        self.field_ref(pod, pod_ip, &f.field_path)
+                            .unwrap_or_default()
                     } else if let Some(r) = &from.resource_field_ref {
                         resource_field(c, &r.resource, r.divisor.as_ref().map(|d| d.0.as_str()))
                     } else if let Some(r) = &from.config_map_key_ref {
@@ -426,8 +440,9 @@ impl Kubelet {
                         }
                     } else if let Some(r) = &from.secret_key_ref {
                         let v = self.secret(&ns, &r.name).await?.and_then(|s| {
-                            s.data
-                                .and_then(|d| d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into()))
+                            s.data.and_then(|d| {
+                                d.get(&r.key).map(|b| String::from_utf8_lossy(&b.0).into())
+                            })
                         });
                         match v {
                             Some(v) => v,
@@ -474,18 +489,20 @@ impl Kubelet {
                 continue;
             }
             let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-            let mut items = |map: BTreeMap<String, Vec<u8>>, select: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>| {
-                match select {
-                    Some(items) => {
-                        for i in items {
-                            if let Some(d) = map.get(&i.key) {
-                                files.insert(i.path.clone(), d.clone());
+            let mut items =
+                |map: BTreeMap<String, Vec<u8>>,
+                 select: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>| {
+                    match select {
+                        Some(items) => {
+                            for i in items {
+                                if let Some(d) = map.get(&i.key) {
+                                    files.insert(i.path.clone(), d.clone());
+                                }
                             }
                         }
+                        None => files.extend(map),
                     }
-                    None => files.extend(map),
-                }
-            };
+                };
             if let Some(c) = &v.config_map {
                 match self.config_map(&ns, &c.name).await? {
                     Some(cm) => {
@@ -495,7 +512,12 @@ impl Kubelet {
                             .into_iter()
                             .map(|(k, v)| (k, v.into_bytes()))
                             .collect();
-                        m.extend(cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+                        m.extend(
+                            cm.binary_data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.0)),
+                        );
                         items(m, c.items.as_ref());
                     }
                     None if c.optional == Some(true) => {}
@@ -505,7 +527,11 @@ impl Kubelet {
                 let name = s.secret_name.clone().unwrap_or_default();
                 match self.secret(&ns, &name).await? {
                     Some(sec) => items(
-                        sec.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
+                        sec.data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.0))
+                            .collect(),
                         s.items.as_ref(),
                     ),
                     None if s.optional == Some(true) => {}
@@ -576,7 +602,11 @@ impl Kubelet {
             });
         }
         let sc = c.security_context.clone().unwrap_or_default();
-        let psc = pod.spec.as_ref().and_then(|s| s.security_context.clone()).unwrap_or_default();
+        let psc = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.clone())
+            .unwrap_or_default();
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: c.name.clone(),
@@ -592,7 +622,11 @@ impl Kubelet {
             envs: self.env(pod, c, &sandbox.2).await?,
             mounts,
             labels,
-            annotations: [("io.kubernetes.container.restartCount".to_string(), attempt.to_string())].into(),
+            annotations: [(
+                "io.kubernetes.container.restartCount".to_string(),
+                attempt.to_string(),
+            )]
+            .into(),
             log_path: format!("{}/{attempt}.log", c.name),
             stdin: c.stdin.unwrap_or(false),
             stdin_once: c.stdin_once.unwrap_or(false),
@@ -602,8 +636,14 @@ impl Kubelet {
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     privileged: sc.privileged.unwrap_or(false),
                     readonly_rootfs: sc.read_only_root_filesystem.unwrap_or(false),
-                    run_as_user: sc.run_as_user.or(psc.run_as_user).map(|value| cri::Int64Value { value }),
-                    run_as_group: sc.run_as_group.or(psc.run_as_group).map(|value| cri::Int64Value { value }),
+                    run_as_user: sc
+                        .run_as_user
+                        .or(psc.run_as_user)
+                        .map(|value| cri::Int64Value { value }),
+                    run_as_group: sc
+                        .run_as_group
+                        .or(psc.run_as_group)
+                        .map(|value| cri::Int64Value { value }),
                     supplemental_groups: psc.supplemental_groups.clone().unwrap_or_default(),
                     capabilities: sc.capabilities.as_ref().map(|caps| cri::Capability {
                         add_capabilities: caps.add.clone().unwrap_or_default(),
@@ -619,7 +659,6 @@ impl Kubelet {
                     no_new_privs: sc.allow_privilege_escalation == Some(false),
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         };
@@ -662,7 +701,10 @@ impl Kubelet {
                 .await;
             if !matches!(&r, Ok(resp) if resp.get_ref().exit_code == 0) {
                 self.cri.stop_container(&id, 0).await?;
-                anyhow::bail!("PostStartHookError: postStart hook of container {} failed", c.name);
+                anyhow::bail!(
+                    "PostStartHookError: postStart hook of container {} failed",
+                    c.name
+                );
             }
         }
         Ok(id)
@@ -670,16 +712,49 @@ impl Kubelet {
 }
 
 impl Kubelet {
+    /// Records an event about `pod` (about one of its containers if `container` is given).
+    pub fn event(
+        &self,
+        pod: &Pod,
+        container: Option<&str>,
+        type_: &str,
+        reason: &str,
+        message: String,
+    ) {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.namespace.clone(),
+            uid: pod.metadata.uid.clone(),
+            resource_version: pod.metadata.resource_version.clone(),
+            field_path: container.map(|c| format!("spec.containers{{{c}}}")),
+        };
+        self.recorder.record_ref(reference, type_, reason, message);
+    }
+
     /// Runs the preStop hooks (exec) of the pod's running containers, within `grace` seconds.
     async fn pre_stop(&self, pod: &Pod, grace: i64) {
         let Ok(seen) = self.seen(&uid_of(pod)).await else {
             return;
         };
-        let hooks = pod.spec.iter().flat_map(|s| s.containers.iter()).filter_map(|c| {
-            let cmd = c.lifecycle.as_ref()?.pre_stop.as_ref()?.exec.as_ref()?.command.clone()?;
-            let s = seen.get(&c.name)?.first()?.clone();
-            s.running().then_some((s.status.id.clone(), cmd))
-        });
+        let hooks = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .filter_map(|c| {
+                let cmd = c
+                    .lifecycle
+                    .as_ref()?
+                    .pre_stop
+                    .as_ref()?
+                    .exec
+                    .as_ref()?
+                    .command
+                    .clone()?;
+                let s = seen.get(&c.name)?.first()?.clone();
+                s.running().then_some((s.status.id.clone(), cmd))
+            });
         let runs = hooks.map(|(id, cmd)| {
             let req = cri::ExecSyncRequest {
                 container_id: id,
@@ -749,7 +824,11 @@ fn expand(value: &str, env: &[(String, String)]) -> String {
 
 fn quantity(c: &KContainer, which: &str, resource: &str) -> Option<f64> {
     let r = c.resources.as_ref()?;
-    let m = if which == "limits" { r.limits.as_ref() } else { r.requests.as_ref() }?;
+    let m = if which == "limits" {
+        r.limits.as_ref()
+    } else {
+        r.requests.as_ref()
+    }?;
     apimachinery::quantity::parse_quantity(&m.get(resource)?.0)
 }
 
@@ -803,13 +882,26 @@ impl Worker {
     /// Brings the runtime in line with `pod`, then writes its status.
     pub async fn sync(&mut self, k: &Kubelet, pod: &Pod) -> anyhow::Result<Next> {
         let uid = uid_of(pod);
-        if let Some(grace) = pod.metadata.deletion_timestamp.as_ref().map(|_| {
-            pod.metadata.deletion_grace_period_seconds.unwrap_or(30)
-        }) {
+        if let Some(grace) = pod
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|_| pod.metadata.deletion_grace_period_seconds.unwrap_or(30))
+        {
             let started = tokio::time::Instant::now();
+            for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                k.event(
+                    pod,
+                    Some(&c.name),
+                    "Normal",
+                    "Killing",
+                    format!("Stopping container {}", c.name),
+                );
+            }
             k.pre_stop(pod, grace).await;
             let left = grace - started.elapsed().as_secs() as i64;
-            k.kill_pod(&uid, left.max(if grace > 0 { 1 } else { 0 }), true).await?;
+            k.kill_pod(&uid, left.max(if grace > 0 { 1 } else { 0 }), true)
+                .await?;
             let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -827,7 +919,11 @@ impl Worker {
             return Ok(Next::Done);
         }
         let spec = pod.spec.clone().unwrap_or_default();
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
             // Finished: nothing runs again; the sandbox (and its IP) is released.
             k.kill_pod(&uid, 0, false).await?;
@@ -841,11 +937,21 @@ impl Worker {
                 .map(|t| t.0.to_string())
                 .or_else(|| Some(now()));
         }
-        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
         let sandbox = match k.ensure_sandbox(pod).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(pod = %pod.name_any(), error = %e, "sandbox");
+                k.event(
+                    pod,
+                    None,
+                    "Warning",
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {e}"),
+                );
                 for c in &spec.containers {
                     self.waiting.insert(
                         c.name.clone(),
@@ -883,7 +989,8 @@ impl Worker {
                         if policy == "Never" {
                             break;
                         }
-                        self.restart(k, pod, c, Some(&s), &sandbox, &volumes).await?;
+                        self.restart(k, pod, c, Some(&s), &sandbox, &volumes)
+                            .await?;
                         started_something = true;
                         break;
                     }
@@ -906,7 +1013,8 @@ impl Worker {
                         started_something = true;
                     }
                     Some(s) if s.exited() && should_restart(&policy, s.status.exit_code) => {
-                        self.restart(k, pod, c, Some(&s), &sandbox, &volumes).await?;
+                        self.restart(k, pod, c, Some(&s), &sandbox, &volumes)
+                            .await?;
                         started_something = true;
                     }
                     Some(_) => {
@@ -925,6 +1033,47 @@ impl Worker {
         Ok(Next::After(Duration::from_secs(1)))
     }
 
+    /// Notes why container `c` is waiting, with the event upstream records when that changes.
+    fn wait(&mut self, k: &Kubelet, pod: &Pod, c: &KContainer, reason: &str, message: String) {
+        let changed = self.waiting.get(&c.name).is_none_or(|w| w.reason != reason);
+        if changed {
+            let image = c.image.clone().unwrap_or_default();
+            let (type_, ev_reason, text) = match reason {
+                "CrashLoopBackOff" => (
+                    "Warning",
+                    "BackOff",
+                    "Back-off restarting failed container".to_string(),
+                ),
+                "ImagePullBackOff" => (
+                    "Normal",
+                    "BackOff",
+                    format!("Back-off pulling image \"{image}\""),
+                ),
+                "ContainerCreating" => ("Warning", "FailedMount", message.clone()),
+                _ => ("Warning", "Failed", format!("Error: {reason}: {message}")),
+            };
+            let text = if reason == "CrashLoopBackOff" {
+                format!(
+                    "{text} {} in pod {}_{}({})",
+                    c.name,
+                    pod.name_any(),
+                    ns_of(pod),
+                    uid_of(pod)
+                )
+            } else {
+                text
+            };
+            k.event(pod, Some(&c.name), type_, ev_reason, text);
+        }
+        self.waiting.insert(
+            c.name.clone(),
+            Waiting {
+                reason: reason.into(),
+                message,
+            },
+        );
+    }
+
     /// Runs the due probes of the running app containers; a container that fails its liveness
     /// or startup probe is stopped (and restarted by policy). Returns whether one was stopped.
     async fn probe(
@@ -941,7 +1090,11 @@ impl Worker {
             .unwrap_or(30);
         let mut stopped = false;
         for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
-            let Some(s) = seen.get(&c.name).and_then(|v| v.first()).filter(|s| s.running()) else {
+            let Some(s) = seen
+                .get(&c.name)
+                .and_then(|v| v.first())
+                .filter(|s| s.running())
+            else {
                 self.probes.remove(&c.name);
                 continue;
             };
@@ -954,6 +1107,19 @@ impl Worker {
             }
             if let crate::probes::Verdict::Restart(msg) = p.round(&k.cri, c, pod_ip).await {
                 tracing::info!(pod = %pod.name_any(), container = %c.name, "{msg}");
+                let probe = if msg.contains("startup") {
+                    "Startup"
+                } else {
+                    "Liveness"
+                };
+                k.event(
+                    pod,
+                    Some(&c.name),
+                    "Warning",
+                    "Unhealthy",
+                    format!("{probe} probe failed"),
+                );
+                k.event(pod, Some(&c.name), "Normal", "Killing", msg.clone());
                 k.cri.stop_container(&s.status.id, grace).await?;
                 self.probes.remove(&c.name);
                 stopped = true;
@@ -978,18 +1144,18 @@ impl Worker {
             let finished = s.status.finished_at / 1_000_000_000;
             let now = chrono::Utc::now().timestamp();
             if finished + wait > now {
-                self.waiting.insert(
-                    c.name.clone(),
-                    Waiting {
-                        reason: "CrashLoopBackOff".into(),
-                        message: format!(
-                            "back-off {wait}s restarting failed container={} pod={}_{}({})",
-                            c.name,
-                            pod.name_any(),
-                            ns_of(pod),
-                            uid_of(pod)
-                        ),
-                    },
+                self.wait(
+                    k,
+                    pod,
+                    c,
+                    "CrashLoopBackOff",
+                    format!(
+                        "back-off {wait}s restarting failed container={} pod={}_{}({})",
+                        c.name,
+                        pod.name_any(),
+                        ns_of(pod),
+                        uid_of(pod)
+                    ),
                 );
                 return Ok(());
             }
@@ -997,12 +1163,12 @@ impl Worker {
         let volumes = match volumes {
             Ok(v) => v,
             Err(e) => {
-                self.waiting.insert(
-                    c.name.clone(),
-                    Waiting {
-                        reason: "ContainerCreating".into(),
-                        message: format!("MountVolume.SetUp failed: {e}"),
-                    },
+                self.wait(
+                    k,
+                    pod,
+                    c,
+                    "ContainerCreating",
+                    format!("MountVolume.SetUp failed: {e}"),
                 );
                 return Ok(());
             }
@@ -1022,12 +1188,12 @@ impl Worker {
             _ => !present,
         };
         if pull_policy == "Never" && !present {
-            self.waiting.insert(
-                c.name.clone(),
-                Waiting {
-                    reason: "ErrImageNeverPull".into(),
-                    message: format!("Container image \"{image}\" is not present with pull policy of Never"),
-                },
+            self.wait(
+                k,
+                pod,
+                c,
+                "ErrImageNeverPull",
+                format!("Container image \"{image}\" is not present with pull policy of Never"),
             );
             return Ok(());
         }
@@ -1040,52 +1206,95 @@ impl Worker {
                         let since = self.pull_failed_at.get(&c.name).copied();
                         let wait = Duration::from_secs(backoff_seconds(failures) as u64);
                         if since.is_some_and(|t| t.elapsed() < wait) {
-                            self.waiting.insert(
-                                c.name.clone(),
-                                Waiting {
-                                    reason: "ImagePullBackOff".into(),
-                                    message: format!("Back-off pulling image \"{image}\""),
-                                },
+                            self.wait(
+                                k,
+                                pod,
+                                c,
+                                "ImagePullBackOff",
+                                format!("Back-off pulling image \"{image}\""),
                             );
                             return Ok(());
                         }
                     }
                 }
             }
-            if let Err(e) = k.cri.pull(&image).await {
+            k.event(
+                pod,
+                Some(&c.name),
+                "Normal",
+                "Pulling",
+                format!("Pulling image \"{image}\""),
+            );
+            let pull_started = std::time::Instant::now();
+            let pulled = k.cri.pull(&image).await;
+            if pulled.is_ok() {
+                k.event(
+                    pod,
+                    Some(&c.name),
+                    "Normal",
+                    "Pulled",
+                    format!(
+                        "Successfully pulled image \"{image}\" in {:.3}s",
+                        pull_started.elapsed().as_secs_f64()
+                    ),
+                );
+            }
+            if let Err(e) = pulled {
                 *self.pull_failures.entry(c.name.clone()).or_default() += 1;
                 self.pull_failed_at
                     .insert(c.name.clone(), tokio::time::Instant::now());
-                self.waiting.insert(
-                    c.name.clone(),
-                    Waiting {
-                        reason: "ErrImagePull".into(),
-                        message: format!("failed to pull image \"{image}\": {e}"),
-                    },
+                self.wait(
+                    k,
+                    pod,
+                    c,
+                    "ErrImagePull",
+                    format!("failed to pull image \"{image}\": {e}"),
                 );
                 return Ok(());
             }
             self.pull_failures.remove(&c.name);
         }
+        if !must_pull {
+            k.event(
+                pod,
+                Some(&c.name),
+                "Normal",
+                "Pulled",
+                format!("Container image \"{image}\" already present on machine"),
+            );
+        }
         match k.create_container(pod, c, attempt, sandbox, volumes).await {
             Ok(_) => {
                 self.waiting.remove(&c.name);
+                k.event(
+                    pod,
+                    Some(&c.name),
+                    "Normal",
+                    "Created",
+                    format!("Created container {}", c.name),
+                );
+                k.event(
+                    pod,
+                    Some(&c.name),
+                    "Normal",
+                    "Started",
+                    format!("Started container {}", c.name),
+                );
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.name_any(), container = %c.name, error = %e, "start failed");
-                self.waiting.insert(
-                    c.name.clone(),
-                    Waiting {
-                        reason: "CreateContainerConfigError".into(),
-                        message: e.to_string(),
-                    },
-                );
+                self.wait(k, pod, c, "CreateContainerConfigError", e.to_string());
             }
         }
         Ok(())
     }
 
-    fn container_status(&self, c: &KContainer, seen: Option<&Vec<Seen>>, policy: &str) -> (Value, bool) {
+    fn container_status(
+        &self,
+        c: &KContainer,
+        seen: Option<&Vec<Seen>>,
+        policy: &str,
+    ) -> (Value, bool) {
         let image = c.image.clone().unwrap_or_default();
         let latest = seen.and_then(|v| v.first());
         let previous = seen.and_then(|v| v.get(1));
@@ -1150,7 +1359,10 @@ impl Worker {
         pod_ip: &str,
     ) -> anyhow::Result<()> {
         let spec = pod.spec.clone().unwrap_or_default();
-        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
         let mut init_statuses = Vec::new();
         let mut init_pending = false;
         let mut init_failed = false;
@@ -1163,7 +1375,12 @@ impl Worker {
             if done {
                 st["ready"] = json!(true);
             } else {
-                if seen.get(&c.name).and_then(|v| v.first()).is_some_and(|s| s.exited()) && policy == "Never" {
+                if seen
+                    .get(&c.name)
+                    .and_then(|v| v.first())
+                    .is_some_and(|s| s.exited())
+                    && policy == "Never"
+                {
                     init_failed = true;
                 }
                 init_pending = true;
@@ -1233,15 +1450,39 @@ impl Worker {
         };
         let ready = all_ready && !init_pending && !terminal;
         let mut conditions = vec![
-            cond("PodReadyToStartContainers", !pod_ip.is_empty() || spec.host_network == Some(true), ""),
+            cond(
+                "PodReadyToStartContainers",
+                !pod_ip.is_empty() || spec.host_network == Some(true),
+                "",
+            ),
             cond("Initialized", !init_pending, "ContainersNotInitialized"),
-            cond("Ready", ready, if terminal { "PodCompleted" } else { "ContainersNotReady" }),
-            cond("ContainersReady", ready, if terminal { "PodCompleted" } else { "ContainersNotReady" }),
+            cond(
+                "Ready",
+                ready,
+                if terminal {
+                    "PodCompleted"
+                } else {
+                    "ContainersNotReady"
+                },
+            ),
+            cond(
+                "ContainersReady",
+                ready,
+                if terminal {
+                    "PodCompleted"
+                } else {
+                    "ContainersNotReady"
+                },
+            ),
         ];
         if let Some(s) = old.iter().find(|c| c["type"] == "PodScheduled") {
             conditions.push(s.clone());
         }
-        let pod_ip = if spec.host_network == Some(true) { k.host_ip.as_str() } else { pod_ip };
+        let pod_ip = if spec.host_network == Some(true) {
+            k.host_ip.as_str()
+        } else {
+            pod_ip
+        };
         let mut status = json!({
             "phase": phase,
             "conditions": conditions,
@@ -1263,7 +1504,11 @@ impl Worker {
         }
         let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
         match api
-            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(json!({ "status": status })))
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
             .await
         {
             Ok(_) => {

@@ -68,7 +68,17 @@ impl Probes {
     pub async fn round(&mut self, cri: &Cri, c: &Container, pod_ip: &str) -> Verdict {
         if let Some(p) = &c.startup_probe {
             if self.startup.result != Some(true) {
-                if let Some(ok) = due(&mut self.startup, p, self.started, cri, c, &self.container_id, pod_ip).await {
+                if let Some(ok) = due(
+                    &mut self.startup,
+                    p,
+                    self.started,
+                    cri,
+                    c,
+                    &self.container_id,
+                    pod_ip,
+                )
+                .await
+                {
                     if !ok && self.startup.result == Some(false) {
                         return Verdict::Restart(format!(
                             "Container {} failed startup probe, will be restarted",
@@ -80,11 +90,28 @@ impl Probes {
             }
         }
         if let Some(p) = &c.readiness_probe {
-            due(&mut self.readiness, p, self.started, cri, c, &self.container_id, pod_ip).await;
+            due(
+                &mut self.readiness,
+                p,
+                self.started,
+                cri,
+                c,
+                &self.container_id,
+                pod_ip,
+            )
+            .await;
         }
         if let Some(p) = &c.liveness_probe {
-            if let Some(false) =
-                due(&mut self.liveness, p, self.started, cri, c, &self.container_id, pod_ip).await
+            if let Some(false) = due(
+                &mut self.liveness,
+                p,
+                self.started,
+                cri,
+                c,
+                &self.container_id,
+                pod_ip,
+            )
+            .await
             {
                 if self.liveness.result == Some(false) {
                     return Verdict::Restart(format!(
@@ -163,12 +190,22 @@ async fn probe(
             cmd: e.command.clone().unwrap_or_default(),
             timeout: timeout.as_secs() as i64,
         };
-        let r = tokio::time::timeout(timeout + Duration::from_secs(1), cri.runtime.clone().exec_sync(req)).await;
+        let r = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            cri.runtime.clone().exec_sync(req),
+        )
+        .await;
         return matches!(r, Ok(Ok(resp)) if resp.get_ref().exit_code == 0);
     }
     if let Some(h) = &p.http_get {
-        let Some(port) = port(c, &h.port) else { return false };
-        let host = h.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| pod_ip.to_string());
+        let Some(port) = port(c, &h.port) else {
+            return false;
+        };
+        let host = h
+            .host
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| pod_ip.to_string());
         let path = h.path.clone().unwrap_or_else(|| "/".into());
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n"
@@ -178,7 +215,9 @@ async fn probe(
         }
         req.push_str("\r\n");
         let attempt = async {
-            let mut s = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+            let mut s = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .ok()?;
             s.write_all(req.as_bytes()).await.ok()?;
             let mut buf = vec![0u8; 64];
             let n = s.read(&mut buf).await.ok()?;
@@ -189,10 +228,20 @@ async fn probe(
         return matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
     }
     if let Some(t) = &p.tcp_socket {
-        let Some(port) = port(c, &t.port) else { return false };
-        let host = t.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| pod_ip.to_string());
+        let Some(port) = port(c, &t.port) else {
+            return false;
+        };
+        let host = t
+            .host
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| pod_ip.to_string());
         return matches!(
-            tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await,
+            tokio::time::timeout(
+                timeout,
+                tokio::net::TcpStream::connect((host.as_str(), port))
+            )
+            .await,
             Ok(Ok(_))
         );
     }

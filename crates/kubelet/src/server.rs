@@ -43,18 +43,17 @@ pub async fn start(
     k: Arc<Kubelet>,
     ip: IpAddr,
     port: u16,
+    client_ca_pem: &str,
 ) -> anyhow::Result<(u16, impl std::future::Future<Output = ()>)> {
     let mut params = rcgen::CertificateParams::new(vec![k.node.clone()])?;
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress(ip));
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
     let key = rcgen::KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
+    .with_client_cert_verifier(client_verifier(client_ca_pem)?)
     .with_single_cert(
         vec![cert.der().clone()],
         rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
@@ -99,6 +98,22 @@ pub async fn start(
     Ok((port, serve))
 }
 
+/// Only callers with a client certificate from the cluster CA (the API server) get in.
+fn client_verifier(
+    ca_pem: &str,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    Ok(rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()?)
+}
+
 async fn route(k: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -122,13 +137,21 @@ async fn route(k: Arc<Kubelet>, req: Request<Incoming>) -> Response<Body> {
             Ok(url) => forward(req, &url).await,
             Err(e) => e,
         },
-        _ => status(404, "NotFound", &format!("the server could not find {path}")),
+        _ => status(
+            404,
+            "NotFound",
+            &format!("the server could not find {path}"),
+        ),
     }
 }
 
 async fn forward(req: Request<Incoming>, url: &str) -> Response<Body> {
     let Ok(target) = url.parse::<http::Uri>() else {
-        return status(500, "InternalError", &format!("runtime gave a bad URL {url}"));
+        return status(
+            500,
+            "InternalError",
+            &format!("runtime gave a bad URL {url}"),
+        );
     };
     match streaming::proxy(req, &target, None).await {
         Ok(r) => r,
@@ -159,13 +182,15 @@ async fn find_container(
         .await
         .map_err(|e| status(500, "InternalError", &e.to_string()))?;
     let mut list: Vec<cri::Container> = list;
-    list.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    list.sort_by_key(|b| std::cmp::Reverse(b.created_at));
     let pick = if previous { list.get(1) } else { list.first() };
     let Some(c) = pick else {
         let msg = if previous {
             format!("previous terminated container \"{container}\" in pod \"{pod}\" not found")
         } else {
-            format!("container \"{container}\" in pod \"{pod}\" is waiting to start: ContainerCreating")
+            format!(
+                "container \"{container}\" in pod \"{pod}\" is waiting to start: ContainerCreating"
+            )
         };
         return Err(status(400, "BadRequest", &msg));
     };
@@ -254,7 +279,7 @@ async fn container_logs(
             if used == 0 {
                 idle += 1;
                 // Every second or so, check that the container is still running.
-                if idle % 10 == 0 {
+                if idle.is_multiple_of(10) {
                     let running = cri
                         .container_status(&id)
                         .await
@@ -318,7 +343,11 @@ async fn stream_url(
             .map(|(_, v)| v.into_owned())
             .collect();
         if cmd.is_empty() {
-            return Err(status(400, "BadRequest", "you must specify at least one command for the container"));
+            return Err(status(
+                400,
+                "BadRequest",
+                "you must specify at least one command for the container",
+            ));
         }
         k.cri
             .exec_url(cri::ExecRequest {
@@ -354,7 +383,13 @@ async fn port_forward_url(k: &Kubelet, ns: &str, pod: &str) -> Result<String, Re
         .iter()
         .filter(|b| b.state == cri::PodSandboxState::SandboxReady as i32)
         .max_by_key(|b| b.created_at)
-        .ok_or_else(|| status(404, "NotFound", &format!("pod {ns}/{pod} has no running sandbox")))?;
+        .ok_or_else(|| {
+            status(
+                404,
+                "NotFound",
+                &format!("pod {ns}/{pod} has no running sandbox"),
+            )
+        })?;
     k.cri
         .port_forward_url(&b.id)
         .await

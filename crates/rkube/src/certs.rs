@@ -1,5 +1,6 @@
-//! The cluster's certificates: a CA, the API server's serving certificate, and the admin client
-//! certificate (CN=admin, O=system:masters), all under `<data-dir>/tls/`.
+//! The cluster's certificates: a CA, the API server's serving certificate, the admin client
+//! certificate (CN=admin, O=system:masters) and the one the API server shows kubelets
+//! (CN=kube-apiserver-kubelet-client), all under `<data-dir>/tls/`.
 //!
 //! The CA and admin identity are made once and kept; the serving certificate is made anew at
 //! every start so that its names always match the addresses the server listens on.
@@ -20,6 +21,9 @@ pub struct Pki {
     pub ca_pem: String,
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
+    /// What the API server presents to kubelets (CN=kube-apiserver-kubelet-client).
+    pub kubelet_client_cert_pem: String,
+    pub kubelet_client_key_pem: String,
     pub serving: rustls::ServerConfig,
 }
 
@@ -97,19 +101,26 @@ pub fn ensure(data_dir: &Path, addresses: &[IpAddr], names: &[String]) -> Result
     fs::create_dir_all(&dir)?;
     let (ca_pem, issuer) = load_or_create_ca(&dir)?;
 
-    let admin_cert = dir.join("admin.crt");
-    let admin_key = dir.join("admin.key");
-    if !admin_cert.exists() || !admin_key.exists() {
-        let (c, k) = leaf(
-            &issuer,
-            "admin",
-            Some("system:masters"),
-            vec![],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
-        write_private(&admin_key, &k)?;
-        fs::write(&admin_cert, c)?;
-    }
+    let client = |name: &str, cn: &str| -> Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        if !cert.exists() || !key.exists() {
+            let (c, k) = leaf(
+                &issuer,
+                cn,
+                Some("system:masters"),
+                vec![],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            )?;
+            write_private(&key, &k)?;
+            fs::write(&cert, c)?;
+        }
+        Ok((cert, key))
+    };
+    let (admin_cert, admin_key) = client("admin", "admin")?;
+    let (kubelet_cert, kubelet_key) = client("kubelet-client", "kube-apiserver-kubelet-client")?;
 
     let mut sans: Vec<SanType> = addresses.iter().map(|a| SanType::IpAddress(*a)).collect();
     for n in names {
@@ -142,6 +153,8 @@ pub fn ensure(data_dir: &Path, addresses: &[IpAddr], names: &[String]) -> Result
         ca_pem,
         admin_cert_pem: fs::read_to_string(&admin_cert)?,
         admin_key_pem: fs::read_to_string(&admin_key)?,
+        kubelet_client_cert_pem: fs::read_to_string(&kubelet_cert)?,
+        kubelet_client_key_pem: fs::read_to_string(&kubelet_key)?,
         serving,
     })
 }

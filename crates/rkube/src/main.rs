@@ -122,7 +122,10 @@ fn not_yet(component: &str) -> ExitCode {
 /// Resolves on SIGTERM or SIGINT.
 async fn terminated() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! {
                 _ = t.recv() => {}
@@ -201,8 +204,7 @@ fn main() -> ExitCode {
             config.accept_invalid_certs = true;
             let client = kube::Client::try_from(config)?;
             let opts = node.options(Some(data_dir.join("agent")))?;
-            kubelet::run(client, opts, terminated())
-            .await
+            kubelet::run(client, opts, terminated()).await
         }),
         Command::Scheduler { kubeconfig, config } => runtime.block_on(async move {
             let config = match config {
@@ -235,8 +237,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => runtime.block_on(server::migrate(args)),
         Command::Kubelet { kubeconfig, node } => runtime.block_on(async move {
             let client = client_from_kubeconfig(&kubeconfig).await?;
-            kubelet::run(client, node.options(None)?, terminated())
-            .await
+            kubelet::run(client, node.options(None)?, terminated()).await
         }),
         Command::Images { out, busybox_name } => (|| {
             std::fs::create_dir_all(&out)?;

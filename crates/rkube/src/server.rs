@@ -64,7 +64,11 @@ pub struct NodeArgs {
     #[arg(long, env = "RKUBE_KUBELET_PORT", default_value_t = 0)]
     pub kubelet_port: u16,
     /// The node's own directory (for `rkube kubelet`; the server and agent use <data-dir>/agent).
-    #[arg(long, env = "RKUBE_KUBELET_DIR", default_value = "/var/lib/rkube/agent")]
+    #[arg(
+        long,
+        env = "RKUBE_KUBELET_DIR",
+        default_value = "/var/lib/rkube/agent"
+    )]
     pub kubelet_dir: PathBuf,
     /// Stop this node's pods when rkube stops (by default they keep running, and a restarted
     /// kubelet adopts them).
@@ -84,6 +88,7 @@ impl NodeArgs {
             port: self.kubelet_port,
             labels: Vec::new(),
             stop_pods_on_exit: self.stop_pods_on_exit,
+            client_ca_pem: None,
         })
     }
 
@@ -93,9 +98,8 @@ impl NodeArgs {
             return None;
         }
         let found = |b: &str| {
-            std::env::var_os("PATH").is_some_and(|p| {
-                std::env::split_paths(&p).any(|d| d.join(b).is_file())
-            })
+            std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(b).is_file()))
         };
         let missing: Vec<&str> = ["containerd", "runc", "ctr"]
             .into_iter()
@@ -398,6 +402,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     write_atomic(&kubeconfig_path, &kubeconfig(&url, &pki))?;
     ensure_token(&args.data_dir)?;
     api.accept_node_token(&fs::read_to_string(args.data_dir.join("token"))?);
+    api.set_kubelet_client(&pki.kubelet_client_cert_pem, &pki.kubelet_client_key_pem)?;
+
+    publish_root_ca(&kubeconfig_path, &pki.ca_pem).await?;
 
     // Components after the API server, each reaching it only through the kubeconfig.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -429,6 +436,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
                 let mut stop = stop_rx.clone();
                 let mut opts = args.node.options(Some(args.data_dir.join("agent")))?;
+                opts.client_ca_pem = Some(pki.ca_pem.clone());
                 opts.labels
                     .push(("node-role.kubernetes.io/control-plane".into(), "true".into()));
                 components.push(tokio::spawn(async move {
@@ -459,6 +467,28 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
     api.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `kube-system/kube-root-ca.crt` (`ca.crt`: the cluster CA), which agents read to know whom
+/// to trust for calls to their kubelet.
+async fn publish_root_ca(kubeconfig: &Path, ca_pem: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, Patch, PatchParams};
+    let client = crate::client_from_kubeconfig(kubeconfig).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "kube-system");
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kube-root-ca.crt"},
+        "data": {"ca.crt": ca_pem},
+    });
+    cms.patch(
+        "kube-root-ca.crt",
+        &PatchParams::apply("rkube-server").force(),
+        &Patch::Apply(cm),
+    )
+    .await
+    .context("publishing kube-system/kube-root-ca.crt")?;
     Ok(())
 }
 

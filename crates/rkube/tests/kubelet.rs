@@ -32,9 +32,7 @@ fn exec(c: &Cluster, pod: &str, script: &str) -> String {
 fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
     let c = Cluster::with_kubelet(&[]);
     c.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\ndata: {key: v1}\n");
-    c.apply_yaml(
-        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {pw: hunter2}\n",
-    );
+    c.apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {pw: hunter2}\n");
     c.apply_yaml(&pod_yaml(
         "web",
         "  volumes:\n  - name: cfg\n    configMap: {name: cm}\n",
@@ -49,12 +47,25 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
     ));
     wait_field(&c, "web", "{.status.phase}", "Running");
     let ip = field(&c, "web", "{.status.podIP}");
-    assert!(ip.starts_with("10."), "pod IP from the node's podCIDR: {ip:?}");
-    wait_field(&c, "web", "{.status.conditions[?(@.type==\"Ready\")].status}", "True");
-    assert!(field(&c, "web", "{.status.containerStatuses[0].containerID}").starts_with("containerd://"));
+    assert!(
+        ip.starts_with("10."),
+        "pod IP from the node's podCIDR: {ip:?}"
+    );
+    wait_field(
+        &c,
+        "web",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+    );
+    assert!(
+        field(&c, "web", "{.status.containerStatuses[0].containerID}").starts_with("containerd://")
+    );
 
     // Environment and volumes, as the container sees them.
-    assert_eq!(exec(&c, "web", "echo $A $B $IP $AB").trim(), format!("v1 hunter2 {ip} v1-hunter2"));
+    assert_eq!(
+        exec(&c, "web", "echo $A $B $IP $AB").trim(),
+        format!("v1 hunter2 {ip} v1-hunter2")
+    );
     assert_eq!(exec(&c, "web", "cat /cfg/key"), "v1");
     c.kubectl(&["patch", "configmap", "cm", "-p", r#"{"data":{"key":"v2"}}"#]);
     c.eventually("the updated configMap in the volume", || {
@@ -62,11 +73,23 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
     });
 
     // exec with stdin, and a remote exit code.
-    let out = c.kubectl_stdin(&["exec", "-i", "web", "--", "sh", "-c", "read x; echo got $x"], "hi\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.kubectl_stdin(
+        &["exec", "-i", "web", "--", "sh", "-c", "read x; echo got $x"],
+        "hi\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "got hi\n");
     let out = c.kubectl_output(&["exec", "web", "--", "sh", "-c", "exit 7"]);
-    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // logs, and logs -f seeing a line written after it started.
     assert!(c.kubectl(&["logs", "web"]).contains("started"));
@@ -76,7 +99,10 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
     follow.expect_line(&["marker-1"]);
     assert_eq!(c.kubectl(&["logs", "web", "--tail=1"]), "marker-1\n");
     let stamped = c.kubectl(&["logs", "web", "--tail=1", "--timestamps"]);
-    assert!(stamped.ends_with(" marker-1\n") && stamped.starts_with("20"), "{stamped:?}");
+    assert!(
+        stamped.ends_with(" marker-1\n") && stamped.starts_with("20"),
+        "{stamped:?}"
+    );
 
     // HTTP to the pod IP from the node, and through port-forward.
     let direct = http_get(&format!("{ip}:8080"), "/index.html").expect("GET from the node");
@@ -88,7 +114,8 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .expect("a local port");
-    let through = http_get(&format!("127.0.0.1:{port}"), "/index.html").expect("GET through port-forward");
+    let through =
+        http_get(&format!("127.0.0.1:{port}"), "/index.html").expect("GET through port-forward");
     assert!(through.contains("hello-web"), "{through}");
     drop(pf);
 
@@ -100,6 +127,30 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
     let back = c.data_dir().join("back.html");
     c.kubectl(&["cp", "web:/www/index.html", back.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello-web\n");
+
+    // The kubelet's own endpoint wants the API server's client certificate.
+    let kip = c.jsonpath(
+        &["get", "node"],
+        "{.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
+    );
+    let kport = c.jsonpath(
+        &["get", "node"],
+        "{.items[0].status.daemonEndpoints.kubeletEndpoint.Port}",
+    );
+    let direct = Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "5",
+            &format!("https://{kip}:{kport}/containerLogs/default/web/c"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !direct.status.success(),
+        "the kubelet answered without a client certificate: {}",
+        String::from_utf8_lossy(&direct.stdout)
+    );
 
     // Errors come back as Status: a container that does not exist.
     let e = c.kubectl_fails(&["logs", "web", "-c", "nope"]);
@@ -132,8 +183,14 @@ fn graceful_deletion_sends_sigterm_and_honours_the_grace_period() {
     wait_field(&c, "polite", "{.status.phase}", "Running");
     wait_field(&c, "stubborn", "{.status.phase}", "Running");
     c.kubectl(&["delete", "pod", "polite", "--grace-period=20"]);
-    assert_eq!(std::fs::read_to_string(out.path().join("term")).unwrap(), "term\n");
-    assert_eq!(std::fs::read_to_string(out.path().join("done")).unwrap(), "done\n");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("term")).unwrap(),
+        "term\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("done")).unwrap(),
+        "done\n"
+    );
     c.kubectl(&["delete", "pod", "stubborn", "--grace-period=2"]);
     assert!(c.kubectl(&["get", "pods", "-o", "name"]).is_empty());
 }
@@ -166,40 +223,116 @@ fn restart_policies_backoff_and_probes() {
     );
 
     wait_field(&c, "never-fails", "{.status.phase}", "Failed");
-    assert_eq!(field(&c, "never-fails", "{.status.containerStatuses[0].state.terminated.exitCode}"), "3");
-    assert_eq!(field(&c, "never-fails", "{.status.containerStatuses[0].restartCount}"), "0");
+    assert_eq!(
+        field(
+            &c,
+            "never-fails",
+            "{.status.containerStatuses[0].state.terminated.exitCode}"
+        ),
+        "3"
+    );
+    assert_eq!(
+        field(
+            &c,
+            "never-fails",
+            "{.status.containerStatuses[0].restartCount}"
+        ),
+        "0"
+    );
     wait_field(&c, "never-ok", "{.status.phase}", "Succeeded");
     assert_eq!(
-        field(&c, "never-ok", "{.status.containerStatuses[0].state.terminated.reason}"),
+        field(
+            &c,
+            "never-ok",
+            "{.status.containerStatuses[0].state.terminated.reason}"
+        ),
         "Completed"
     );
     c.eventually("OnFailure restarts a failed container", || {
-        (field(&c, "onfailure", "{.status.containerStatuses[0].restartCount}")
-            .parse::<u32>()
-            .unwrap_or(0)
+        (field(
+            &c,
+            "onfailure",
+            "{.status.containerStatuses[0].restartCount}",
+        )
+        .parse::<u32>()
+        .unwrap_or(0)
             >= 1)
             .then_some(())
     });
-    wait_field(&c, "always", "{.status.containerStatuses[0].state.waiting.reason}", "CrashLoopBackOff");
+    wait_field(
+        &c,
+        "always",
+        "{.status.containerStatuses[0].state.waiting.reason}",
+        "CrashLoopBackOff",
+    );
     assert_eq!(field(&c, "always", "{.status.phase}"), "Running");
-    assert_eq!(field(&c, "always", "{.status.containerStatuses[0].lastState.terminated.exitCode}"), "2");
-    assert!(c.kubectl(&["get", "pod", "always"]).contains("CrashLoopBackOff"));
-    assert_eq!(c.kubectl(&["logs", "always", "--previous"]).trim_end(), "crashing");
+    assert_eq!(
+        field(
+            &c,
+            "always",
+            "{.status.containerStatuses[0].lastState.terminated.exitCode}"
+        ),
+        "2"
+    );
+    assert!(c
+        .kubectl(&["get", "pod", "always"])
+        .contains("CrashLoopBackOff"));
+    assert_eq!(
+        c.kubectl(&["logs", "always", "--previous"]).trim_end(),
+        "crashing"
+    );
+    let described = c.kubectl(&["describe", "pod", "always"]);
+    for needle in [
+        "Started",
+        "Created container c",
+        "Back-off restarting failed container",
+    ] {
+        assert!(
+            described.contains(needle),
+            "describe lacks {needle:?}:\n{described}"
+        );
+    }
 
     // Liveness: healthy, then not: the container is restarted.
     wait_field(&c, "live", "{.status.phase}", "Running");
     let first = field(&c, "live", "{.status.containerStatuses[0].containerID}");
-    assert_eq!(field(&c, "live", "{.status.containerStatuses[0].restartCount}"), "0");
+    assert_eq!(
+        field(&c, "live", "{.status.containerStatuses[0].restartCount}"),
+        "0"
+    );
     exec(&c, "live", "rm /tmp/healthy");
-    wait_field(&c, "live", "{.status.containerStatuses[0].restartCount}", "1");
-    assert_ne!(field(&c, "live", "{.status.containerStatuses[0].containerID}"), first);
+    wait_field(
+        &c,
+        "live",
+        "{.status.containerStatuses[0].restartCount}",
+        "1",
+    );
+    assert_ne!(
+        field(&c, "live", "{.status.containerStatuses[0].containerID}"),
+        first
+    );
 
     // Readiness gates Ready.
     wait_field(&c, "gated", "{.status.phase}", "Running");
-    assert_eq!(field(&c, "gated", "{.status.conditions[?(@.type==\"Ready\")].status}"), "False");
-    assert_eq!(field(&c, "gated", "{.status.containerStatuses[0].ready}"), "false");
+    assert_eq!(
+        field(
+            &c,
+            "gated",
+            "{.status.conditions[?(@.type==\"Ready\")].status}"
+        ),
+        "False"
+    );
+    assert_eq!(
+        field(&c, "gated", "{.status.containerStatuses[0].ready}"),
+        "false"
+    );
     exec(&c, "gated", "touch /tmp/ready");
-    wait_field(&c, "gated", "{.status.conditions[?(@.type==\"Ready\")].status}", "True");
+    wait_field(
+        &c,
+        "gated",
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+    );
 }
 
 #[test]
@@ -277,11 +410,18 @@ fn images_pulled_from_a_registry_and_a_kubelet_restart_adopts_running_pods() {
     let image = format!("127.0.0.1:{port}/test/busybox:v1");
     let copy = Command::new("skopeo")
         .args(["copy", "--dest-tls-verify=false"])
-        .arg(format!("oci-archive:{}", images.join("busybox.tar").display()))
+        .arg(format!(
+            "oci-archive:{}",
+            images.join("busybox.tar").display()
+        ))
         .arg(format!("docker://{image}"))
         .output()
         .expect("skopeo");
-    assert!(copy.status.success(), "{}", String::from_utf8_lossy(&copy.stderr));
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
 
     let mut c = Cluster::with_kubelet(&["--insecure-registry", &format!("127.0.0.1:{port}")]);
     c.apply_yaml(&format!(
@@ -294,7 +434,11 @@ fn images_pulled_from_a_registry_and_a_kubelet_restart_adopts_running_pods() {
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: missing}}\nspec:\n  containers:\n  - name: c\n    image: {missing}\n"
     ));
     c.eventually("ErrImagePull or ImagePullBackOff", || {
-        let r = field(&c, "missing", "{.status.containerStatuses[0].state.waiting.reason}");
+        let r = field(
+            &c,
+            "missing",
+            "{.status.containerStatuses[0].state.waiting.reason}",
+        );
         (r == "ErrImagePull" || r == "ImagePullBackOff").then_some(())
     });
     c.kubectl(&["delete", "pod", "missing", "--grace-period=0", "--force"]);
@@ -302,19 +446,40 @@ fn images_pulled_from_a_registry_and_a_kubelet_restart_adopts_running_pods() {
     // Restart rkube (kill -9: the kubelet and containerd get no warning); the pod's container
     // keeps running and the new kubelet adopts it: same container, no restart.
     let id = field(&c, "pulled", "{.status.containerStatuses[0].containerID}");
-    let started = field(&c, "pulled", "{.status.containerStatuses[0].state.running.startedAt}");
+    let started = field(
+        &c,
+        "pulled",
+        "{.status.containerStatuses[0].state.running.startedAt}",
+    );
     c.kill9();
     c.boot();
     c.eventually("the node Ready again", || {
-        (c.jsonpath(&["get", "nodes"], "{.items[0].status.conditions[?(@.type==\"Ready\")].status}") == "True").then_some(())
+        (c.jsonpath(
+            &["get", "nodes"],
+            "{.items[0].status.conditions[?(@.type==\"Ready\")].status}",
+        ) == "True")
+            .then_some(())
     });
     c.eventually("exec through the new kubelet", || {
         let out = c.kubectl_output(&["exec", "pulled", "--", "echo", "still here"]);
         (out.status.success() && out.stdout == b"still here\n").then_some(())
     });
-    assert_eq!(field(&c, "pulled", "{.status.containerStatuses[0].containerID}"), id);
-    assert_eq!(field(&c, "pulled", "{.status.containerStatuses[0].state.running.startedAt}"), started);
-    assert_eq!(field(&c, "pulled", "{.status.containerStatuses[0].restartCount}"), "0");
+    assert_eq!(
+        field(&c, "pulled", "{.status.containerStatuses[0].containerID}"),
+        id
+    );
+    assert_eq!(
+        field(
+            &c,
+            "pulled",
+            "{.status.containerStatuses[0].state.running.startedAt}"
+        ),
+        started
+    );
+    assert_eq!(
+        field(&c, "pulled", "{.status.containerStatuses[0].restartCount}"),
+        "0"
+    );
 }
 
 #[test]
@@ -330,7 +495,13 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
     )
     .unwrap();
     let agent = Command::new(common::rkube_bin())
-        .args(["agent", "--server", &c.server_url(), "--token", token.trim()])
+        .args([
+            "agent",
+            "--server",
+            &c.server_url(),
+            "--token",
+            token.trim(),
+        ])
         .arg("--data-dir")
         .arg(agent_dir.path())
         .args(["--node-name", "second", "--stop-pods-on-exit"])
@@ -339,19 +510,35 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
         .expect("rkube agent");
     let mut agent = Proc(agent);
     c.eventually("node second Ready with a pod CIDR", || {
-        let ready = c.jsonpath(&["get", "node", "second"], "{.status.conditions[?(@.type==\"Ready\")].status}");
+        let ready = c.jsonpath(
+            &["get", "node", "second"],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        );
         let cidr = c.jsonpath(&["get", "node", "second"], "{.spec.podCIDR}");
         (ready == "True" && !cidr.is_empty()).then_some(cidr)
     });
     // A wrong token is refused.
     let bad = Command::new(common::rkube_bin())
-        .args(["agent", "--server", &c.server_url(), "--token", "wrong", "--node-name", "third"])
+        .args([
+            "agent",
+            "--server",
+            &c.server_url(),
+            "--token",
+            "wrong",
+            "--node-name",
+            "third",
+        ])
         .arg("--data-dir")
         .arg(agent_dir.path().join("bad"))
         .output()
         .unwrap();
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("401") || String::from_utf8_lossy(&bad.stderr).contains("Unauthorized"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("401")
+            || String::from_utf8_lossy(&bad.stderr).contains("Unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 
     c.apply_yaml(&pod_yaml(
         "there",
@@ -362,11 +549,15 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
     assert_eq!(field(&c, "there", "{.spec.nodeName}"), "second");
     assert_eq!(exec(&c, "there", "echo hi"), "hi\n");
     c.eventually("logs from the second node", || {
-        c.kubectl(&["logs", "there"]).contains("on-there").then_some(())
+        c.kubectl(&["logs", "there"])
+            .contains("on-there")
+            .then_some(())
     });
     c.kubectl(&["delete", "pod", "there", "--grace-period=1"]);
 
-    let _ = Command::new("kill").args(["-TERM", &agent.0.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status();
     let status = agent.0.wait().unwrap();
     assert!(status.success(), "agent exit: {status}");
 }

@@ -47,20 +47,13 @@ pub struct Scheduler {
     cache: Mutex<Cache>,
     queue: Arc<Queue>,
     next_start: AtomicUsize,
-    events: tokio::sync::mpsc::Sender<EventRecord>,
+    events: events::Recorder,
     /// The last Unschedulable message written per pod, to not rewrite the same condition.
     last_failure: Mutex<HashMap<String, String>>,
     /// Preemptors and the node their victims are leaving. Each is held (assumed) on that node
     /// while it waits, so that other pods, and other preemptors, do not count on that room.
     nominated: Mutex<HashMap<String, String>>,
     binds: Arc<tokio::sync::Semaphore>,
-}
-
-struct EventRecord {
-    pod: Arc<Pod>,
-    kind: &'static str,
-    reason: &'static str,
-    message: String,
 }
 
 /// Run the scheduler until `shutdown` resolves.
@@ -70,14 +63,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let profiles = config.profiles()?;
-    let (etx, erx) = tokio::sync::mpsc::channel(10_000);
     let s = Arc::new(Scheduler {
         client: client.clone(),
         profiles,
         cache: Mutex::new(Cache::default()),
         queue: Queue::new(),
         next_start: AtomicUsize::new(0),
-        events: etx,
+        events: events::Recorder::with_limits(client.clone(), "default-scheduler", 10_000, 16),
         last_failure: Mutex::default(),
         nominated: Mutex::default(),
         binds: Arc::new(tokio::sync::Semaphore::new(64)),
@@ -87,7 +79,6 @@ pub async fn run(
     let tasks = vec![
         tokio::spawn(s.clone().watch_nodes(nodes_synced_tx)),
         tokio::spawn(s.clone().watch_pods(pods_synced_tx)),
-        tokio::spawn(record_events(client.clone(), erx)),
         tokio::spawn(s.clone().watch_workloads()),
         tokio::spawn({
             let q = s.queue.clone();
@@ -565,12 +556,12 @@ impl Scheduler {
                 let res = api.delete(&name, &DeleteParams::default()).await;
                 match res {
                     Ok(_) => {
-                        let _ = events.try_send(EventRecord {
-                            pod: victim,
-                            kind: "Normal",
-                            reason: "Preempted",
-                            message: format!("Preempted by pod {by}"),
-                        });
+                        events.record(
+                            &*victim,
+                            "Normal",
+                            "Preempted",
+                            format!("Preempted by pod {by}"),
+                        );
                     }
                     Err(e) if api_code(&e) == Some(404) => {}
                     Err(e) => {
@@ -616,12 +607,12 @@ impl Scheduler {
             Ok(_) => {
                 self.queue.done(&info.key, Outcome::Done);
                 self.last_failure.lock().unwrap().remove(&info.key);
-                let _ = self.events.try_send(EventRecord {
-                    pod: info.pod.clone(),
-                    kind: "Normal",
-                    reason: "Scheduled",
-                    message: format!("Successfully assigned {ns}/{name} to {node}"),
-                });
+                self.events.record(
+                    &*info.pod,
+                    "Normal",
+                    "Scheduled",
+                    format!("Successfully assigned {ns}/{name} to {node}"),
+                );
             }
             Err(e) => {
                 profile.unreserve(&state, &info, &node);
@@ -642,12 +633,8 @@ impl Scheduler {
         message: String,
         nominated: Option<String>,
     ) {
-        let _ = self.events.try_send(EventRecord {
-            pod: info.pod.clone(),
-            kind: "Warning",
-            reason: "FailedScheduling",
-            message: message.clone(),
-        });
+        self.events
+            .record(&*info.pod, "Warning", "FailedScheduling", message.clone());
         {
             let mut last = self.last_failure.lock().unwrap();
             if last.get(&info.key) == Some(&message) && nominated.is_none() {
@@ -736,38 +723,5 @@ fn api_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),
         _ => None,
-    }
-}
-
-/// Write core/v1 Events (what `kubectl describe` shows), a few at a time; when the API is slower
-/// than the scheduler, the backlog is bounded and the excess dropped (as upstream's broadcaster).
-async fn record_events(client: Client, mut rx: tokio::sync::mpsc::Receiver<EventRecord>) {
-    let inflight = Arc::new(tokio::sync::Semaphore::new(16));
-    while let Some(ev) = rx.recv().await {
-        let Ok(permit) = inflight.clone().acquire_owned().await else {
-            return;
-        };
-        let client = client.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let ns = ev.pod.metadata.namespace.clone().unwrap_or_default();
-            let name = ev.pod.metadata.name.clone().unwrap_or_default();
-            let now = chrono::Utc::now();
-            let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let event = json!({
-                "apiVersion": "v1", "kind": "Event",
-                "metadata": {"name": format!("{name}.{:x}", now.timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
-                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name,
-                                   "uid": ev.pod.metadata.uid, "resourceVersion": ev.pod.metadata.resource_version},
-                "reason": ev.reason, "message": ev.message, "type": ev.kind,
-                "source": {"component": "default-scheduler"},
-                "reportingComponent": "default-scheduler", "reportingInstance": "default-scheduler",
-                "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
-            });
-            let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, &ns);
-            if let Ok(e) = serde_json::from_value(event) {
-                let _ = api.create(&PostParams::default(), &e).await;
-            }
-        });
     }
 }

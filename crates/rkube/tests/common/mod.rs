@@ -54,7 +54,11 @@ impl Cluster {
             .arg(&images)
             .output()
             .expect("rkube images");
-        assert!(out.status.success(), "rkube images: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "rkube images: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::remove_file(images.join("pause.tar")).expect("pause.tar");
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         extra.extend(["--cluster-cidr".to_string(), unique_cluster_cidr()]);

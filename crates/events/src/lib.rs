@@ -1,6 +1,6 @@
-//! Events, recorded as upstream's controllers record them (core/v1 Events that `kubectl describe`
-//! and `kubectl get events` show): a bounded queue, written in the background, never blocking
-//! or failing a reconcile.
+//! Events, recorded as upstream's components record them (core/v1 Events that `kubectl
+//! describe` and `kubectl get events` show): a bounded queue, written in the background, never
+//! blocking or failing a reconcile or a pod sync. Shared by the controllers and the kubelet.
 
 use std::sync::Arc;
 
@@ -13,13 +13,25 @@ use kube::{Client, Resource, ResourceExt};
 pub struct Recorder {
     tx: tokio::sync::mpsc::Sender<Event>,
     component: &'static str,
+    /// `source.host`: the node, for a kubelet's events.
+    host: Option<String>,
 }
 
 impl Recorder {
     pub fn new(client: Client, component: &'static str) -> Recorder {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(4096);
+        Recorder::with_limits(client, component, 4096, 8)
+    }
+
+    /// A recorder that queues up to `queue` events and writes up to `inflight` at once.
+    pub fn with_limits(
+        client: Client,
+        component: &'static str,
+        queue: usize,
+        inflight: usize,
+    ) -> Recorder {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(queue);
         tokio::spawn(async move {
-            let inflight = Arc::new(tokio::sync::Semaphore::new(8));
+            let inflight = Arc::new(tokio::sync::Semaphore::new(inflight));
             while let Some(ev) = rx.recv().await {
                 let Ok(permit) = inflight.clone().acquire_owned().await else {
                     return;
@@ -35,7 +47,11 @@ impl Recorder {
                 });
             }
         });
-        Recorder { tx, component }
+        Recorder {
+            tx,
+            component,
+            host: None,
+        }
     }
 
     /// The same queue, reporting as another component (`deployment-controller`, ...).
@@ -43,6 +59,15 @@ impl Recorder {
         Recorder {
             tx: self.tx.clone(),
             component,
+            host: self.host.clone(),
+        }
+    }
+
+    /// The same queue, reporting from node `host`.
+    pub fn on_host(&self, host: &str) -> Recorder {
+        Recorder {
+            host: Some(host.into()),
+            ..self.clone()
         }
     }
 
@@ -98,10 +123,10 @@ impl Recorder {
             type_: Some(type_.into()),
             source: Some(k8s_openapi::api::core::v1::EventSource {
                 component: Some(self.component.into()),
-                host: None,
+                host: self.host.clone(),
             }),
             reporting_component: Some(self.component.into()),
-            reporting_instance: Some(self.component.into()),
+            reporting_instance: Some(self.host.clone().unwrap_or_else(|| self.component.into())),
             first_timestamp: Some(ts.clone()),
             last_timestamp: Some(ts),
             count: Some(1),

@@ -1,0 +1,221 @@
+//! Pod startup latency as upstream's SLO defines it: from the pod's creation to all its
+//! containers started, as observed through a watch, with the image already on the node. A real
+//! `rkube kubelet` process on real containerd; 100 pods one after another, then 30 at once.
+//! Also the kubelet's memory with 30 pods running.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
+
+use crate::{pct, rss_mib_of, Server};
+
+struct Kubelet(Child);
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "startup"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "c", "image": "busybox", "imagePullPolicy": "IfNotPresent",
+                            "command": ["sleep", "3600"]}],
+        },
+    }))
+    .expect("pod")
+}
+
+fn all_started(p: &Pod) -> bool {
+    let spec_n = p.spec.as_ref().map_or(0, |s| s.containers.len());
+    let st = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref());
+    st.is_some_and(|cs| {
+        cs.len() == spec_n
+            && cs
+                .iter()
+                .all(|c| c.state.as_ref().and_then(|s| s.running.as_ref()).is_some())
+    })
+}
+
+/// Records when each pod is first seen with every container started.
+fn observe(api: Api<Pod>) -> Arc<Mutex<HashMap<String, Instant>>> {
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default().labels("app=startup")).boxed();
+        while let Some(ev) = stream.next().await {
+            let pods = match ev {
+                Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => vec![p],
+                _ => vec![],
+            };
+            for p in pods {
+                if all_started(&p) {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    s.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                }
+            }
+        }
+    });
+    seen
+}
+
+async fn wait_started(
+    seen: &Mutex<HashMap<String, Instant>>,
+    name: &str,
+    timeout: Duration,
+) -> Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = seen.lock().unwrap().get(name) {
+            return Ok(*t);
+        }
+        if Instant::now() > deadline {
+            bail!("pod {name} did not start within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn delete_all(api: &Api<Pod>) -> Result<()> {
+    api.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("app=startup"),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !api
+        .list(&ListParams::default().labels("app=startup"))
+        .await?
+        .items
+        .is_empty()
+    {
+        if Instant::now() > deadline {
+            bail!("pods were not deleted within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn report(what: &str, lat: &mut [Duration]) {
+    let n = lat.len();
+    let (p50, p99) = (pct(lat, 0.5), pct(lat, 0.99));
+    let max = lat
+        .iter()
+        .max()
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+    println!("{what}: {n} pods, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms");
+}
+
+pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
+    let server = Server::start_with(&bin, &["--disable", "kubelet"])?;
+    let client = server.client().await?;
+    let dir = tempfile::tempdir()?;
+    let node_dir = dir.path().join("agent");
+    let out = Command::new(&bin)
+        .args(["images", "--out"])
+        .arg(node_dir.join("images"))
+        .output()?;
+    if !out.status.success() {
+        bail!("rkube images: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::remove_file(node_dir.join("images/pause.tar"))?;
+    let child = Command::new(&bin)
+        .args(["kubelet", "--kubeconfig"])
+        .arg(&server.kubeconfig)
+        .arg("--kubelet-dir")
+        .arg(&node_dir)
+        .args(["--node-name", "bench-node", "--stop-pods-on-exit"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting rkube kubelet")?;
+    let kubelet = Kubelet(child);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = nodes.get_opt("bench-node").await?.is_some_and(|n| {
+            n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some()
+                && n.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not become Ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let seen = observe(api.clone());
+    // One pod first: the CNI config is written and the image is cached.
+    api.create(&PostParams::default(), &pod("warmup")).await?;
+    wait_started(&seen, "warmup", Duration::from_secs(60)).await?;
+    delete_all(&api).await?;
+    println!(
+        "kubelet RSS with no pods: {:.1} MiB",
+        rss_mib_of(kubelet.0.id())
+    );
+
+    let mut lat = Vec::new();
+    for i in 0..sequential {
+        let name = format!("seq-{i:03}");
+        let t0 = Instant::now();
+        api.create(&PostParams::default(), &pod(&name)).await?;
+        let t1 = wait_started(&seen, &name, Duration::from_secs(60)).await?;
+        lat.push(t1.saturating_duration_since(t0));
+    }
+    report("one after another", &mut lat);
+    delete_all(&api).await?;
+
+    let mut starts = Vec::new();
+    let creates = (0..burst).map(|i| {
+        let api = api.clone();
+        async move {
+            let name = format!("burst-{i:03}");
+            let t0 = Instant::now();
+            api.create(&PostParams::default(), &pod(&name)).await?;
+            Ok::<_, kube::Error>((name, t0))
+        }
+    });
+    for r in futures::future::join_all(creates).await {
+        starts.push(r?);
+    }
+    let mut lat = Vec::new();
+    for (name, t0) in &starts {
+        let t1 = wait_started(&seen, name, Duration::from_secs(120)).await?;
+        lat.push(t1.saturating_duration_since(*t0));
+    }
+    report("burst", &mut lat);
+    // Let the status writes and probes of the burst settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "kubelet RSS with {burst} pods running: {:.1} MiB",
+        rss_mib_of(kubelet.0.id())
+    );
+    delete_all(&api).await?;
+    drop(kubelet);
+    Ok(())
+}
