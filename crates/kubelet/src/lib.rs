@@ -7,12 +7,14 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod eviction;
 pub mod images;
 pub mod logs;
 pub mod node;
 pub mod pods;
 pub mod probes;
 pub mod server;
+pub mod static_pods;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -46,6 +48,10 @@ pub struct Options {
     /// The cluster CA: callers of the kubelet's endpoint must show a client certificate it
     /// signed. None: read `kube-system/kube-root-ca.crt` from the API.
     pub client_ca_pem: Option<String>,
+    /// Hard eviction thresholds (`--eviction-hard`).
+    pub eviction_hard: eviction::Thresholds,
+    /// Static pod manifests (None: `<dir>/pod-manifests`).
+    pub pod_manifest_path: Option<PathBuf>,
 }
 
 /// Runs the kubelet until `shutdown` resolves. Containers keep running after it returns.
@@ -133,7 +139,9 @@ async fn serve(
         },
         cgroup_root: format!("/rkube-{tag}"),
         recorder: events::Recorder::new(client.clone(), "kubelet").on_host(&opts.node_name),
+        evicted: Default::default(),
     });
+    let (pressure_tx, pressure) = watch::channel(eviction::Pressure::default());
     let ca = match &opts.client_ca_pem {
         Some(ca) => ca.clone(),
         None => root_ca(&client).await?,
@@ -159,7 +167,9 @@ async fn serve(
     );
     tokio::select! {
         _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
-        _ = node::status_loop(client.clone(), facts) => {}
+        _ = node::status_loop(client.clone(), facts, pressure) => {}
+        _ = static_pods::run(kubelet.clone(), opts.pod_manifest_path.clone().unwrap_or_else(|| opts.dir.join("pod-manifests"))) => {}
+        _ = eviction::run(kubelet.clone(), opts.eviction_hard.clone(), opts.dir.clone(), pressure_tx, kubelet.evicted.clone()) => {}
         _ = cni => {}
         r = sync_pods(kubelet.clone()) => r?,
         _ = server => {}

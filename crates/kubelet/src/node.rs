@@ -13,6 +13,8 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
 
+use crate::eviction::Pressure;
+
 pub const KUBELET_VERSION: &str = "v1.33.0";
 pub const MAX_PODS: &str = "110";
 const FIELD_MANAGER: &str = "kubelet";
@@ -69,23 +71,48 @@ fn os_image() -> String {
 
 /// The healthy node conditions (no pressure, Ready) at time `now`.
 pub fn conditions(now: &str) -> Value {
+    conditions_with(now, Pressure::default())
+}
+
+/// The node conditions under `pressure` (Ready stays True, as upstream's).
+pub fn conditions_with(now: &str, pressure: Pressure) -> Value {
     let c = |t: &str, s: &str, reason: &str, msg: &str| {
         json!({"type": t, "status": s, "reason": reason, "message": msg,
                "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
-    json!([
+    let memory = if pressure.memory {
+        c(
+            "MemoryPressure",
+            "True",
+            "KubeletHasInsufficientMemory",
+            "kubelet has insufficient memory available",
+        )
+    } else {
         c(
             "MemoryPressure",
             "False",
             "KubeletHasSufficientMemory",
-            "kubelet has sufficient memory available"
-        ),
+            "kubelet has sufficient memory available",
+        )
+    };
+    let disk = if pressure.disk {
+        c(
+            "DiskPressure",
+            "True",
+            "KubeletHasDiskPressure",
+            "kubelet has disk pressure",
+        )
+    } else {
         c(
             "DiskPressure",
             "False",
             "KubeletHasNoDiskPressure",
-            "kubelet has no disk pressure"
-        ),
+            "kubelet has no disk pressure",
+        )
+    };
+    json!([
+        memory,
+        disk,
         c(
             "PIDPressure",
             "False",
@@ -103,7 +130,7 @@ pub fn conditions(now: &str) -> Value {
 
 /// The node's status as the kubelet reports it (capacity, allocatable, addresses, nodeInfo,
 /// conditions, the kubelet's port).
-pub fn status(f: &Facts) -> Value {
+pub fn status(f: &Facts, pressure: Pressure) -> Value {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -121,7 +148,7 @@ pub fn status(f: &Facts) -> Value {
     json!({
         "capacity": capacity,
         "allocatable": allocatable,
-        "conditions": conditions(&now),
+        "conditions": conditions_with(&now, pressure),
         "addresses": [
             {"type": "InternalIP", "address": f.ip.to_string()},
             {"type": "Hostname", "address": f.name},
@@ -152,7 +179,7 @@ pub async fn register(client: &Client, f: &Facts) -> anyhow::Result<Node> {
     for (k, v) in &f.labels {
         labels.insert(k.clone(), json!(v));
     }
-    let status = status(f);
+    let status = status(f, Pressure::default());
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": f.name, "labels": labels},
@@ -220,15 +247,20 @@ async fn renew(leases: &Api<Lease>, name: &str, known: Option<Lease>) -> anyhow:
 
 /// Writes the node's conditions every minute (and at once after a failure), so that a node
 /// the lifecycle controller marked Unknown comes back Ready when heard again.
-pub async fn status_loop(client: Client, facts: Facts) {
+pub async fn status_loop(
+    client: Client,
+    facts: Facts,
+    mut pressure: tokio::sync::watch::Receiver<Pressure>,
+) {
     let nodes: Api<Node> = Api::all(client);
     let pp = PatchParams::default();
     loop {
+        let now = *pressure.borrow_and_update();
         let wait = match nodes
             .patch_status(
                 &facts.name,
                 &pp,
-                &Patch::Merge(json!({ "status": status(&facts) })),
+                &Patch::Merge(json!({ "status": status(&facts, now) })),
             )
             .await
         {
@@ -241,7 +273,11 @@ pub async fn status_loop(client: Client, facts: Facts) {
         let deadline = tokio::time::Instant::now() + wait;
         // Check Ready every 5 s: someone else may have set it to Unknown.
         while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                // A pressure change is written at once.
+                r = pressure.changed() => if r.is_ok() { break },
+            }
             if let Ok(n) = nodes.get(&facts.name).await {
                 let ready = n
                     .status

@@ -42,6 +42,8 @@ pub struct Kubelet {
     /// The cgroup every pod's cgroup sits under (`/rkube-<tag>`).
     pub cgroup_root: String,
     pub recorder: events::Recorder,
+    /// Pods the eviction manager chose, by uid, with the message their status gets.
+    pub evicted: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 fn ns_of(pod: &Pod) -> String {
@@ -924,6 +926,20 @@ impl Worker {
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default();
+        let eviction = k.evicted.lock().unwrap().get(&uid).cloned();
+        if let (Some(message), false) = (eviction, phase == "Failed") {
+            k.kill_pod(&uid, 0, false).await?;
+            let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
+            let status =
+                json!({"status": {"phase": "Failed", "reason": "Evicted", "message": message}});
+            api.patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(status),
+            )
+            .await?;
+            return Ok(Next::After(Duration::from_secs(30)));
+        }
         if phase == "Succeeded" || phase == "Failed" {
             // Finished: nothing runs again; the sandbox (and its IP) is released.
             k.kill_pod(&uid, 0, false).await?;

@@ -74,6 +74,16 @@ pub struct NodeArgs {
     /// kubelet adopts them).
     #[arg(long, env = "RKUBE_STOP_PODS_ON_EXIT")]
     pub stop_pods_on_exit: bool,
+    /// Hard eviction thresholds, as upstream's kubelet takes them.
+    #[arg(
+        long,
+        env = "RKUBE_EVICTION_HARD",
+        default_value = "memory.available<100Mi,nodefs.available<10%"
+    )]
+    pub eviction_hard: String,
+    /// A directory of pod manifests run as static pods (default: <node dir>/pod-manifests).
+    #[arg(long, env = "RKUBE_POD_MANIFEST_PATH")]
+    pub pod_manifest_path: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -89,6 +99,9 @@ impl NodeArgs {
             labels: Vec::new(),
             stop_pods_on_exit: self.stop_pods_on_exit,
             client_ca_pem: None,
+            eviction_hard: kubelet::eviction::Thresholds::parse(&self.eviction_hard)
+                .map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?,
+            pod_manifest_path: self.pod_manifest_path.clone(),
         })
     }
 

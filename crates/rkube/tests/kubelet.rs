@@ -505,6 +505,7 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
         .arg("--data-dir")
         .arg(agent_dir.path())
         .args(["--node-name", "second", "--stop-pods-on-exit"])
+        .args(["--eviction-hard", common::LENIENT_EVICTION])
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("rkube agent");
@@ -560,4 +561,78 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
         .status();
     let status = agent.0.wait().unwrap();
     assert!(status.success(), "agent exit: {status}");
+}
+
+#[test]
+fn static_pods_are_mirrored_and_follow_their_manifests() {
+    let c = Cluster::with_kubelet(&[]);
+    let node = c.eventually("the node registered", || {
+        Some(c.jsonpath(&["get", "nodes"], "{.items[0].metadata.name}")).filter(|n| !n.is_empty())
+    });
+    let manifests = c.data_dir().join("agent/pod-manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let manifest = manifests.join("static-web.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: static-web}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: busybox\n    imagePullPolicy: IfNotPresent\n    command: [sh, -c, 'while true; do sleep 0.2; done']\n",
+    )
+    .unwrap();
+    let name = format!("static-web-{node}");
+    wait_field(&c, &name, "{.status.phase}", "Running");
+    assert_eq!(
+        field(
+            &c,
+            &name,
+            "{.metadata.annotations.kubernetes\\.io/config\\.source}"
+        ),
+        "file"
+    );
+    assert_eq!(
+        field(&c, &name, "{.metadata.ownerReferences[0].kind}"),
+        "Node"
+    );
+    assert_eq!(exec(&c, &name, "echo static"), "static\n");
+
+    // Deleted through the API, the mirror pod comes back.
+    let uid = field(&c, &name, "{.metadata.uid}");
+    c.kubectl(&["delete", "pod", &name, "--wait=false"]);
+    c.eventually("the mirror pod back, running", || {
+        let now = field(&c, &name, "{.metadata.uid}");
+        (!now.is_empty() && now != uid && field(&c, &name, "{.status.phase}") == "Running")
+            .then_some(())
+    });
+
+    // The manifest removed: the pod goes.
+    std::fs::remove_file(&manifest).unwrap();
+    c.eventually("the mirror pod gone", || {
+        (!c.kubectl_output(&["get", "pod", &name]).status.success()).then_some(())
+    });
+}
+
+#[test]
+fn memory_pressure_is_reported_and_evicts_pods() {
+    // A threshold no machine meets: the node is under memory pressure from the start.
+    let c = Cluster::with_kubelet(&["--eviction-hard", "memory.available<1000Ti"]);
+    c.eventually("MemoryPressure=True", || {
+        (c.jsonpath(
+            &["get", "nodes"],
+            "{.items[0].status.conditions[?(@.type==\"MemoryPressure\")].status}",
+        ) == "True")
+            .then_some(())
+    });
+    c.apply_yaml(&pod_yaml(
+        "hungry",
+        "",
+        "    command: [sh, -c, 'while true; do sleep 0.2; done']\n",
+    ));
+    wait_field(&c, "hungry", "{.status.reason}", "Evicted");
+    assert_eq!(field(&c, "hungry", "{.status.phase}"), "Failed");
+    assert!(field(&c, "hungry", "{.status.message}").contains("low on resource: memory"));
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=hungry",
+    ]);
+    assert!(events.contains("Evicted"), "{events}");
 }
