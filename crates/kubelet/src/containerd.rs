@@ -139,7 +139,9 @@ pub fn cni_conflist(layout: &Layout, pod_cidr: &str) -> String {
                 "type": "bridge",
                 "bridge": layout.bridge(),
                 "isGateway": true,
-                "ipMasq": true,
+                // One masquerade rule for the node's whole range (`masquerade`) instead of the
+                // plugin's chain per pod: a burst of pods would otherwise queue on iptables.
+                "ipMasq": false,
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
@@ -154,8 +156,62 @@ pub fn cni_conflist(layout: &Layout, pod_cidr: &str) -> String {
     .to_string()
 }
 
+/// The nat chain that masquerades the node's pod traffic leaving the pod range.
+pub fn masquerade_chain(layout: &Layout) -> String {
+    format!("RKUBE-MASQ-{}", tag(&layout.dir))
+}
+
+fn iptables(args: &[&str]) -> bool {
+    std::process::Command::new("iptables")
+        .args(["-w", "5", "-t", "nat"])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Pods reach beyond the node through the node's address: one rkube-owned chain, jumped to from
+/// POSTROUTING for traffic from `pod_cidr`, masquerading all but pod-to-pod and multicast.
+pub fn masquerade(layout: &Layout, pod_cidr: &str) -> std::io::Result<()> {
+    let chain = masquerade_chain(layout);
+    unmasquerade(layout);
+    let ok = iptables(&["-N", &chain])
+        && iptables(&["-A", &chain, "-d", pod_cidr, "-j", "RETURN"])
+        && iptables(&["-A", &chain, "-d", "224.0.0.0/4", "-j", "RETURN"])
+        && iptables(&["-A", &chain, "-j", "MASQUERADE"])
+        && iptables(&["-A", "POSTROUTING", "-s", pod_cidr, "-j", &chain]);
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "iptables: could not set up {chain}"
+        )))
+    }
+}
+
+/// Removes what `masquerade` installed (every jump to our chain, then the chain).
+pub fn unmasquerade(layout: &Layout) {
+    let chain = masquerade_chain(layout);
+    let rules = std::process::Command::new("iptables")
+        .args(["-w", "5", "-t", "nat", "-S", "POSTROUTING"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    for rule in rules
+        .lines()
+        .filter(|r| r.ends_with(&format!("-j {chain}")))
+    {
+        let args: Vec<&str> = rule.split_whitespace().skip(1).collect();
+        let mut del = vec!["-D"];
+        del.extend(args);
+        iptables(&del);
+    }
+    iptables(&["-F", &chain]);
+    iptables(&["-X", &chain]);
+}
+
 /// Writes the CNI config for `pod_cidr` (containerd picks it up on its own).
 pub fn write_cni(layout: &Layout, pod_cidr: &str) -> std::io::Result<bool> {
+    masquerade(layout, pod_cidr)?;
     std::fs::create_dir_all(layout.cni_conf_dir())?;
     crate::images::write_if_changed(
         &layout.cni_conf_dir().join("10-rkube.conflist"),

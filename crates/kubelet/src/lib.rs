@@ -309,7 +309,9 @@ async fn stop_all(k: &pods::Kubelet) {
             tracing::warn!(error = %e, "stopping a pod on exit");
         }
     }
-    // With no pods left, the node's bridge goes too (another node may reuse its range).
+    // With no pods left, the node's bridge and masquerade rule go too (another node may reuse
+    // its range).
+    containerd::unmasquerade(&k.layout);
     let _ = tokio::process::Command::new("ip")
         .args(["link", "del", &k.layout.bridge()])
         .output()
