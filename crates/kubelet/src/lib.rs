@@ -129,6 +129,7 @@ async fn serve(
     let version = runtime.version().await?;
     let ip = opts.node_ip.unwrap_or_else(node::default_ip);
     let tag = containerd::tag(&opts.dir);
+    let (network_tx, network_ready) = watch::channel(false);
     let kubelet = Arc::new(pods::Kubelet {
         client: client.clone(),
         cri: runtime,
@@ -140,6 +141,8 @@ async fn serve(
         cgroup_root: format!("/rkube-{tag}"),
         recorder: events::Recorder::new(client.clone(), "kubelet").on_host(&opts.node_name),
         evicted: Default::default(),
+        wakers: Default::default(),
+        network_ready,
     });
     let (pressure_tx, pressure) = watch::channel(eviction::Pressure::default());
     let ca = match &opts.client_ca_pem {
@@ -164,6 +167,7 @@ async fn serve(
             dir: opts.dir.clone(),
         },
         tag,
+        network_tx,
     );
     tokio::select! {
         _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
@@ -172,6 +176,7 @@ async fn serve(
         _ = eviction::run(kubelet.clone(), opts.eviction_hard.clone(), opts.dir.clone(), pressure_tx, kubelet.evicted.clone()) => {}
         _ = cni => {}
         r = sync_pods(kubelet.clone()) => r?,
+        _ = pods::relist(kubelet.clone()) => {}
         _ = server => {}
         _ = shutdown => {}
     }
@@ -195,7 +200,13 @@ async fn root_ca(client: &Client) -> anyhow::Result<String> {
 
 /// Writes the CNI config once the node has a podCIDR (from node IPAM); without one after 15 s
 /// (no controller manager), a /24 of 10.88.0.0/16 picked from the node's directory.
-async fn pod_network(client: Client, name: String, layout: containerd::Layout, tag: String) {
+async fn pod_network(
+    client: Client,
+    name: String,
+    layout: containerd::Layout,
+    tag: String,
+    ready: watch::Sender<bool>,
+) {
     let nodes: Api<Node> = Api::all(client);
     let started = tokio::time::Instant::now();
     let mut written: Option<String> = None;
@@ -215,6 +226,7 @@ async fn pod_network(client: Client, name: String, layout: containerd::Layout, t
                 Ok(_) => {
                     tracing::info!(pod_cidr = %c, "pod network configured");
                     written = Some(c);
+                    let _ = ready.send(true);
                 }
                 Err(e) => tracing::warn!(error = %e, "writing the CNI config"),
             }
@@ -270,6 +282,7 @@ async fn sync_pods(k: Arc<pods::Kubelet>) -> anyhow::Result<()> {
             }
             _ = gc.tick() => {
                 workers.retain(|_, tx| !tx.is_closed());
+                k.wakers.lock().unwrap().retain(|uid, _| workers.contains_key(uid));
             }
         }
     }
@@ -288,7 +301,9 @@ fn upsert(
         }
     }
     let (tx, rx) = watch::channel(Some(pod));
-    tokio::spawn(pods::run_worker(k.clone(), rx));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    k.wakers.lock().unwrap().insert(uid.clone(), wake.clone());
+    tokio::spawn(pods::run_worker(k.clone(), rx, wake));
     workers.insert(uid, tx);
 }
 

@@ -44,6 +44,11 @@ pub struct Kubelet {
     pub recorder: events::Recorder,
     /// Pods the eviction manager chose, by uid, with the message their status gets.
     pub evicted: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// Each pod worker's doorbell, by pod uid: the relist rings it when the pod's containers
+    /// change state.
+    pub wakers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Whether the pod network (CNI config) is in place; pods with their own network wait.
+    pub network_ready: tokio::sync::watch::Receiver<bool>,
 }
 
 fn ns_of(pod: &Pod) -> String {
@@ -776,6 +781,50 @@ impl Kubelet {
     }
 }
 
+/// The runtime's view, relisted every second (upstream's PLEG): one ListContainers for the
+/// whole node; a pod whose containers appeared, vanished or changed state has its worker woken,
+/// so settled pods need no polling of their own.
+pub async fn relist(k: Arc<Kubelet>) {
+    let mut last: HashMap<String, (String, i32)> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let filter = cri::ContainerFilter {
+            label_selector: [(LABEL_NODE.to_string(), k.node.clone())].into(),
+            ..Default::default()
+        };
+        let Ok(list) = k.cri.containers(filter).await else {
+            continue;
+        };
+        let now: HashMap<String, (String, i32)> = list
+            .into_iter()
+            .map(|c| {
+                let uid = c.labels.get(LABEL_UID).cloned().unwrap_or_default();
+                (c.id, (uid, c.state))
+            })
+            .collect();
+        let mut changed: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for (id, (uid, state)) in &now {
+            if last.get(id).map(|(_, s)| s) != Some(state) {
+                changed.insert(uid);
+            }
+        }
+        for (id, (uid, _)) in &last {
+            if !now.contains_key(id) {
+                changed.insert(uid);
+            }
+        }
+        if !changed.is_empty() {
+            let wakers = k.wakers.lock().unwrap();
+            for uid in changed {
+                if let Some(w) = wakers.get(uid) {
+                    w.notify_one();
+                }
+            }
+        }
+        last = now;
+    }
+}
+
 /// A stop or remove that lost a race with another one (the object is gone or going) is fine.
 fn tolerate(r: cri::Result<()>) -> cri::Result<()> {
     match r {
@@ -957,6 +1006,19 @@ impl Worker {
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".into());
+        if !*k.network_ready.borrow() && spec.host_network != Some(true) {
+            for c in &spec.containers {
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "ContainerCreating".into(),
+                        message: String::new(),
+                    },
+                );
+            }
+            self.write_status(k, pod, &HashMap::new(), "").await?;
+            return Ok(Next::After(Duration::from_secs(1)));
+        }
         let sandbox = match k.ensure_sandbox(pod).await {
             Ok(s) => s,
             Err(e) => {
@@ -1046,7 +1108,24 @@ impl Worker {
             seen = k.seen(&uid).await?;
         }
         self.write_status(k, pod, &seen, &sandbox.2).await?;
-        Ok(Next::After(Duration::from_secs(1)))
+        // Settled pods wait for a change (the pod watch, or the runtime's relist waking us);
+        // pods still starting, backing off or probing look again every second.
+        let settled = self.waiting.is_empty()
+            && spec.containers.iter().all(|c| {
+                c.liveness_probe.is_none()
+                    && c.readiness_probe.is_none()
+                    && c.startup_probe.is_none()
+            })
+            && spec.containers.iter().all(|c| {
+                seen.get(&c.name)
+                    .and_then(|v| v.first())
+                    .is_some_and(|s| s.running())
+            });
+        Ok(Next::After(Duration::from_secs(if settled {
+            10
+        } else {
+            1
+        })))
     }
 
     /// Notes why container `c` is waiting, with the event upstream records when that changes.
@@ -1539,7 +1618,11 @@ impl Worker {
 
 /// Runs one pod's worker until the pod is gone from this node: syncs on every change of the
 /// pod and at least every `Next::After`.
-pub async fn run_worker(k: Arc<Kubelet>, mut rx: tokio::sync::watch::Receiver<Option<Arc<Pod>>>) {
+pub async fn run_worker(
+    k: Arc<Kubelet>,
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<Pod>>>,
+    wake: Arc<tokio::sync::Notify>,
+) {
     let mut w = Worker::default();
     let mut failures = 0u32;
     let mut uid = String::new();
@@ -1567,6 +1650,7 @@ pub async fn run_worker(k: Arc<Kubelet>, mut rx: tokio::sync::watch::Receiver<Op
             Next::After(d) => {
                 tokio::select! {
                     r = rx.changed() => if r.is_err() { break },
+                    _ = wake.notified() => {}
                     _ = tokio::time::sleep(d) => {}
                 }
             }
