@@ -15,7 +15,40 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 
-use crate::{pct, rss_mib_of, Server};
+use crate::{cpu_seconds, pct, Server};
+
+/// "RSS X MiB (own heap Y, binary pages Z)": resident memory split into anonymous and
+/// file-backed pages.
+fn memory(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    format!(
+        "RSS {:.1} MiB (anonymous {:.1} MiB, file-backed {:.1} MiB)",
+        kb("VmRSS:"),
+        kb("RssAnon:"),
+        kb("RssFile:")
+    )
+}
+
+/// The CPU seconds of a process and its children (the kubelet and its containerd).
+fn cpu_with_children(pid: u32) -> f64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    cpu_seconds(pid)
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+            .map(cpu_seconds)
+            .sum::<f64>()
+}
 
 struct Kubelet(Child);
 
@@ -174,10 +207,7 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
     api.create(&PostParams::default(), &pod("warmup")).await?;
     wait_started(&seen, "warmup", Duration::from_secs(60)).await?;
     delete_all(&api).await?;
-    println!(
-        "kubelet RSS with no pods: {:.1} MiB",
-        rss_mib_of(kubelet.0.id())
-    );
+    println!("kubelet with no pods: {}", memory(kubelet.0.id()));
 
     let mut lat = Vec::new();
     for i in 0..sequential {
@@ -212,8 +242,22 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
     // Let the status writes and probes of the burst settle before reading memory.
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!(
-        "kubelet RSS with {burst} pods running: {:.1} MiB",
-        rss_mib_of(kubelet.0.id())
+        "kubelet with {burst} pods running: {}",
+        memory(kubelet.0.id())
+    );
+    let before = (
+        cpu_seconds(kubelet.0.id()),
+        cpu_with_children(kubelet.0.id()),
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = (
+        cpu_seconds(kubelet.0.id()),
+        cpu_with_children(kubelet.0.id()),
+    );
+    println!(
+        "idle with {burst} pods, over 30 s: kubelet {:.1}% of a core, with containerd {:.1}%",
+        (after.0 - before.0) / 30.0 * 100.0,
+        (after.1 - before.1) / 30.0 * 100.0
     );
     delete_all(&api).await?;
     drop(kubelet);
