@@ -554,7 +554,42 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
             .contains("on-there")
             .then_some(())
     });
-    c.kubectl(&["delete", "pod", "there", "--grace-period=1"]);
+
+    // Deleted while its node's kubelet is down: cleaned up when the kubelet comes back.
+    let socket = agent_dir.path().join("agent/containerd/containerd.sock");
+    let containers_of_there = || {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["-n", "k8s.io", "containers", "ls", "-q"])
+            .arg("labels.\"io.kubernetes.pod.name\"==there")
+            .output()
+            .expect("ctr");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert!(containers_of_there() >= 2, "the sandbox and the container");
+    agent.kill();
+    c.kubectl(&["delete", "pod", "there", "--grace-period=0", "--force"]);
+    let mut agent = Proc(
+        Command::new(common::rkube_bin())
+            .args([
+                "agent",
+                "--server",
+                &c.server_url(),
+                "--token",
+                token.trim(),
+            ])
+            .arg("--data-dir")
+            .arg(agent_dir.path())
+            .args(["--node-name", "second", "--stop-pods-on-exit"])
+            .args(["--eviction-hard", common::LENIENT_EVICTION])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("rkube agent"),
+    );
+    c.eventually("the deleted pod's containers removed", || {
+        (containers_of_there() == 0).then_some(())
+    });
 
     let _ = Command::new("kill")
         .args(["-TERM", &agent.0.id().to_string()])
