@@ -91,6 +91,21 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // exec -t: a terminal in the container, and the caller's window size reaching it (the
+    // resize arrives after the start, so the container polls for it).
+    let tty = c
+        .command("script")
+        .args([
+            "-qec",
+            "stty cols 123 rows 45; kubectl exec -it web -- sh -c 'tty; for i in $(seq 100); do s=$(stty size 2>/dev/null); [ \"$s\" = \"45 123\" ] && break; sleep 0.1; done; echo size=$s'",
+            "/dev/null",
+        ])
+        .output()
+        .expect("script (bsdutils)");
+    let tty_out = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty_out.contains("/dev/pts/"), "{tty_out}");
+    assert!(tty_out.contains("size=45 123"), "{tty_out}");
+
     // logs, and logs -f seeing a line written after it started.
     assert!(c.kubectl(&["logs", "web"]).contains("started"));
     let mut follow = c.kubectl_stream(&["logs", "-f", "web"]);
