@@ -33,3 +33,23 @@ fn python_kubernetes_client_creates_patches_lists_and_watches() {
         );
     }
 }
+
+#[test]
+fn python_kubernetes_client_execs_and_reads_logs_on_a_real_node() {
+    let python = std::env::var("RKUBE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let c = Cluster::with_kubelet(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/exec_check.py");
+    let out = c.command(&python).arg(script).output().expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{python} {script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in ["exec", "exec stdin", "exec exit code", "logs"] {
+        assert!(
+            stdout.lines().any(|l| l == format!("ok {check}")),
+            "{check} did not pass:\n{stdout}"
+        );
+    }
+}
