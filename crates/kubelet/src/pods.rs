@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Container as KContainer, Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Client, ResourceExt};
 use serde_json::{json, Value};
@@ -29,7 +30,20 @@ pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
 /// Which node's kubelet owns a sandbox, so that two nodes sharing one runtime keep apart.
 pub const LABEL_NODE: &str = "rkube.io/node";
 
+/// The hash of the container spec a container was created from: a different spec (say, a new
+/// image) means the container is replaced.
+pub const ANNOTATION_HASH: &str = "io.kubernetes.container.hash";
+
 const BACKOFF_INITIAL: i64 = 10;
+
+/// A short hash of a container's spec, resources left out (they may change in place).
+pub fn container_hash(c: &KContainer) -> String {
+    let mut c = c.clone();
+    c.resources = None;
+    let bytes = serde_json::to_vec(&c).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
 const BACKOFF_MAX: i64 = 300;
 
 /// What every pod worker shares.
@@ -629,10 +643,13 @@ impl Kubelet {
             envs: self.env(pod, c, &sandbox.2).await?,
             mounts,
             labels,
-            annotations: [(
-                "io.kubernetes.container.restartCount".to_string(),
-                attempt.to_string(),
-            )]
+            annotations: [
+                (
+                    "io.kubernetes.container.restartCount".to_string(),
+                    attempt.to_string(),
+                ),
+                (ANNOTATION_HASH.to_string(), container_hash(c)),
+            ]
             .into(),
             log_path: format!("{}/{attempt}.log", c.name),
             stdin: c.stdin.unwrap_or(false),
@@ -719,6 +736,21 @@ impl Kubelet {
 }
 
 impl Kubelet {
+    /// Ends a pod for good: its containers stopped (within `grace` seconds), phase Failed with
+    /// `reason` and `message` (eviction, activeDeadlineSeconds).
+    async fn fail(&self, pod: &Pod, grace: i64, reason: &str, message: &str) -> anyhow::Result<()> {
+        self.kill_pod(&uid_of(pod), grace, false).await?;
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns_of(pod));
+        let status = json!({"status": {"phase": "Failed", "reason": reason, "message": message}});
+        api.patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Records an event about `pod` (about one of its containers if `container` is given).
     pub fn event(
         &self,
@@ -977,16 +1009,20 @@ impl Worker {
             .unwrap_or_default();
         let eviction = k.evicted.lock().unwrap().get(&uid).cloned();
         if let (Some(message), false) = (eviction, phase == "Failed") {
-            k.kill_pod(&uid, 0, false).await?;
-            let api: Api<Pod> = Api::namespaced(k.client.clone(), &ns_of(pod));
-            let status =
-                json!({"status": {"phase": "Failed", "reason": "Evicted", "message": message}});
-            api.patch_status(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(status),
-            )
-            .await?;
+            k.fail(pod, 0, "Evicted", &message).await?;
+            return Ok(Next::After(Duration::from_secs(30)));
+        }
+        let deadline_passed = spec.active_deadline_seconds.is_some_and(|limit| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .is_some_and(|t| Timestamp::now().as_second() - t.0.as_second() >= limit)
+        });
+        if deadline_passed && phase != "Failed" && phase != "Succeeded" {
+            let msg = "Pod was active on the node longer than the specified deadline";
+            k.event(pod, None, "Normal", "DeadlineExceeded", msg.into());
+            let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+            k.fail(pod, grace, "DeadlineExceeded", msg).await?;
             return Ok(Next::After(Duration::from_secs(30)));
         }
         if phase == "Succeeded" || phase == "Failed" {
@@ -1092,6 +1128,24 @@ impl Worker {
                     }
                     Some(s) if s.exited() && should_restart(&policy, s.status.exit_code) => {
                         self.restart(k, pod, c, Some(&s), &sandbox, &volumes)
+                            .await?;
+                        started_something = true;
+                    }
+                    Some(s)
+                        if !s.exited()
+                            && s.status
+                                .annotations
+                                .get(ANNOTATION_HASH)
+                                .is_some_and(|h| *h != container_hash(c)) =>
+                    {
+                        // The spec changed (e.g. `kubectl set image` on the pod): replace it.
+                        let msg =
+                            format!("Container {} definition changed, will be restarted", c.name);
+                        k.event(pod, Some(&c.name), "Normal", "Killing", msg);
+                        let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+                        k.cri.stop_container(&s.status.id, grace).await?;
+                        self.probes.remove(&c.name);
+                        self.start(k, pod, c, s.attempt() + 1, &sandbox, &volumes)
                             .await?;
                         started_something = true;
                     }
@@ -1255,6 +1309,19 @@ impl Worker {
                 return Ok(());
             }
         }
+        self.start(k, pod, c, attempt, sandbox, volumes).await
+    }
+
+    /// Pulls the image as the pull policy says and creates and starts attempt `attempt` of `c`.
+    async fn start(
+        &mut self,
+        k: &Kubelet,
+        pod: &Pod,
+        c: &KContainer,
+        attempt: u32,
+        sandbox: &(String, cri::PodSandboxConfig, String),
+        volumes: &anyhow::Result<HashMap<String, String>>,
+    ) -> anyhow::Result<()> {
         let volumes = match volumes {
             Ok(v) => v,
             Err(e) => {

@@ -327,6 +327,58 @@ fn restart_policies_backoff_and_probes() {
         first
     );
 
+    // activeDeadlineSeconds ends a pod.
+    pod("deadline", "Always", "while true; do sleep 0.2; done", "");
+    c.kubectl(&[
+        "patch",
+        "pod",
+        "deadline",
+        "-p",
+        r#"{"spec":{"activeDeadlineSeconds":2}}"#,
+    ]);
+    wait_field(&c, "deadline", "{.status.reason}", "DeadlineExceeded");
+    assert_eq!(field(&c, "deadline", "{.status.phase}"), "Failed");
+
+    // A new image for a running pod (`kubectl set image pod/...`) replaces its container.
+    let v2 = c.data_dir().join("v2");
+    let out = Command::new(common::rkube_bin())
+        .args([
+            "images",
+            "--busybox-name",
+            "docker.io/library/busybox:v2",
+            "--out",
+        ])
+        .arg(&v2)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let import = Command::new("ctr")
+        .arg("--address")
+        .arg(c.data_dir().join("agent/containerd/containerd.sock"))
+        .args(["-n", "k8s.io", "images", "import"])
+        .arg(v2.join("busybox.tar"))
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    wait_field(&c, "gated", "{.status.phase}", "Running");
+    let before = field(&c, "gated", "{.status.containerStatuses[0].containerID}");
+    c.kubectl(&["set", "image", "pod/gated", "c=busybox:v2"]);
+    c.eventually("the container replaced with the new image", || {
+        let id = field(&c, "gated", "{.status.containerStatuses[0].containerID}");
+        let image = field(&c, "gated", "{.status.containerStatuses[0].image}");
+        let running =
+            !field(&c, "gated", "{.status.containerStatuses[0].state.running}").is_empty();
+        (id != before && !id.is_empty() && image == "busybox:v2" && running).then_some(())
+    });
+    assert_eq!(
+        field(&c, "gated", "{.status.containerStatuses[0].restartCount}"),
+        "1"
+    );
+
     // Readiness gates Ready.
     wait_field(&c, "gated", "{.status.phase}", "Running");
     assert_eq!(
