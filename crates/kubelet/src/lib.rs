@@ -171,7 +171,7 @@ async fn serve(
     );
     tokio::select! {
         _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
-        _ = node::status_loop(client.clone(), facts, pressure) => {}
+        _ = node::status_loop(client.clone(), facts, pressure, kubelet.cri.clone()) => {}
         _ = static_pods::run(kubelet.clone(), opts.pod_manifest_path.clone().unwrap_or_else(|| opts.dir.join("pod-manifests"))) => {}
         _ = eviction::run(kubelet.clone(), opts.eviction_hard.clone(), opts.dir.clone(), pressure_tx, kubelet.evicted.clone()) => {}
         _ = cni => {}

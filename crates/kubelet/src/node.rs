@@ -251,17 +251,16 @@ pub async fn status_loop(
     client: Client,
     facts: Facts,
     mut pressure: tokio::sync::watch::Receiver<Pressure>,
+    runtime: crate::cri::Cri,
 ) {
     let nodes: Api<Node> = Api::all(client);
     let pp = PatchParams::default();
     loop {
         let now = *pressure.borrow_and_update();
+        let mut st = status(&facts, now);
+        st["images"] = images(&runtime).await;
         let wait = match nodes
-            .patch_status(
-                &facts.name,
-                &pp,
-                &Patch::Merge(json!({ "status": status(&facts, now) })),
-            )
+            .patch_status(&facts.name, &pp, &Patch::Merge(json!({ "status": st })))
             .await
         {
             Ok(_) => Duration::from_secs(60),
@@ -290,6 +289,31 @@ pub async fn status_loop(
             }
         }
     }
+}
+
+/// The node's images as upstream reports them (names and size, largest first, at most 50): the
+/// scheduler's ImageLocality scores by them.
+async fn images(runtime: &crate::cri::Cri) -> Value {
+    let Ok(list) = runtime
+        .images
+        .clone()
+        .list_images(crate::cri::ListImagesRequest::default())
+        .await
+    else {
+        return json!([]);
+    };
+    let mut images = list.into_inner().images;
+    images.sort_by_key(|i| std::cmp::Reverse(i.size));
+    let out: Vec<Value> = images
+        .into_iter()
+        .filter(|i| !i.repo_tags.is_empty() || !i.repo_digests.is_empty())
+        .take(50)
+        .map(|i| {
+            let names: Vec<String> = i.repo_digests.into_iter().chain(i.repo_tags).collect();
+            json!({"names": names, "sizeBytes": i.size})
+        })
+        .collect();
+    json!(out)
 }
 
 /// The address other machines reach this one at: the source address of the default route.

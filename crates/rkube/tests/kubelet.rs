@@ -143,6 +143,13 @@ fn a_pod_runs_and_streams_logs_exec_port_forward_and_cp() {
     c.kubectl(&["cp", "web:/www/index.html", back.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello-web\n");
 
+    // The node reports its images (what the scheduler's ImageLocality reads).
+    let images = c.jsonpath(&["get", "nodes"], "{.items[0].status.images[*].names}");
+    assert!(
+        images.contains("docker.io/library/busybox:latest"),
+        "{images}"
+    );
+
     // The kubelet's own endpoint wants the API server's client certificate.
     let kip = c.jsonpath(
         &["get", "node"],
