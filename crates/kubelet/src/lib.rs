@@ -327,6 +327,7 @@ async fn stop_all(k: &pods::Kubelet) {
     // With no pods left, the node's bridge and masquerade rule go too (another node may reuse
     // its range).
     containerd::unmasquerade(&k.layout);
+    pods::remove_cgroup(&k.cgroup_root);
     let _ = tokio::process::Command::new("ip")
         .args(["link", "del", &k.layout.bridge()])
         .output()

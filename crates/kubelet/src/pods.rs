@@ -226,6 +226,7 @@ impl Kubelet {
         }
         if remove {
             let _ = std::fs::remove_dir_all(self.pod_dir(uid));
+            remove_cgroup(&format!("{}/pod{uid}", self.cgroup_root));
         }
         Ok(())
     }
@@ -854,6 +855,20 @@ pub async fn relist(k: Arc<Kubelet>) {
             }
         }
         last = now;
+    }
+}
+
+/// Removes an (empty) cgroup from every hierarchy it exists in: runc removes the containers'
+/// cgroups, the pod's own is ours to remove. Best effort: a busy cgroup stays.
+pub fn remove_cgroup(path: &str) {
+    let rel = path.trim_start_matches('/');
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.join(rel)];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        dirs.extend(entries.flatten().map(|e| e.path().join(rel)));
+    }
+    for d in dirs.into_iter().filter(|d| d.is_dir()) {
+        let _ = std::fs::remove_dir(&d);
     }
 }
 
