@@ -14,9 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use controllers::runtime::{self, Queue};
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -255,37 +254,9 @@ async fn renew(
     name: &str,
 ) -> anyhow::Result<()> {
     let known = state.lock().unwrap().get(name).cloned();
-    let mut lease = match known {
-        Some(l) => l,
-        None => match leases.get_opt(name).await? {
-            Some(l) => l,
-            None => Lease {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
-                spec: None,
-            },
-        },
-    };
-    lease.spec = Some(LeaseSpec {
-        holder_identity: Some(name.into()),
-        lease_duration_seconds: Some(40),
-        renew_time: Some(MicroTime(Timestamp::now())),
-        ..Default::default()
-    });
-    let saved = if lease.metadata.resource_version.is_some() {
-        leases.replace(name, &PostParams::default(), &lease).await
-    } else {
-        leases.create(&PostParams::default(), &lease).await
-    };
-    match saved {
-        Ok(l) => {
-            state.lock().unwrap().insert(name.into(), l);
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    let lease = kubelet::node::renew(leases, name, known).await?;
+    state.lock().unwrap().insert(name.into(), lease);
+    Ok(())
 }
 
 /// Every 10 s, put back the Ready condition of any of our nodes someone else changed (the node

@@ -1058,17 +1058,7 @@ impl Worker {
             .clone()
             .unwrap_or_else(|| "Always".into());
         if !*k.network_ready.borrow() && spec.host_network != Some(true) {
-            for c in &spec.containers {
-                self.waiting.insert(
-                    c.name.clone(),
-                    Waiting {
-                        reason: "ContainerCreating".into(),
-                        message: String::new(),
-                    },
-                );
-            }
-            self.write_status(k, pod, &HashMap::new(), "").await?;
-            return Ok(Next::After(Duration::from_secs(1)));
+            return self.not_started(k, pod, Duration::from_secs(1)).await;
         }
         let sandbox = match k.ensure_sandbox(pod).await {
             Ok(s) => s,
@@ -1081,17 +1071,7 @@ impl Worker {
                     "FailedCreatePodSandBox",
                     format!("Failed to create pod sandbox: {e}"),
                 );
-                for c in &spec.containers {
-                    self.waiting.insert(
-                        c.name.clone(),
-                        Waiting {
-                            reason: "ContainerCreating".into(),
-                            message: String::new(),
-                        },
-                    );
-                }
-                self.write_status(k, pod, &HashMap::new(), "").await?;
-                return Ok(Next::After(Duration::from_secs(2)));
+                return self.not_started(k, pod, Duration::from_secs(2)).await;
             }
         };
         let refresh = self
@@ -1195,6 +1175,26 @@ impl Worker {
         } else {
             1
         })))
+    }
+
+    /// No sandbox yet: every container is ContainerCreating; look again after `wait`.
+    async fn not_started(
+        &mut self,
+        k: &Kubelet,
+        pod: &Pod,
+        wait: Duration,
+    ) -> anyhow::Result<Next> {
+        for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            self.waiting.insert(
+                c.name.clone(),
+                Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: String::new(),
+                },
+            );
+        }
+        self.write_status(k, pod, &HashMap::new(), "").await?;
+        Ok(Next::After(wait))
     }
 
     /// Notes why container `c` is waiting, with the event upstream records when that changes.

@@ -568,22 +568,26 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
         images.join("busybox.tar"),
     )
     .unwrap();
-    let agent = Command::new(common::rkube_bin())
-        .args([
-            "agent",
-            "--server",
-            &c.server_url(),
-            "--token",
-            token.trim(),
-        ])
-        .arg("--data-dir")
-        .arg(agent_dir.path())
-        .args(["--node-name", "second", "--stop-pods-on-exit"])
-        .args(["--eviction-hard", common::LENIENT_EVICTION])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("rkube agent");
-    let mut agent = Proc(agent);
+    let start_agent = || {
+        Proc(
+            Command::new(common::rkube_bin())
+                .args([
+                    "agent",
+                    "--server",
+                    &c.server_url(),
+                    "--token",
+                    token.trim(),
+                ])
+                .arg("--data-dir")
+                .arg(agent_dir.path())
+                .args(["--node-name", "second", "--stop-pods-on-exit"])
+                .args(["--eviction-hard", common::LENIENT_EVICTION])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("rkube agent"),
+        )
+    };
+    let mut agent = start_agent();
     c.eventually("node second Ready with a pod CIDR", || {
         let ready = c.jsonpath(
             &["get", "node", "second"],
@@ -644,23 +648,7 @@ fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
     assert!(containers_of_there() >= 2, "the sandbox and the container");
     agent.kill();
     c.kubectl(&["delete", "pod", "there", "--grace-period=0", "--force"]);
-    let mut agent = Proc(
-        Command::new(common::rkube_bin())
-            .args([
-                "agent",
-                "--server",
-                &c.server_url(),
-                "--token",
-                token.trim(),
-            ])
-            .arg("--data-dir")
-            .arg(agent_dir.path())
-            .args(["--node-name", "second", "--stop-pods-on-exit"])
-            .args(["--eviction-hard", common::LENIENT_EVICTION])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("rkube agent"),
-    );
+    let mut agent = start_agent();
     c.eventually("the deleted pod's containers removed", || {
         (containers_of_there() == 0).then_some(())
     });

@@ -163,26 +163,6 @@ pub fn node_allocatable(node: &Node) -> Resource {
 mod tests {
     use super::*;
 
-    #[test]
-    fn quantities() {
-        for (q, v) in [
-            ("100m", 0.1),
-            ("1", 1.0),
-            ("0.5", 0.5),
-            ("1Gi", 1073741824.0),
-            ("512Mi", 536870912.0),
-            ("1G", 1e9),
-            ("1k", 1000.0),
-            ("1e3", 1000.0),
-            ("2E", 2e18),
-        ] {
-            assert_eq!(parse_quantity(q), Some(v), "{q}");
-        }
-        assert_eq!(parse_quantity("abc"), None);
-        assert_eq!(parse_quantity("1Xi"), None);
-        assert_eq!(parse_quantity(""), None);
-    }
-
     fn spec(v: serde_json::Value) -> PodSpec {
         serde_json::from_value(v).unwrap()
     }
