@@ -79,16 +79,7 @@ impl Recorder {
         reason: &str,
         message: String,
     ) {
-        let reference = ObjectReference {
-            api_version: Some(K::api_version(&()).into_owned()),
-            kind: Some(K::kind(&()).into_owned()),
-            name: obj.meta().name.clone(),
-            namespace: obj.meta().namespace.clone(),
-            uid: obj.meta().uid.clone(),
-            resource_version: obj.meta().resource_version.clone(),
-            ..Default::default()
-        };
-        self.record_ref(reference, type_, reason, message);
+        self.record_ref(reference(obj), type_, reason, message);
     }
 
     pub fn record_ref(
@@ -134,6 +125,19 @@ impl Recorder {
         };
         // A full queue drops the event, as upstream's broadcaster does.
         let _ = self.tx.try_send(ev);
+    }
+}
+
+/// The reference an event about `obj` carries (add a `field_path` to point into it).
+pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: obj.meta().name.clone(),
+        namespace: obj.meta().namespace.clone(),
+        uid: obj.meta().uid.clone(),
+        resource_version: obj.meta().resource_version.clone(),
+        ..Default::default()
     }
 }
 

@@ -219,12 +219,22 @@ pub fn write_cni(layout: &Layout, pod_cidr: &str) -> std::io::Result<bool> {
     )
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(bin))
-        .find(|p| p.is_file())
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+}
+
+/// What the supervised runtime needs and this machine lacks (None: all there).
+pub fn missing() -> Option<String> {
+    let mut missing: Vec<String> = ["containerd", "runc", "containerd-shim-runc-v2", "ctr"]
+        .into_iter()
+        .filter(|b| !on_path(b))
+        .map(String::from)
+        .collect();
+    if !Path::new(CNI_BIN_DIR).join("bridge").is_file() {
+        missing.push(format!("{CNI_BIN_DIR}/bridge"));
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
 }
 
 /// A containerd process we started; stopped (SIGTERM, then SIGKILL after 10 s) by `stop`.
@@ -240,11 +250,8 @@ impl Supervised {
         sandbox_image: &str,
         insecure: &[String],
     ) -> Result<Supervised, Error> {
-        for bin in ["containerd", "runc", "containerd-shim-runc-v2", "ctr"] {
-            which(bin).ok_or_else(|| Error::Missing(bin.into()))?;
-        }
-        if !Path::new(CNI_BIN_DIR).join("bridge").is_file() {
-            return Err(Error::Missing(format!("{CNI_BIN_DIR}/bridge")));
+        if let Some(m) = missing() {
+            return Err(Error::Missing(m));
         }
         std::fs::create_dir_all(layout.dir.join("containerd"))?;
         std::fs::create_dir_all(layout.cni_conf_dir())?;

@@ -141,8 +141,8 @@ struct Waiting {
 #[derive(Default)]
 pub struct Worker {
     waiting: HashMap<String, Waiting>,
-    pull_failures: HashMap<String, u32>,
-    pull_failed_at: HashMap<String, tokio::time::Instant>,
+    /// Failed pulls per container: how many in a row, and when the last one failed.
+    pull_failures: HashMap<String, (u32, tokio::time::Instant)>,
     last_status: Option<Value>,
     start_time: Option<String>,
     /// When each mounted configMap/secret volume was last refreshed.
@@ -170,15 +170,19 @@ impl Kubelet {
             .join(format!("{}_{}_{}", ns_of(pod), pod.name_any(), uid_of(pod)))
     }
 
-    /// Every container of a pod (all sandboxes, all attempts), newest attempt first per name.
-    async fn seen(&self, uid: &str) -> cri::Result<HashMap<String, Vec<Seen>>> {
-        let list = self
-            .cri
+    /// The runtime's containers of pod `uid` (every sandbox, every attempt).
+    async fn pod_containers(&self, uid: &str) -> cri::Result<Vec<cri::Container>> {
+        self.cri
             .containers(cri::ContainerFilter {
                 label_selector: [(LABEL_UID.to_string(), uid.to_string())].into(),
                 ..Default::default()
             })
-            .await?;
+            .await
+    }
+
+    /// Every container of a pod (all sandboxes, all attempts), newest attempt first per name.
+    async fn seen(&self, uid: &str) -> cri::Result<HashMap<String, Vec<Seen>>> {
+        let list = self.pod_containers(uid).await?;
         let mut out: HashMap<String, Vec<Seen>> = HashMap::new();
         for c in list {
             let Some(status) = self.cri.container_status(&c.id).await? else {
@@ -204,13 +208,7 @@ impl Kubelet {
     /// Stops every container of the pod (SIGTERM, SIGKILL after `grace` seconds), then its
     /// sandboxes; removes them all when `remove`.
     pub async fn kill_pod(&self, uid: &str, grace: i64, remove: bool) -> cri::Result<()> {
-        let containers = self
-            .cri
-            .containers(cri::ContainerFilter {
-                label_selector: [(LABEL_UID.to_string(), uid.to_string())].into(),
-                ..Default::default()
-            })
-            .await?;
+        let containers = self.pod_containers(uid).await?;
         let stops = containers
             .iter()
             .filter(|c| c.state != cri::ContainerState::ContainerExited as i32)
@@ -761,15 +759,8 @@ impl Kubelet {
         reason: &str,
         message: String,
     ) {
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: pod.metadata.name.clone(),
-            namespace: pod.metadata.namespace.clone(),
-            uid: pod.metadata.uid.clone(),
-            resource_version: pod.metadata.resource_version.clone(),
-            field_path: container.map(|c| format!("spec.containers{{{c}}}")),
-        };
+        let mut reference = events::reference(pod);
+        reference.field_path = container.map(|c| format!("spec.containers{{{c}}}"));
         self.recorder.record_ref(reference, type_, reason, message);
     }
 
@@ -1375,14 +1366,12 @@ impl Worker {
             return Ok(());
         }
         if must_pull {
-            let failures = self.pull_failures.get(&c.name).copied().unwrap_or(0);
-            if failures > 0 {
+            if let Some(&(failures, since)) = self.pull_failures.get(&c.name) {
                 if let Some(w) = self.waiting.get(&c.name) {
                     if w.reason == "ErrImagePull" || w.reason == "ImagePullBackOff" {
                         // Back off between pulls as upstream does (10 s doubling).
-                        let since = self.pull_failed_at.get(&c.name).copied();
                         let wait = Duration::from_secs(backoff_seconds(failures) as u64);
-                        if since.is_some_and(|t| t.elapsed() < wait) {
+                        if since.elapsed() < wait {
                             self.wait(
                                 k,
                                 pod,
@@ -1417,9 +1406,9 @@ impl Worker {
                 );
             }
             if let Err(e) = pulled {
-                *self.pull_failures.entry(c.name.clone()).or_default() += 1;
-                self.pull_failed_at
-                    .insert(c.name.clone(), tokio::time::Instant::now());
+                let failures = self.pull_failures.get(&c.name).map_or(0, |f| f.0);
+                self.pull_failures
+                    .insert(c.name.clone(), (failures + 1, tokio::time::Instant::now()));
                 self.wait(
                     k,
                     pod,

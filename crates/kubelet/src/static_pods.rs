@@ -93,17 +93,46 @@ pub async fn run(k: std::sync::Arc<Kubelet>, dir: PathBuf) {
     let _ = std::fs::create_dir_all(&dir);
     let all: Api<Pod> = Api::all(k.client.clone());
     let nodes: Api<Node> = Api::all(k.client.clone());
+    let mut node_uid: Option<String> = None;
+    // Unknown at start: an earlier run may have left mirror pods behind.
+    let mut mirrors = true;
     loop {
-        if let Err(e) = sync(&k, &dir, &all, &nodes).await {
-            tracing::warn!(error = %e, "static pods");
+        // With no manifests and no mirror pods there is nothing to ask the API.
+        if mirrors || has_manifests(&dir) {
+            match sync(&k, &dir, &all, &nodes, &mut node_uid).await {
+                Ok(n) => mirrors = n > 0,
+                Err(e) => tracing::warn!(error = %e, "static pods"),
+            }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
-async fn sync(k: &Kubelet, dir: &Path, all: &Api<Pod>, nodes: &Api<Node>) -> anyhow::Result<()> {
-    let node_uid = nodes.get(&k.node).await?.uid().unwrap_or_default();
-    let want = desired(dir, &k.node, &node_uid);
+fn has_manifests(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let p = e.path();
+            matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+    })
+}
+
+/// One round; returns how many mirror pods the manifests ask for.
+async fn sync(
+    k: &Kubelet,
+    dir: &Path,
+    all: &Api<Pod>,
+    nodes: &Api<Node>,
+    node_uid: &mut Option<String>,
+) -> anyhow::Result<usize> {
+    if node_uid.is_none() {
+        *node_uid = Some(nodes.get(&k.node).await?.uid().unwrap_or_default());
+    }
+    let want = desired(dir, &k.node, node_uid.as_deref().unwrap_or_default());
+    let wanted = want.len();
     let lp = ListParams::default().fields(&format!("spec.nodeName={}", k.node));
     let have: Vec<Pod> = all
         .list(&lp)
@@ -139,7 +168,7 @@ async fn sync(k: &Kubelet, dir: &Path, all: &Api<Pod>, nodes: &Api<Node>) -> any
             Err(e) => tracing::warn!(pod = %name, error = %e, "creating a mirror pod"),
         }
     }
-    Ok(())
+    Ok(wanted)
 }
 
 #[cfg(test)]

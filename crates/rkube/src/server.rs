@@ -110,15 +110,7 @@ impl NodeArgs {
         if self.container_runtime_endpoint.is_some() {
             return None;
         }
-        let found = |b: &str| {
-            std::env::var_os("PATH")
-                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(b).is_file()))
-        };
-        let missing: Vec<&str> = ["containerd", "runc", "ctr"]
-            .into_iter()
-            .filter(|b| !found(b))
-            .collect();
-        (!missing.is_empty()).then(|| format!("{} not installed", missing.join(", ")))
+        kubelet::containerd::missing().map(|m| format!("{m} not installed"))
     }
 }
 
