@@ -20,7 +20,7 @@ use crate::object::{self, decode, Stored};
 use crate::pipeline::{self, Attributes, UserInfo};
 use crate::registry::{lookup, Kind};
 use crate::table::{self, IncludeObject};
-use crate::{discovery, protobuf, strategy, watch, State};
+use crate::{discovery, protobuf, servicealloc, strategy, watch, State};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -952,7 +952,22 @@ impl Ctx {
             &name,
         )
         .await?;
+        // Services get their ClusterIP and node ports last, once nothing else can refuse them.
+        let held = if is_service(kind) {
+            let h = self.state.services.allocate(&mut obj).map_err(|causes| {
+                ApiError::invalid(kind.kind, &name, causes).on(kind.group, kind.plural, &name)
+            })?;
+            Some(h)
+        } else {
+            None
+        };
+        let release = |state: &State| {
+            if let Some(h) = &held {
+                state.services.release(h);
+            }
+        };
         if dry_run {
+            release(&self.state);
             // Existence is still checked, as upstream's dry run does.
             if self
                 .state
@@ -972,12 +987,18 @@ impl Ctx {
         }
         drop_empty_metadata(&mut obj);
         let bytes = serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?;
-        let rev = self
+        let rev = match self
             .state
             .store
             .create(&self.key(&name), Bytes::from(bytes))
             .await
-            .map_err(|e| self.err(&name, e))?;
+        {
+            Ok(rev) => rev,
+            Err(e) => {
+                release(&self.state);
+                return Err(self.err(&name, e));
+            }
+        };
         obj["metadata"]["resourceVersion"] = json!(rev.0.to_string());
         Ok(obj)
     }
@@ -1083,12 +1104,18 @@ impl Ctx {
             new["apiVersion"] = json!(kind.api_version());
             new["kind"] = json!(kind.kind);
             strategy::apply_defaults(kind, &mut new);
+            if is_service(kind) {
+                servicealloc::carry_allocated(&cur, &mut new);
+            }
             if tracks_generation(kind) && spec_part(&new) != spec_part(&cur) {
                 let g = cur["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
                 new["metadata"]["generation"] = json!(g);
             }
             new["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
-            let causes = strategy::validate(kind, &new);
+            let mut causes = strategy::validate(kind, &new);
+            if is_service(kind) {
+                causes.extend(servicealloc::validate_update(&cur, &new));
+            }
             if !causes.is_empty() {
                 return Err(ApiError::invalid(kind.kind, name, causes).on(
                     kind.group,
@@ -1112,7 +1139,20 @@ impl Ctx {
             }
             let finalized =
                 !cur["metadata"]["deletionTimestamp"].is_null() && no_finalizers(kind, &new);
+            // A Service's newly needed IP or ports are reserved before the write, given back if
+            // it fails; what it no longer holds is freed once the write lands.
+            let services = &self.state.services;
+            let got = if is_service(kind) && !finalized {
+                services
+                    .allocate_changes(Some(&cur), &mut new)
+                    .map_err(|causes| {
+                        ApiError::invalid(kind.kind, name, causes).on(kind.group, kind.plural, name)
+                    })?
+            } else {
+                Default::default()
+            };
             if dry_run {
+                services.release(&got);
                 return Ok(new);
             }
             if finalized {
@@ -1122,15 +1162,31 @@ impl Ctx {
                     .delete(&self.key(name), Some(cur_rev))
                     .await;
                 match res {
-                    Ok(_) => return Ok(new),
+                    Ok(_) => {
+                        if is_service(kind) {
+                            services.release(&services.holding(&cur));
+                        }
+                        return Ok(new);
+                    }
                     Err(StoreError::Conflict { .. }) if !pinned => continue,
                     Err(e) => return Err(self.err(name, e)),
                 }
             }
             match self.write_back(name, &mut new, cur_rev).await {
-                Ok(()) => return Ok(new),
-                Err(StoreError::Conflict { .. }) if !pinned => continue,
-                Err(e) => return Err(self.err(name, e)),
+                Ok(()) => {
+                    if is_service(kind) {
+                        services.release(&services.freed(&cur, &new));
+                    }
+                    return Ok(new);
+                }
+                Err(StoreError::Conflict { .. }) if !pinned => {
+                    services.release(&got);
+                    continue;
+                }
+                Err(e) => {
+                    services.release(&got);
+                    return Err(self.err(name, e));
+                }
             }
         }
         Err(ApiError::conflict(
@@ -1873,6 +1929,10 @@ impl Ctx {
                 .await
             {
                 Ok((rev, _)) => {
+                    if is_service(kind) {
+                        let services = &self.state.services;
+                        services.release(&services.holding(&cur));
+                    }
                     let mut gone = cur;
                     gone["metadata"]["resourceVersion"] = json!(rev.0.to_string());
                     return Ok((gone, StatusCode::OK));
@@ -2112,7 +2172,25 @@ pub async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `kubernetes` Service in `default` (ClusterIP 10.43.0.1:443) and its Endpoints and
+/// Mark the ClusterIPs and node ports every stored Service holds.
+pub async fn restore_service_allocations(state: &Arc<State>) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let kind = lookup("", "v1", "services").ok_or_else(|| anyhow::anyhow!("no services kind"))?;
+    let mut stream = state.store.range_stream(&kind.prefix(None), 1000).await?;
+    let mut n = 0;
+    while let Some(chunk) = stream.chunks.next().await {
+        for kv in chunk? {
+            if let Ok(svc) = serde_json::from_slice::<Value>(&kv.value) {
+                state.services.restore(&svc);
+                n += 1;
+            }
+        }
+    }
+    tracing::debug!(services = n, "service allocations restored");
+    Ok(())
+}
+
+/// The `kubernetes` Service in `default` (the first ClusterIP of the range, port 443) and its Endpoints and
 /// EndpointSlice pointing at this API server (upstream's API server keeps these itself: the
 /// Service has no selector, so the endpoints controller leaves it alone).
 pub async fn publish_self(
@@ -2121,6 +2199,7 @@ pub async fn publish_self(
     port: u16,
 ) -> anyhow::Result<()> {
     let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let first = state.services.net.nth(1).to_string();
     let objects = [
         (
             "",
@@ -2129,7 +2208,7 @@ pub async fn publish_self(
             json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "kubernetes", "namespace": "default",
                          "labels": {"component": "apiserver", "provider": "kubernetes"}},
-            "spec": {"type": "ClusterIP", "clusterIP": "10.43.0.1", "clusterIPs": ["10.43.0.1"],
+            "spec": {"type": "ClusterIP", "clusterIP": first, "clusterIPs": [first],
                      "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
         ),
         (
@@ -2167,7 +2246,8 @@ pub async fn publish_self(
         };
         match ctx.create_object(obj.clone()).await {
             Ok(_) => {}
-            Err(e) if e.code == 409 => {
+            // 422: the Service exists and holds its ClusterIP.
+            Err(e) if e.code == 409 || e.code == 422 => {
                 // Keep it pointing here (the address or port may have changed).
                 let want = obj.clone();
                 let r = ctx
@@ -2192,6 +2272,10 @@ pub async fn publish_self(
         }
     }
     Ok(())
+}
+
+fn is_service(kind: &Kind) -> bool {
+    kind.group.is_empty() && kind.kind == "Service"
 }
 
 #[cfg(test)]

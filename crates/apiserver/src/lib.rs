@@ -13,6 +13,7 @@ mod pipeline;
 mod protobuf;
 mod proxy;
 mod registry;
+mod servicealloc;
 mod strategy;
 mod table;
 mod tokens;
@@ -33,6 +34,7 @@ use tokio::sync::watch as tokio_watch;
 
 pub use pipeline::UserInfo;
 pub use registry::KINDS;
+pub use servicealloc::{ServiceNetwork, DEFAULT_NODE_PORT_RANGE, DEFAULT_SERVICE_CIDR};
 pub use tokens::TokenSigner;
 
 /// Shared by every request.
@@ -48,6 +50,8 @@ pub struct State {
     pub node_token: std::sync::RwLock<Option<String>>,
     /// The TLS client used towards kubelets (with the API server's client certificate).
     pub kubelet_tls: std::sync::RwLock<Option<Arc<rustls::ClientConfig>>>,
+    /// Service ClusterIPs and node ports.
+    pub services: servicealloc::Allocator,
 }
 
 /// Priority admission's copy of the PriorityClasses it looked up (found ones only, so that a
@@ -76,6 +80,7 @@ impl ApiServer {
         tls: rustls::ServerConfig,
         compaction_interval: Duration,
         signer: TokenSigner,
+        service_network: ServiceNetwork,
     ) -> anyhow::Result<ApiServer> {
         let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
         let cache = watchcache::WatchCache::start(store.clone(), shutdown_rx.clone()).await?;
@@ -87,8 +92,10 @@ impl ApiServer {
             shutdown: shutdown_rx.clone(),
             node_token: Default::default(),
             kubelet_tls: Default::default(),
+            services: servicealloc::Allocator::new(service_network),
         });
         handler::bootstrap(&state).await?;
+        handler::restore_service_allocations(&state).await?;
         tokio::spawn(compactor(
             state.store.clone(),
             shutdown_rx.clone(),

@@ -77,10 +77,19 @@ enum Command {
         #[arg(long, default_value = kubelet::images::BUSYBOX_IMAGE)]
         busybox_name: String,
     },
-    /// The service proxy alone.
+    /// The service proxy alone: programs this machine's nftables for Services.
     Proxy {
         #[arg(long)]
         kubeconfig: PathBuf,
+        /// This machine's node name (default: the host name).
+        #[arg(long, env = "RKUBE_NODE_NAME")]
+        node_name: Option<String>,
+        /// The pod range traffic counts as local from (default: the node's podCIDR).
+        #[arg(long, env = "RKUBE_CLUSTER_CIDR")]
+        cluster_cidr: Option<String>,
+        /// The nftables table this proxy owns.
+        #[arg(long, default_value = "rkube-proxy")]
+        table: String,
     },
     /// Move a datastore into an empty etcd cluster: copy every key, advance and compact the
     /// target's history past the source's revision, then compare both. Stop the server first.
@@ -109,14 +118,6 @@ enum Command {
         #[arg(long, default_value = "")]
         zones: String,
     },
-}
-
-fn not_yet(component: &str) -> ExitCode {
-    eprintln!(
-        "rkube: `{component}` is not part of this build yet; see ROADMAP in README.md. \
-         `rkube server` runs the storage and the API server today."
-    );
-    ExitCode::from(2)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -204,7 +205,32 @@ fn main() -> ExitCode {
             config.accept_invalid_certs = true;
             let client = kube::Client::try_from(config)?;
             let opts = node.options(Some(data_dir.join("agent")))?;
-            kubelet::run(client, opts, terminated()).await
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let proxy_task = match server::proxy_missing() {
+                Some(why) => {
+                    tracing::warn!("no service proxy on this node: {why}");
+                    None
+                }
+                None => {
+                    let popts = node.proxy_options(&data_dir.join("agent"), None);
+                    let client = client.clone();
+                    let mut stop = stop_rx.clone();
+                    Some(tokio::spawn(async move {
+                        let shutdown = async move {
+                            let _ = stop.changed().await;
+                        };
+                        if let Err(e) = proxy::run(client, popts, shutdown).await {
+                            tracing::error!(error = %e, "proxy stopped");
+                        }
+                    }))
+                }
+            };
+            let res = kubelet::run(client, opts, terminated()).await;
+            let _ = stop_tx.send(true);
+            if let Some(t) = proxy_task {
+                let _ = t.await;
+            }
+            res
         }),
         Command::Scheduler { kubeconfig, config } => runtime.block_on(async move {
             let config = match config {
@@ -251,7 +277,23 @@ fn main() -> ExitCode {
             println!("{}", out.join("busybox.tar").display());
             Ok(())
         })(),
-        Command::Proxy { .. } => return not_yet("proxy"),
+        Command::Proxy {
+            kubeconfig,
+            node_name,
+            cluster_cidr,
+            table,
+        } => runtime.block_on(async move {
+            if let Some(why) = server::proxy_missing() {
+                anyhow::bail!("{why}");
+            }
+            let client = client_from_kubeconfig(&kubeconfig).await?;
+            let opts = proxy::Options {
+                node_name: node_name.unwrap_or_else(server::hostname),
+                table,
+                cluster_cidr,
+            };
+            proxy::run(client, opts, terminated()).await
+        }),
         Command::HollowNodes {
             kubeconfig,
             count,

@@ -39,6 +39,13 @@ pub struct ServerArgs {
     /// revisions, so watchers and paged lists can resume within 1-2 intervals.
     #[arg(long, env = "RKUBE_COMPACTION_INTERVAL_SECONDS", default_value_t = 300)]
     pub compaction_interval_seconds: u64,
+    /// The range Service ClusterIPs are given from (its first address is the `kubernetes`
+    /// Service's, its tenth cluster DNS's).
+    #[arg(long, env = "RKUBE_SERVICE_CLUSTER_IP_RANGE", default_value = apiserver::DEFAULT_SERVICE_CIDR)]
+    pub service_cluster_ip_range: String,
+    /// The range NodePorts are given from.
+    #[arg(long, env = "RKUBE_SERVICE_NODE_PORT_RANGE", default_value = apiserver::DEFAULT_NODE_PORT_RANGE)]
+    pub service_node_port_range: String,
     #[command(flatten)]
     pub controllers: ControllerArgs,
     #[command(flatten)]
@@ -87,10 +94,24 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(hostname)
+    }
+
+    /// The proxy's options for the node whose directory is `dir`: its table is named after
+    /// that directory, so that nodes of two clusters on one machine never share one.
+    pub fn proxy_options(&self, dir: &Path, cluster_cidr: Option<String>) -> proxy::Options {
+        proxy::Options {
+            node_name: self.node_name(),
+            table: format!("rkube-{}", kubelet::containerd::tag(dir)),
+            cluster_cidr,
+        }
+    }
+
     /// The kubelet's options; `dir` overrides --kubelet-dir.
     pub fn options(&self, dir: Option<PathBuf>) -> Result<kubelet::Options> {
         Ok(kubelet::Options {
-            node_name: self.node_name.clone().unwrap_or_else(hostname),
+            node_name: self.node_name(),
             dir: dir.unwrap_or_else(|| self.kubelet_dir.clone()),
             runtime_endpoint: self.container_runtime_endpoint.clone(),
             insecure_registries: self.insecure_registry.clone(),
@@ -305,7 +326,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<()> {
     Ok(())
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())
         .unwrap_or_else(|_| "localhost".into())
@@ -358,6 +379,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             );
         }
     }
+    let service_network = apiserver::ServiceNetwork::parse(
+        &args.service_cluster_ip_range,
+        &args.service_node_port_range,
+    )
+    .map_err(|e| anyhow::anyhow!("--service-cluster-ip-range/--service-node-port-range: {e}"))?;
     fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let store = open_store(&args).await?;
@@ -365,7 +391,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let mut addresses = vec![
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(Ipv6Addr::LOCALHOST),
-        IpAddr::V4(Ipv4Addr::new(10, 43, 0, 1)),
+        IpAddr::V4(service_network.nth(1)),
     ];
     if !args.bind_address.is_unspecified() && !addresses.contains(&args.bind_address) {
         addresses.push(args.bind_address);
@@ -388,9 +414,16 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let signer = apiserver::TokenSigner::load_or_create(
         &args.data_dir.join("tls").join("service-account.key"),
     )?;
-    let api = apiserver::ApiServer::start(store, addr, pki.serving.clone(), compaction, signer)
-        .await
-        .with_context(|| format!("starting the API server on {addr}"))?;
+    let api = apiserver::ApiServer::start(
+        store,
+        addr,
+        pki.serving.clone(),
+        compaction,
+        signer,
+        service_network.clone(),
+    )
+    .await
+    .with_context(|| format!("starting the API server on {addr}"))?;
     api.publish_self(advertise_address(args.bind_address))
         .await
         .context("publishing the kubernetes Service")?;
@@ -455,6 +488,27 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             }
         }
     }
+    if !args.disable.iter().any(|d| d == "proxy") {
+        match proxy_missing() {
+            Some(why) => tracing::warn!("no service proxy on this machine: {why}"),
+            None => {
+                let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+                let mut stop = stop_rx.clone();
+                let opts = args.node.proxy_options(
+                    &args.data_dir.join("agent"),
+                    Some(args.controllers.cluster_cidr.clone()),
+                );
+                components.push(tokio::spawn(async move {
+                    let shutdown = async move {
+                        let _ = stop.changed().await;
+                    };
+                    if let Err(e) = proxy::run(client, opts, shutdown).await {
+                        tracing::error!(error = %e, "proxy stopped");
+                    }
+                }));
+            }
+        }
+    }
     println!(
         "rkube: ready: kubeconfig {} (API server {url})",
         kubeconfig_path.display()
@@ -511,4 +565,12 @@ fn advertise_address(bind: IpAddr) -> IpAddr {
         })
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// Why this machine cannot run the service proxy, if it cannot.
+pub fn proxy_missing() -> Option<String> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("nft").is_file()))
+        .unwrap_or(false);
+    (!found).then(|| "nft (package nftables) not installed".to_string())
 }

@@ -62,6 +62,16 @@ impl Cluster {
         std::fs::remove_file(images.join("pause.tar")).expect("pause.tar");
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         extra.extend(["--cluster-cidr".to_string(), unique_cluster_cidr()]);
+        if !extra.iter().any(|a| a == "--service-cluster-ip-range") {
+            // Each cluster's proxy owns its Service range and node ports on the shared host.
+            let (cidr, ports) = unique_service_ranges();
+            extra.extend([
+                "--service-cluster-ip-range".to_string(),
+                cidr,
+                "--service-node-port-range".to_string(),
+                ports,
+            ]);
+        }
         if !extra.iter().any(|a| a == "--eviction-hard") {
             // A build machine's disk can be fuller than upstream's 10% threshold allows; only
             // the eviction test wants pressure.
@@ -112,7 +122,7 @@ impl Cluster {
             .args(if self.kubelet {
                 &["--stop-pods-on-exit"][..]
             } else {
-                &["--disable", "kubelet"][..]
+                &["--disable", "kubelet,proxy"][..]
             })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -401,6 +411,18 @@ pub fn unique_cluster_cidr() -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("10.{}.0.0/16", 100 + (std::process::id() + n * 7) % 100)
+}
+
+/// A Service range and node-port range no other cluster of this test binary uses.
+pub fn unique_service_ranges() -> (String, String) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let k = (std::process::id() + n * 5) % 16;
+    let low = 30000 + k * 100;
+    (
+        format!("172.{}.0.0/16", 16 + k),
+        format!("{low}-{}", low + 99),
+    )
 }
 
 /// GET `path` from `addr` over plain HTTP/1.0; the whole response, or None if it failed.
