@@ -3,7 +3,7 @@
 # `rkube server` processes and drive them with the real kubectl, kube-rs and the Python client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for tool in kubectl curl python3 etcd containerd runc ctr skopeo docker-registry iptables script; do
+for tool in kubectl curl python3 etcd containerd runc ctr skopeo docker-registry iptables nft script; do
   command -v "$tool" >/dev/null || { echo "the tests need $tool (see .ci/run for the packages)" >&2; exit 1; }
 done
 # The Python client, pinned, in a venv kept with the build artefacts.

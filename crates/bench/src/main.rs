@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod podstartup;
+mod proxysync;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -102,6 +103,28 @@ enum Cmd {
         sequential: usize,
         #[arg(long, default_value_t = 30)]
         burst: usize,
+    },
+    /// The proxy's nftables data plane alone (root, `nft`): a whole sync of S Services x E
+    /// endpoints in one transaction, then single endpoint changes one at a time.
+    ProxySync {
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Whole syncs to time (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Network programming latency on a real kubelet and `rkube proxy`: from a pod seen Ready
+    /// to its Service answering on this machine, one pod (and Service) after another.
+    ProxyLatency {
+        /// The rkube binary (default: next to this one).
+        #[arg(long)]
+        rkube: Option<PathBuf>,
+        #[arg(long, default_value_t = 30)]
+        pods: usize,
     },
     /// The embedded store and Debian's etcd side by side, same workload through the same API
     /// server: durable writes/s at 1 and 64 clients, reads/s, watch delivery latency.
@@ -1174,6 +1197,13 @@ async fn main() -> Result<()> {
             sequential,
             burst,
         } => podstartup::run(rkube_bin(rkube)?, sequential, burst).await,
+        Cmd::ProxySync {
+            services,
+            endpoints,
+            changes,
+            rounds,
+        } => proxysync::sync(services, endpoints, changes, rounds),
+        Cmd::ProxyLatency { rkube, pods } => proxysync::latency(rkube_bin(rkube)?, pods).await,
         Cmd::Datastores { rkube, seconds } => {
             let bin = rkube_bin(rkube)?;
             datastores_bench(bin, seconds).await

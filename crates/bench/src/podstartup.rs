@@ -50,14 +50,17 @@ fn cpu_with_children(pid: u32) -> f64 {
             .sum::<f64>()
 }
 
-struct Kubelet(Child);
+pub struct Kubelet {
+    pub child: Child,
+    _dir: tempfile::TempDir,
+}
 
 impl Drop for Kubelet {
     fn drop(&mut self) {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let _ = self.0.wait();
+        let _ = self.child.wait();
     }
 }
 
@@ -88,19 +91,24 @@ fn all_started(p: &Pod) -> bool {
     })
 }
 
-/// Records when each pod is first seen with every container started.
-fn observe(api: Api<Pod>) -> Arc<Mutex<HashMap<String, Instant>>> {
+/// Records when each pod with these labels is first seen in the state `pred` looks for.
+pub fn observe(
+    api: Api<Pod>,
+    labels: &str,
+    pred: fn(&Pod) -> bool,
+) -> Arc<Mutex<HashMap<String, Instant>>> {
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let s = seen.clone();
+    let config = watcher::Config::default().labels(labels);
     tokio::spawn(async move {
-        let mut stream = watcher(api, watcher::Config::default().labels("app=startup")).boxed();
+        let mut stream = watcher(api, config).boxed();
         while let Some(ev) = stream.next().await {
             let pods = match ev {
                 Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => vec![p],
                 _ => vec![],
             };
             for p in pods {
-                if all_started(&p) {
+                if pred(&p) {
                     let name = p.metadata.name.clone().unwrap_or_default();
                     s.lock().unwrap().entry(name).or_insert_with(Instant::now);
                 }
@@ -110,7 +118,7 @@ fn observe(api: Api<Pod>) -> Arc<Mutex<HashMap<String, Instant>>> {
     seen
 }
 
-async fn wait_started(
+pub async fn wait_started(
     seen: &Mutex<HashMap<String, Instant>>,
     name: &str,
     timeout: Duration,
@@ -121,7 +129,7 @@ async fn wait_started(
             return Ok(*t);
         }
         if Instant::now() > deadline {
-            bail!("pod {name} did not start within {timeout:?}");
+            bail!("pod {name} did not get there within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -158,12 +166,16 @@ fn report(what: &str, lat: &mut [Duration]) {
     println!("{what}: {n} pods, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms");
 }
 
-pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
-    let server = Server::start_with(&bin, &["--disable", "kubelet"])?;
-    let client = server.client().await?;
+/// A real `rkube kubelet` (node `bench-node`, its own directory) on `server`, once the node is
+/// Ready with a podCIDR.
+pub async fn start_kubelet(
+    bin: &PathBuf,
+    server: &Server,
+    client: &kube::Client,
+) -> Result<Kubelet> {
     let dir = tempfile::tempdir()?;
     let node_dir = dir.path().join("agent");
-    let out = Command::new(&bin)
+    let out = Command::new(bin)
         .args(["images", "--out"])
         .arg(node_dir.join("images"))
         .output()?;
@@ -171,7 +183,7 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
         bail!("rkube images: {}", String::from_utf8_lossy(&out.stderr));
     }
     std::fs::remove_file(node_dir.join("images/pause.tar"))?;
-    let child = Command::new(&bin)
+    let child = Command::new(bin)
         .args(["kubelet", "--kubeconfig"])
         .arg(&server.kubeconfig)
         .arg("--kubelet-dir")
@@ -181,7 +193,7 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting rkube kubelet")?;
-    let kubelet = Kubelet(child);
+    let kubelet = Kubelet { child, _dir: dir };
     let nodes: Api<Node> = Api::all(client.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -201,13 +213,20 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(kubelet)
+}
+
+pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
+    let server = Server::start_with(&bin, &["--disable", "kubelet"])?;
+    let client = server.client().await?;
+    let kubelet = start_kubelet(&bin, &server, &client).await?;
     let api: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let seen = observe(api.clone());
+    let seen = observe(api.clone(), "app=startup", all_started);
     // One pod first: the CNI config is written and the image is cached.
     api.create(&PostParams::default(), &pod("warmup")).await?;
     wait_started(&seen, "warmup", Duration::from_secs(60)).await?;
     delete_all(&api).await?;
-    println!("kubelet with no pods: {}", memory(kubelet.0.id()));
+    println!("kubelet with no pods: {}", memory(kubelet.child.id()));
 
     let mut lat = Vec::new();
     for i in 0..sequential {
@@ -243,16 +262,16 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!(
         "kubelet with {burst} pods running: {}",
-        memory(kubelet.0.id())
+        memory(kubelet.child.id())
     );
     let before = (
-        cpu_seconds(kubelet.0.id()),
-        cpu_with_children(kubelet.0.id()),
+        cpu_seconds(kubelet.child.id()),
+        cpu_with_children(kubelet.child.id()),
     );
     tokio::time::sleep(Duration::from_secs(30)).await;
     let after = (
-        cpu_seconds(kubelet.0.id()),
-        cpu_with_children(kubelet.0.id()),
+        cpu_seconds(kubelet.child.id()),
+        cpu_with_children(kubelet.child.id()),
     );
     println!(
         "idle with {burst} pods, over 30 s: kubelet {:.1}% of a core, with containerd {:.1}%",

@@ -6,7 +6,8 @@
 //! - `services` (jumped to from prerouting and output NAT): `ip daddr . l4proto . dport` in the
 //!   `service-ips` verdict map goes to the port's `svc-<ns>/<name>/<proto>/<port>` chain, and
 //!   node-local `l4proto . dport` in `service-nodeports` to its `ext-...` chain.
-//! - A `svc-` chain marks traffic from outside the node's pod range for masquerading, then
+//! - A `svc-` chain marks traffic from outside the node's pod range for masquerading (inline,
+//!   no jumps, so that rewriting it does not make the kernel re-validate the table), then
 //!   picks an endpoint with equal probability, statistic-style (`numgen random mod k` over the
 //!   k endpoints left) and DNATs to it. No anonymous sets: the kernel allocates their names in
 //!   time linear in the table's sets, so 10,000 of them cost seconds.
@@ -24,6 +25,10 @@ use crate::model::{Endpoint, ServicePort};
 
 /// The packet mark bit that asks `masquerading` to masquerade (upstream's 0x4000).
 const MASQ_MARK: &str = "0x4000";
+
+/// Setting that bit, inline: a `jump` in a Service chain would make the kernel re-validate
+/// every chain reachable from the base chains at each commit (O(table) per endpoint change).
+const MARK: &str = "meta mark set mark or 0x4000";
 
 /// Where the data plane is and what counts as local traffic.
 #[derive(Debug, Clone)]
@@ -115,8 +120,8 @@ pub fn render(ctx: &Context, sp: &ServicePort) -> Rendered {
         .map(|e| e.ip)
         .collect();
     let mark = match &ctx.local_cidr {
-        Some(cidr) => format!("ip saddr != {cidr} jump mark-for-masquerade"),
-        None => "jump mark-for-masquerade".into(),
+        Some(cidr) => format!("ip saddr != {cidr} {MARK}"),
+        None => MARK.into(),
     };
     let internal = sp.internal();
     let svc_chain = format!("svc-{}", sp.id);
@@ -143,7 +148,7 @@ pub fn render(ctx: &Context, sp: &ServicePort) -> Rendered {
                 endpoint_rules(sp, &external, &mut rules);
             }
         } else {
-            rules.push("jump mark-for-masquerade".into());
+            rules.push(MARK.into());
             if external.len() == internal.len() {
                 rules.push(format!("goto {svc_chain}"));
             } else {
@@ -165,8 +170,6 @@ fn skeleton(t: &str, out: &mut String) {
         "add map ip {t} no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict; }",
         "add map ip {t} no-endpoint-nodeports { type inet_proto . inet_service : verdict; }",
         "add set ip {t} hairpin { type ipv4_addr . ipv4_addr; }",
-        "add chain ip {t} mark-for-masquerade",
-        "add rule ip {t} mark-for-masquerade meta mark set mark or {mark}",
         "add chain ip {t} masquerading",
         "add rule ip {t} masquerading ct status dnat ip saddr . ip daddr @hairpin masquerade",
         "add rule ip {t} masquerading meta mark and {mark} == 0 return",
@@ -382,7 +385,7 @@ mod tests {
         assert_eq!(
             r.chains["svc-ns/web/tcp/80"],
             vec![
-                "ip saddr != 10.42.0.0/24 jump mark-for-masquerade",
+                "ip saddr != 10.42.0.0/24 meta mark set mark or 0x4000",
                 "numgen random mod 3 0 meta l4proto tcp dnat to 10.42.0.2:8080",
                 "numgen random mod 2 0 meta l4proto tcp dnat to 10.42.1.3:8080",
                 "meta l4proto tcp dnat to 10.42.2.4:8080",
@@ -431,7 +434,7 @@ mod tests {
         let r = render(&ctx(), &s);
         assert_eq!(
             r.chains["ext-ns/web/tcp/80"],
-            vec!["jump mark-for-masquerade", "goto svc-ns/web/tcp/80"]
+            vec!["meta mark set mark or 0x4000", "goto svc-ns/web/tcp/80"]
         );
         assert_eq!(
             r.elements[&("service-nodeports", "tcp . 30080".into())],

@@ -593,6 +593,8 @@ fn delete_in_every_form() {
     assert_eq!(c.kubectl(&["get", "cm", "-o", "name"]), "");
 
     c.kubectl(&["delete", "pod", "db", "--wait=true"]);
+    // The node the next pods are bound to exists (pod GC deletes pods of missing nodes).
+    c.apply_yaml("apiVersion: v1\nkind: Node\nmetadata: {name: somewhere}\n");
     c.apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: forced}\nspec:\n  nodeName: somewhere\n  containers: [{name: c, image: busybox}]\n");
     let out = c.kubectl_output(&["delete", "pod", "forced", "--grace-period=0", "--force"]);
     assert!(

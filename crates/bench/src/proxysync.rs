@@ -1,0 +1,190 @@
+//! The service proxy's data plane, against the real kernel through `nft`:
+//! - `proxy-sync`: a whole sync of S Services x E endpoints (one transaction), then single
+//!   endpoint changes applied one at a time;
+//! - `proxy-latency`: network programming latency on a real cluster: from a pod observed Ready
+//!   (through a watch) to its Service answering from this machine.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, PostParams};
+use proxy::model::{Endpoint, ServicePort};
+use proxy::nft::Context as NftContext;
+use proxy::{Dataplane, Nft};
+
+use crate::{pct, Server};
+
+fn endpoint(s: usize, e: usize) -> Endpoint {
+    // Endpoints on 10.64.0.0/10, none local (so no hairpin elements).
+    let n = (s * 16 + e) as u32;
+    Endpoint {
+        ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n),
+        port: 8080,
+        local: false,
+    }
+}
+
+fn service_port(s: usize, endpoints: usize) -> ServicePort {
+    ServicePort {
+        id: format!("bench/svc-{s}/tcp/80"),
+        cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + s as u32 + 1),
+        protocol: "tcp",
+        port: 80,
+        node_port: None,
+        affinity_seconds: None,
+        external_local: false,
+        internal_local: false,
+        endpoints: (0..endpoints).map(|e| endpoint(s, e)).collect(),
+    }
+}
+
+/// Removes the benchmark's table however the run ends.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.0])
+            .status();
+    }
+}
+
+pub fn sync(services: usize, endpoints: usize, changes: usize, rounds: usize) -> Result<()> {
+    let table = format!("rkube-bench-{}", std::process::id());
+    let _cleanup = Cleanup(table.clone());
+    let ctx = NftContext {
+        table: table.clone(),
+        local_cidr: Some("10.42.0.0/24".into()),
+    };
+    let mut ports: Vec<ServicePort> = (0..services).map(|s| service_port(s, endpoints)).collect();
+    let mut plane = Dataplane::new(ctx, Nft);
+    let mut full = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let t0 = Instant::now();
+        plane.sync_full(&ports).context("full sync")?;
+        full.push(t0.elapsed());
+    }
+    let rules = Command::new("nft")
+        .args(["-a", "list", "table", "ip", &table])
+        .output()?;
+    let lines = String::from_utf8_lossy(&rules.stdout).lines().count();
+    println!(
+        "full sync, {services} Services x {endpoints} endpoints ({lines} lines listed): median {:.0} ms, max {:.0} ms over {} rounds",
+        pct(&mut full, 0.5),
+        pct(&mut full, 1.0),
+        full.len()
+    );
+    let mut lat = Vec::new();
+    for i in 0..changes {
+        // One endpoint of one Service replaced by another.
+        let s = (i * 7919) % services;
+        let e = i % endpoints.max(1);
+        let mut sp = ports[s].clone();
+        if let Some(ep) = sp.endpoints.get_mut(e) {
+            ep.ip = Ipv4Addr::from(u32::from(ep.ip) ^ 0x0002_0000);
+        }
+        sp.endpoints.sort();
+        let key = format!("bench/svc-{s}");
+        let t0 = Instant::now();
+        plane
+            .update(&[(key, vec![sp.clone()])])
+            .context("endpoint change")?;
+        lat.push(t0.elapsed());
+        ports[s] = sp;
+    }
+    println!(
+        "one endpoint change: {changes} changes, p50 {:.1} ms, p99 {:.1} ms",
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99)
+    );
+    Ok(())
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub async fn latency(bin: PathBuf, pods: usize) -> Result<()> {
+    let server = Server::start_with(&bin, &["--disable", "kubelet,proxy"])?;
+    let client = server.client().await?;
+    let _kubelet = crate::podstartup::start_kubelet(&bin, &server, &client).await?;
+    let proxy = Proc(
+        Command::new(&bin)
+            .args(["proxy", "--kubeconfig"])
+            .arg(&server.kubeconfig)
+            .args(["--node-name", "bench-node"])
+            .arg("--table")
+            .arg(format!("rkube-bench-proxy-{}", std::process::id()))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting rkube proxy")?,
+    );
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let svc_api: Api<Service> = Api::namespaced(client.clone(), "default");
+    let seen = crate::podstartup::observe(pod_api.clone(), "bench=netprog", ready);
+    let mut lat = Vec::new();
+    for i in 0..pods {
+        let name = format!("np-{i:03}");
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"selector": {"np": name}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }))?;
+        let svc = svc_api.create(&PostParams::default(), &svc).await?;
+        let ip = svc.spec.and_then(|s| s.cluster_ip).context("a ClusterIP")?;
+        let addr: SocketAddr = format!("{ip}:80").parse()?;
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"bench": "netprog", "np": name}},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": "busybox", "imagePullPolicy": "IfNotPresent",
+                    "command": ["httpd", "-f", "-p", "8080", "-h", "/"],
+                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}],
+            },
+        }))?;
+        pod_api.create(&PostParams::default(), &pod).await?;
+        // Poll the Service until it answers, then compare with when the pod was seen Ready.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let reachable = loop {
+            let ok = tokio::task::spawn_blocking(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+            .await?;
+            if ok {
+                break Instant::now();
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{name} never became reachable through its Service");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let became_ready =
+            crate::podstartup::wait_started(&seen, &name, Duration::from_secs(60)).await?;
+        lat.push(reachable.saturating_duration_since(became_ready));
+    }
+    drop(proxy);
+    println!(
+        "network programming (pod seen Ready -> reachable through its Service): {pods} pods, p50 {:.0} ms, p99 {:.0} ms",
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99)
+    );
+    Ok(())
+}
