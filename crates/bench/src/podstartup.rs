@@ -189,6 +189,11 @@ pub async fn start_kubelet(
         .arg("--kubelet-dir")
         .arg(&node_dir)
         .args(["--node-name", "bench-node", "--stop-pods-on-exit"])
+        // A build machine's disk may be fuller than upstream's 10% threshold allows.
+        .args([
+            "--eviction-hard",
+            "memory.available<1Mi,nodefs.available<1%",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod dns;
 pub mod eviction;
 pub mod images;
 pub mod logs;
@@ -52,6 +53,11 @@ pub struct Options {
     pub eviction_hard: eviction::Thresholds,
     /// Static pod manifests (None: `<dir>/pod-manifests`).
     pub pod_manifest_path: Option<PathBuf>,
+    /// The cluster DNS Service's address for pods' resolv.conf (None: the ClusterIP of
+    /// `kube-system/kube-dns`, looked up when a pod needs it).
+    pub cluster_dns: Option<IpAddr>,
+    /// The cluster's DNS domain.
+    pub cluster_domain: String,
 }
 
 /// Runs the kubelet until `shutdown` resolves. Containers keep running after it returns.
@@ -143,6 +149,9 @@ async fn serve(
         evicted: Default::default(),
         wakers: Default::default(),
         network_ready,
+        cluster_dns: std::sync::RwLock::new(opts.cluster_dns),
+        cluster_domain: opts.cluster_domain.clone(),
+        host_dns: dns::ResolvConf::host(),
     });
     let (pressure_tx, pressure) = watch::channel(eviction::Pressure::default());
     let ca = match &opts.client_ca_pem {

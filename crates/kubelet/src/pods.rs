@@ -63,6 +63,11 @@ pub struct Kubelet {
     pub wakers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Whether the pod network (CNI config) is in place; pods with their own network wait.
     pub network_ready: tokio::sync::watch::Receiver<bool>,
+    /// The cluster DNS address, once known (configured, or looked up from `kube-dns`).
+    pub cluster_dns: std::sync::RwLock<Option<std::net::IpAddr>>,
+    pub cluster_domain: String,
+    /// The node's resolv.conf, for pods that inherit it.
+    pub host_dns: crate::dns::ResolvConf,
 }
 
 fn ns_of(pod: &Pod) -> String {
@@ -229,7 +234,31 @@ impl Kubelet {
         Ok(())
     }
 
-    fn sandbox_config(&self, pod: &Pod, attempt: u32) -> cri::PodSandboxConfig {
+    /// The cluster DNS address: as configured, or the ClusterIP of `kube-system/kube-dns`
+    /// (looked up until found).
+    async fn cluster_dns(&self) -> Option<std::net::IpAddr> {
+        if let Some(ip) = *self.cluster_dns.read().unwrap_or_else(|e| e.into_inner()) {
+            return Some(ip);
+        }
+        let svcs: Api<k8s_openapi::api::core::v1::Service> =
+            Api::namespaced(self.client.clone(), "kube-system");
+        let ip = svcs
+            .get_opt("kube-dns")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.spec?.cluster_ip)
+            .and_then(|ip| ip.parse().ok())?;
+        *self.cluster_dns.write().unwrap_or_else(|e| e.into_inner()) = Some(ip);
+        Some(ip)
+    }
+
+    fn sandbox_config(
+        &self,
+        pod: &Pod,
+        attempt: u32,
+        dns: Option<std::net::IpAddr>,
+    ) -> cri::PodSandboxConfig {
         let spec = pod.spec.clone().unwrap_or_default();
         let uid = uid_of(pod);
         let mut labels: HashMap<String, String> = pod.labels().clone().into_iter().collect();
@@ -271,6 +300,13 @@ impl Kubelet {
             } else {
                 hostname
             },
+            dns_config: Some(crate::dns::pod_dns(
+                &spec,
+                &ns_of(pod),
+                dns,
+                &self.cluster_domain,
+                &self.host_dns,
+            )),
             log_directory: self.log_dir(pod).display().to_string(),
             port_mappings: ports,
             labels,
@@ -325,13 +361,14 @@ impl Kubelet {
                 .and_then(|s| s.network)
                 .map(|n| n.ip)
                 .unwrap_or_default();
-            return Ok((b.id.clone(), self.sandbox_config(pod, attempt), ip));
+            let dns = self.cluster_dns().await;
+            return Ok((b.id.clone(), self.sandbox_config(pod, attempt, dns), ip));
         }
         for b in &boxes {
             self.cri.stop_sandbox(&b.id).await?;
             self.cri.remove_sandbox(&b.id).await?;
         }
-        let config = self.sandbox_config(pod, attempt);
+        let config = self.sandbox_config(pod, attempt, self.cluster_dns().await);
         std::fs::create_dir_all(self.log_dir(pod))?;
         let id = self
             .cri

@@ -1,6 +1,6 @@
 //! kube-proxy: Services and EndpointSlices in, a data plane out.
 //!
-//! Two watches feed one cache; each change marks its Service dirty and wakes the sync loop,
+//! A [`ServiceCache`] (two watches) marks each changed Service dirty and wakes the sync loop,
 //! which renders only the dirty Services' ports ([`model`]) and applies the difference to the
 //! nftables table ([`nft`]) in one transaction. The first sync, and any sync after a failed
 //! one, rebuilds the whole table in one transaction. On shutdown the table is deleted: the
@@ -9,18 +9,16 @@
 pub mod model;
 pub mod nft;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
+use servicecache::ServiceCache;
 
 use model::ServicePort;
 use nft::{Context, Rendered, Txn};
@@ -213,44 +211,6 @@ pub struct Options {
     pub cluster_cidr: Option<String>,
 }
 
-/// What the watches have seen.
-#[derive(Default)]
-struct Cache {
-    services: HashMap<String, Arc<Service>>,
-    /// Service key → slice name → slice.
-    slices: HashMap<String, HashMap<String, Arc<EndpointSlice>>>,
-    dirty: HashSet<String>,
-    services_synced: bool,
-    slices_synced: bool,
-}
-
-impl Cache {
-    fn ports(&self, key: &str, node: &str) -> Vec<ServicePort> {
-        let Some(svc) = self.services.get(key) else {
-            return Vec::new();
-        };
-        let slices: Vec<&EndpointSlice> = self
-            .slices
-            .get(key)
-            .map(|m| m.values().map(|s| s.as_ref()).collect())
-            .unwrap_or_default();
-        model::service_ports(svc, &slices, node)
-    }
-}
-
-fn svc_key(ns: Option<&str>, name: &str) -> String {
-    format!("{}/{name}", ns.unwrap_or_default())
-}
-
-fn slice_service(s: &EndpointSlice) -> Option<String> {
-    let name = s
-        .metadata
-        .labels
-        .as_ref()?
-        .get("kubernetes.io/service-name")?;
-    Some(svc_key(s.metadata.namespace.as_deref(), name))
-}
-
 /// Run until `shutdown`, then remove the table.
 pub async fn run(
     client: kube::Client,
@@ -268,23 +228,14 @@ pub async fn run(
         table: opts.table.clone(),
         local_cidr,
     };
-    let cache = Arc::new(Mutex::new(Cache::default()));
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let svc_task = tokio::spawn(watch_services(
-        Api::all(client.clone()),
-        cache.clone(),
-        wake.clone(),
-    ));
-    let slice_task = tokio::spawn(watch_slices(Api::all(client), cache.clone(), wake.clone()));
+    let cache = ServiceCache::start(client, true);
     let plane = Arc::new(Mutex::new(Dataplane::new(ctx, Nft)));
-    let node = opts.node_name.clone();
-    let sync = sync_loop(cache, wake, plane.clone(), node);
+    let sync = sync_loop(cache.clone(), plane.clone(), opts.node_name.clone());
     tokio::select! {
         _ = shutdown => {}
         _ = sync => {}
     }
-    svc_task.abort();
-    slice_task.abort();
+    drop(cache);
     let res = tokio::task::spawn_blocking(move || lock(&plane).cleanup()).await?;
     if let Err(e) = res {
         tracing::warn!(error = %e, "removing the proxy's nftables table");
@@ -311,36 +262,41 @@ async fn node_pod_cidr(client: &kube::Client, node: &str) -> Option<String> {
     None
 }
 
-async fn sync_loop(
-    cache: Arc<Mutex<Cache>>,
-    wake: Arc<tokio::sync::Notify>,
-    plane: Arc<Mutex<Dataplane<Nft>>>,
-    node: String,
-) {
+/// The ports of the Service `key` as the cache has it now.
+fn ports_of(cache: &ServiceCache, key: &str, node: &str) -> Vec<ServicePort> {
+    let Some(svc) = cache.service(key) else {
+        return Vec::new();
+    };
+    let slices = cache.slices(key);
+    let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+    model::service_ports(&svc, &refs, node)
+}
+
+async fn sync_loop(cache: Arc<ServiceCache>, plane: Arc<Mutex<Dataplane<Nft>>>, node: String) {
     loop {
-        wake.notified().await;
-        let work = {
-            let mut c = lock(&cache);
-            if !(c.services_synced && c.slices_synced) {
-                continue;
-            }
-            let in_sync = lock(&plane).in_sync();
-            if in_sync {
-                let dirty: Vec<String> = c.dirty.drain().collect();
-                Work::Update(
-                    dirty
-                        .into_iter()
-                        .map(|k| {
-                            let ports = c.ports(&k, &node);
-                            (k, ports)
-                        })
-                        .collect(),
-                )
-            } else {
-                c.dirty.clear();
-                let keys: Vec<&String> = c.services.keys().collect();
-                Work::Full(keys.iter().flat_map(|k| c.ports(k, &node)).collect())
-            }
+        cache.changed().await;
+        if !cache.synced() {
+            continue;
+        }
+        let dirty = cache.take_dirty();
+        let work = if lock(&plane).in_sync() {
+            Work::Update(
+                dirty
+                    .into_iter()
+                    .map(|k| {
+                        let ports = ports_of(&cache, &k, &node);
+                        (k, ports)
+                    })
+                    .collect(),
+            )
+        } else {
+            Work::Full(
+                cache
+                    .service_keys()
+                    .iter()
+                    .flat_map(|k| ports_of(&cache, k, &node))
+                    .collect(),
+            )
         };
         let plane = plane.clone();
         let started = Instant::now();
@@ -359,7 +315,7 @@ async fn sync_loop(
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "proxy sync failed; rebuilding the table");
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                wake.notify_one();
+                cache.poke();
             }
             Err(e) => tracing::error!(error = %e, "proxy sync panicked"),
         }
@@ -369,124 +325,6 @@ async fn sync_loop(
 enum Work {
     Full(Vec<ServicePort>),
     Update(Vec<(String, Vec<ServicePort>)>),
-}
-
-async fn watch_services(
-    api: Api<Service>,
-    cache: Arc<Mutex<Cache>>,
-    wake: Arc<tokio::sync::Notify>,
-) {
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut fresh: Option<HashMap<String, Arc<Service>>> = None;
-    while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
-        let mut c = lock(&cache);
-        match ev {
-            Event::Init => fresh = Some(HashMap::new()),
-            Event::InitApply(s) => {
-                let k = svc_key(
-                    s.metadata.namespace.as_deref(),
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                );
-                if let Some(f) = fresh.as_mut() {
-                    f.insert(k, Arc::new(s));
-                }
-            }
-            Event::InitDone => {
-                let f = fresh.take().unwrap_or_default();
-                let keys: HashSet<String> = c.services.keys().chain(f.keys()).cloned().collect();
-                c.dirty.extend(keys);
-                c.services = f;
-                c.services_synced = true;
-            }
-            Event::Apply(s) => {
-                let k = svc_key(
-                    s.metadata.namespace.as_deref(),
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                );
-                c.dirty.insert(k.clone());
-                c.services.insert(k, Arc::new(s));
-            }
-            Event::Delete(s) => {
-                let k = svc_key(
-                    s.metadata.namespace.as_deref(),
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                );
-                c.dirty.insert(k.clone());
-                c.services.remove(&k);
-            }
-        }
-        drop(c);
-        wake.notify_one();
-    }
-}
-
-async fn watch_slices(
-    api: Api<EndpointSlice>,
-    cache: Arc<Mutex<Cache>>,
-    wake: Arc<tokio::sync::Notify>,
-) {
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    type Slices = HashMap<String, HashMap<String, Arc<EndpointSlice>>>;
-    let mut fresh: Option<Slices> = None;
-    let put = |m: &mut Slices, s: EndpointSlice| -> Option<String> {
-        let k = slice_service(&s)?;
-        let name = s.metadata.name.clone().unwrap_or_default();
-        m.entry(k.clone()).or_default().insert(name, Arc::new(s));
-        Some(k)
-    };
-    while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
-        let mut c = lock(&cache);
-        match ev {
-            Event::Init => fresh = Some(HashMap::new()),
-            Event::InitApply(s) => {
-                if let Some(f) = fresh.as_mut() {
-                    put(f, s);
-                }
-            }
-            Event::InitDone => {
-                let f = fresh.take().unwrap_or_default();
-                let keys: HashSet<String> = c.slices.keys().chain(f.keys()).cloned().collect();
-                c.dirty.extend(keys);
-                c.slices = f;
-                c.slices_synced = true;
-            }
-            Event::Apply(s) => {
-                // A slice may have moved to another Service: drop it from wherever it was.
-                let name = s.metadata.name.clone().unwrap_or_default();
-                let ns = s.metadata.namespace.clone().unwrap_or_default();
-                let mut touched = Vec::new();
-                for (k, m) in c.slices.iter_mut() {
-                    if k.starts_with(&format!("{ns}/")) && m.remove(&name).is_some() {
-                        touched.push(k.clone());
-                    }
-                }
-                c.dirty.extend(touched);
-                if let Some(k) = put(&mut c.slices, s) {
-                    c.dirty.insert(k);
-                }
-            }
-            Event::Delete(s) => {
-                if let Some(k) = slice_service(&s) {
-                    let name = s.metadata.name.clone().unwrap_or_default();
-                    if let Some(m) = c.slices.get_mut(&k) {
-                        m.remove(&name);
-                        if m.is_empty() {
-                            c.slices.remove(&k);
-                        }
-                    }
-                    c.dirty.insert(k);
-                }
-            }
-        }
-        drop(c);
-        wake.notify_one();
-    }
 }
 
 #[cfg(test)]

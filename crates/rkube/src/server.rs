@@ -91,6 +91,12 @@ pub struct NodeArgs {
     /// A directory of pod manifests run as static pods (default: <node dir>/pod-manifests).
     #[arg(long, env = "RKUBE_POD_MANIFEST_PATH")]
     pub pod_manifest_path: Option<PathBuf>,
+    /// The cluster DNS address pods are given (default: the `kube-system/kube-dns` Service's).
+    #[arg(long, env = "RKUBE_CLUSTER_DNS")]
+    pub cluster_dns: Option<IpAddr>,
+    /// The cluster's DNS domain.
+    #[arg(long, env = "RKUBE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 impl NodeArgs {
@@ -123,6 +129,8 @@ impl NodeArgs {
             eviction_hard: kubelet::eviction::Thresholds::parse(&self.eviction_hard)
                 .map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?,
             pod_manifest_path: self.pod_manifest_path.clone(),
+            cluster_dns: self.cluster_dns,
+            cluster_domain: self.cluster_domain.clone(),
         })
     }
 
@@ -465,6 +473,32 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             crate::run_scheduler(client, scheduler::Configuration::default(), shutdown).await;
         }));
     }
+    // Cluster DNS before the kubelet, so that the first pods already get it.
+    let dns_ip = service_network.nth(10);
+    let dns_enabled = !args.disable.iter().any(|d| d == "dns");
+    if dns_enabled {
+        let node_ip = args
+            .node
+            .node_ip
+            .unwrap_or_else(|| advertise_address(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
+        let server = dns::DnsServer::bind(SocketAddr::new(node_ip, 0))
+            .await
+            .with_context(|| format!("binding cluster DNS on {node_ip}"))?;
+        publish_dns(&kubeconfig_path, dns_ip, server.addr).await?;
+        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let mut stop = stop_rx.clone();
+        let domain = args.node.cluster_domain.clone();
+        let upstreams =
+            dns::nameservers(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+        components.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = server.run(client, &domain, upstreams, shutdown).await {
+                tracing::error!(error = %e, "cluster DNS stopped");
+            }
+        }));
+    }
     if !args.disable.iter().any(|d| d == "kubelet") {
         match args.node.missing_runtime() {
             Some(why) => tracing::warn!(
@@ -475,6 +509,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 let mut stop = stop_rx.clone();
                 let mut opts = args.node.options(Some(args.data_dir.join("agent")))?;
                 opts.client_ca_pem = Some(pki.ca_pem.clone());
+                if dns_enabled && opts.cluster_dns.is_none() {
+                    opts.cluster_dns = Some(IpAddr::V4(dns_ip));
+                }
                 opts.labels
                     .push(("node-role.kubernetes.io/control-plane".into(), "true".into()));
                 components.push(tokio::spawn(async move {
@@ -526,6 +563,55 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
     api.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The `kube-system/kube-dns` Service (the range's tenth address, port 53 over UDP and TCP)
+/// and its endpoints: this server's DNS at `at`. Applied, so a restart re-points them.
+async fn publish_dns(kubeconfig: &Path, ip: Ipv4Addr, at: SocketAddr) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Endpoints, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{Api, Patch, PatchParams};
+    use serde_json::json;
+    let client = crate::client_from_kubeconfig(kubeconfig).await?;
+    let pp = PatchParams::apply("rkube-server").force();
+    let (host, port) = (at.ip().to_string(), at.port());
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
+        "spec": {"clusterIP": ip.to_string(), "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": port},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": port}]},
+    });
+    let eps = json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "kube-dns", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": host}], "ports": [
+            {"name": "dns", "port": port, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": port, "protocol": "TCP"}]}],
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kube-dns-rkube", "labels": {
+            "kubernetes.io/service-name": "kube-dns",
+            "endpointslice.kubernetes.io/managed-by": "rkube-server"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [host], "conditions": {"ready": true, "serving": true, "terminating": false}}],
+        "ports": [{"name": "dns", "port": port, "protocol": "UDP"},
+                  {"name": "dns-tcp", "port": port, "protocol": "TCP"}],
+    });
+    Api::<Service>::namespaced(client.clone(), "kube-system")
+        .patch("kube-dns", &pp, &Patch::Apply(svc))
+        .await
+        .context("publishing kube-system/kube-dns")?;
+    Api::<Endpoints>::namespaced(client.clone(), "kube-system")
+        .patch("kube-dns", &pp, &Patch::Apply(eps))
+        .await
+        .context("publishing the kube-dns Endpoints")?;
+    Api::<EndpointSlice>::namespaced(client, "kube-system")
+        .patch("kube-dns-rkube", &pp, &Patch::Apply(slice))
+        .await
+        .context("publishing the kube-dns EndpointSlice")?;
     Ok(())
 }
 

@@ -11,8 +11,10 @@ use std::time::Duration;
 use common::{eventually, Cluster};
 use serde_json::Value;
 
+/// A Service by `name` (in `default`) or `namespace/name`.
 fn svc(c: &Cluster, name: &str) -> Value {
-    serde_json::from_str(&c.kubectl(&["get", "svc", name, "-o", "json"])).unwrap()
+    let (ns, name) = name.split_once('/').unwrap_or(("default", name));
+    serde_json::from_str(&c.kubectl(&["get", "svc", "-n", ns, name, "-o", "json"])).unwrap()
 }
 
 fn in_range(ip: &str, prefix: &str) -> bool {
@@ -36,8 +38,20 @@ fn cluster_ips_and_node_ports_are_allocated_once_and_released() {
     let want = |name: &str, ip: &str| {
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n")
     };
-    c.apply_yaml(&want("dns", "10.43.0.10"));
-    assert_eq!(svc(&c, "dns")["spec"]["clusterIP"], "10.43.0.10");
+    c.apply_yaml(&want("fixed", "10.43.0.20"));
+    assert_eq!(svc(&c, "fixed")["spec"]["clusterIP"], "10.43.0.20");
+    // Cluster DNS holds the range's tenth address, the kubernetes Service its first.
+    let dns: Value = serde_json::from_str(&c.kubectl(&[
+        "get",
+        "svc",
+        "-n",
+        "kube-system",
+        "kube-dns",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(dns["spec"]["clusterIP"], "10.43.0.10");
     let out = c.kubectl_stdin(&["create", "-f", "-"], &want("b", &a_ip));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -48,9 +62,10 @@ fn cluster_ips_and_node_ports_are_allocated_once_and_released() {
     let out = c.kubectl_stdin(&["create", "-f", "-"], &want("b", "10.99.0.1"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not in the valid range"), "{err}");
-    // The kubernetes Service holds the range's first address.
-    let out = c.kubectl_stdin(&["create", "-f", "-"], &want("b", "10.43.0.1"));
-    assert!(!out.status.success());
+    for taken in ["10.43.0.1", "10.43.0.10"] {
+        let out = c.kubectl_stdin(&["create", "-f", "-"], &want("b", taken));
+        assert!(!out.status.success(), "{taken}");
+    }
 
     // Node ports.
     c.apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  ports: [{port: 80}]\n");
@@ -137,7 +152,7 @@ fn cluster_ips_and_node_ports_are_allocated_once_and_released() {
     let out = c.kubectl_stdin(&["create", "-f", "-"], &want("clash", &ips[7]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("provided IP is already allocated"), "{err}");
-    let out = c.kubectl_stdin(&["create", "-f", "-"], &want("clash", "10.43.0.10"));
+    let out = c.kubectl_stdin(&["create", "-f", "-"], &want("clash", "10.43.0.20"));
     assert!(!out.status.success());
     assert_eq!(svc(&c, "kubernetes")["spec"]["clusterIP"], "10.43.0.1");
 }
@@ -217,9 +232,27 @@ spec:
   ports: [{port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
-kind: Pod
-metadata: {name: client}
+kind: Service
+metadata: {name: web-headless}
 spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sub}
+spec:
+  clusterIP: None
+  selector: {app: client}
+  ports: [{name: x, port: 1}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec:
+  hostname: me
+  subdomain: sub
   terminationGracePeriodSeconds: 1
   containers:
   - name: c
@@ -284,6 +317,15 @@ fn services_balance_over_every_backend_from_the_node_and_from_pods() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     println!("from a pod, 300 requests: {seen:?}");
 
+    // By DNS name, from the pod: the full name and the short one through the search path.
+    let script = "for i in $(seq 150); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 web.default.svc.cluster.local 80 | tail -n 1; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 web 80 | tail -n 1; done";
+    let out = c.kubectl(&["exec", "client", "--", "sh", "-c", script]);
+    let seen = tally(out.lines().map(|l| l.trim().to_string()));
+    assert_eq!(seen.values().sum::<usize>(), 300, "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    println!("from a pod by DNS name, 300 requests: {seen:?}");
+    dns_records(&c, &backends);
+
     // A backend reaching its own Service (hairpin) is answered too, by itself among others.
     let me = &backends[0];
     let script = format!(
@@ -345,6 +387,93 @@ fn services_balance_over_every_backend_from_the_node_and_from_pods() {
     assert!(listed(&table), "{table} while the server runs");
     drop(c);
     assert!(!listed(&table), "{table} is removed on shutdown");
+}
+
+/// `nslookup NAME` in the client pod: the addresses answered (after the server's own).
+fn lookup(c: &Cluster, args: &[&str]) -> (bool, Vec<String>) {
+    let mut cmd = vec!["exec", "client", "--", "nslookup"];
+    cmd.extend(args);
+    let out = c.kubectl_output(&cmd);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let addrs = text
+        .split("Name:")
+        .skip(1)
+        .flat_map(|block| {
+            block
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Address:"))
+                .map(|a| a.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (out.status.success(), addrs)
+}
+
+fn dns_records(c: &Cluster, backends: &[String]) {
+    let web_ip = svc(c, "web")["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The pod's resolv.conf points at cluster DNS with the namespace's search path.
+    let conf = c.kubectl(&["exec", "client", "--", "cat", "/etc/resolv.conf"]);
+    let dns_ip = svc(c, "kube-system/kube-dns")["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(conf.contains(&format!("nameserver {dns_ip}")), "{conf}");
+    assert!(
+        conf.contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
+        "{conf}"
+    );
+    assert!(conf.contains("ndots:5"), "{conf}");
+    let got = lookup(c, &["web.default.svc.cluster.local"]).1;
+    assert_eq!(got.join(","), web_ip);
+    // Headless: every ready endpoint.
+    let mut pod_ips = c.live_pods(&["-l", "app=web"], "{.status.podIP}");
+    pod_ips.sort();
+    let mut got = lookup(c, &["web-headless.default.svc.cluster.local"]).1;
+    got.sort();
+    assert_eq!(got, pod_ips, "headless answers for {backends:?}");
+    // A pod's hostname.subdomain record.
+    let client_ip = c.jsonpath(&["get", "pod", "client"], "{.status.podIP}");
+    assert_eq!(
+        c.eventually("me.sub resolves", || {
+            let got = lookup(c, &["me.sub.default.svc.cluster.local"]).1;
+            (!got.is_empty()).then_some(got)
+        }),
+        [client_ip]
+    );
+    // SRV for a named port.
+    let out = c.kubectl(&[
+        "exec",
+        "client",
+        "--",
+        "nslookup",
+        "-type=srv",
+        "_http._tcp.web-headless.default.svc.cluster.local",
+    ]);
+    assert_eq!(out.matches("service = 0 100 8080").count(), 3, "{out}");
+    // Unknown names in the zone: NXDOMAIN, at once.
+    let (ok, addrs) = lookup(c, &["nope.default.svc.cluster.local"]);
+    assert!(!ok && addrs.is_empty());
+    // From the node itself, through the kube-dns Service.
+    let out = std::process::Command::new("busybox")
+        .args(["nslookup", "web.default.svc.cluster.local", &dns_ip])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&web_ip), "{text}");
+    // Other names go to the host's resolver, when it has one that knows them.
+    let host = std::process::Command::new("busybox")
+        .args(["nslookup", "deb.debian.org"])
+        .output()
+        .unwrap();
+    if host.status.success() {
+        let (ok, addrs) = lookup(c, &["deb.debian.org"]);
+        assert!(ok && !addrs.is_empty(), "forwarded: {addrs:?}");
+    } else {
+        println!("the host resolves no outside names: forwarding not checked here");
+    }
 }
 
 #[test]
