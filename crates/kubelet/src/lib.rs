@@ -11,6 +11,7 @@ pub mod dns;
 pub mod eviction;
 pub mod images;
 pub mod logs;
+pub mod network;
 pub mod node;
 pub mod pods;
 pub mod probes;
@@ -178,7 +179,10 @@ async fn serve(
         tag,
         network_tx,
     );
+    let routes: Arc<std::sync::Mutex<network::Routes>> = Default::default();
+    let masq_chain = containerd::masquerade_chain(&kubelet.layout);
     tokio::select! {
+        _ = network::keep_routes(client.clone(), opts.node_name.clone(), masq_chain.clone(), routes.clone()) => {}
         _ = node::heartbeat(client.clone(), opts.node_name.clone()) => {}
         _ = node::status_loop(client.clone(), facts, pressure, kubelet.cri.clone()) => {}
         _ = static_pods::run(kubelet.clone(), opts.pod_manifest_path.clone().unwrap_or_else(|| opts.dir.join("pod-manifests"))) => {}
@@ -191,6 +195,7 @@ async fn serve(
     }
     if opts.stop_pods_on_exit {
         stop_all(&kubelet).await;
+        network::remove_routes(&routes, &masq_chain).await;
     }
     Ok(())
 }
