@@ -34,6 +34,10 @@ pub enum Error {
 /// Where transactions go: `nft -f -` in production, a recorder in unit tests.
 pub trait Backend: Send + 'static {
     fn apply(&mut self, script: &str) -> Result<(), Error>;
+    /// Whether the table is (still) in the kernel.
+    fn has_table(&mut self, _table: &str) -> bool {
+        true
+    }
 }
 
 /// Applies transactions with the `nft` program.
@@ -58,6 +62,19 @@ impl Backend for Nft {
         } else {
             let err = String::from_utf8_lossy(&out.stderr);
             Err(Error::Refused(err.chars().take(2000).collect()))
+        }
+    }
+
+    fn has_table(&mut self, table: &str) -> bool {
+        let out = std::process::Command::new("nft")
+            .args(["list", "tables", "ip"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == format!("table ip {table}")),
+            // Cannot tell: assume it is there rather than rebuild in a loop.
+            _ => true,
         }
     }
 }
@@ -87,6 +104,16 @@ impl<B: Backend> Dataplane<B> {
 
     pub fn in_sync(&self) -> bool {
         self.in_sync
+    }
+
+    /// If the table went missing (someone flushed the ruleset), the next sync is a full one.
+    /// Returns whether it did.
+    pub fn check(&mut self) -> bool {
+        if self.in_sync && !self.backend.has_table(&self.ctx.table) {
+            self.in_sync = false;
+            return true;
+        }
+        false
     }
 
     pub fn backend(&self) -> &B {
@@ -272,9 +299,24 @@ fn ports_of(cache: &ServiceCache, key: &str, node: &str) -> Vec<ServicePort> {
     model::service_ports(&svc, &refs, node)
 }
 
+/// How often the proxy checks that its table is still there.
+const CHECK_EVERY: Duration = Duration::from_secs(10);
+
 async fn sync_loop(cache: Arc<ServiceCache>, plane: Arc<Mutex<Dataplane<Nft>>>, node: String) {
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        cache.changed().await;
+        tokio::select! {
+            _ = cache.changed() => {}
+            _ = check.tick() => {
+                let p = plane.clone();
+                let lost = tokio::task::spawn_blocking(move || lock(&p).check()).await.unwrap_or(false);
+                if !lost {
+                    continue;
+                }
+                tracing::warn!("the proxy's nftables table is gone; rebuilding it");
+            }
+        }
         if !cache.synced() {
             continue;
         }
@@ -364,6 +406,30 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_missing_table_asks_for_a_full_sync() {
+        struct Gone;
+        impl Backend for Gone {
+            fn apply(&mut self, _: &str) -> Result<(), Error> {
+                Ok(())
+            }
+            fn has_table(&mut self, _: &str) -> bool {
+                false
+            }
+        }
+        let mut p = Dataplane::new(
+            Context {
+                table: "t".into(),
+                local_cidr: None,
+            },
+            Gone,
+        );
+        assert!(!p.check(), "nothing to lose before the first sync");
+        p.sync_full(&[]).unwrap();
+        assert!(p.check());
+        assert!(!p.in_sync());
     }
 
     fn plane() -> Dataplane<Recorder> {

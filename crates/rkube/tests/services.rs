@@ -385,6 +385,16 @@ fn services_balance_over_every_backend_from_the_node_and_from_pods() {
             .success()
     };
     assert!(listed(&table), "{table} while the server runs");
+    // Removed behind the proxy's back, the table is rebuilt.
+    let deleted = std::process::Command::new("nft")
+        .args(["delete", "table", "ip", &table])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+    eventually("the table rebuilt and the Service answering", &mut || {
+        get(web).ok().filter(|who| backends.contains(who))
+    });
+    assert!(listed(&table));
     drop(c);
     assert!(!listed(&table), "{table} is removed on shutdown");
 }
