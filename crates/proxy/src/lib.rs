@@ -244,9 +244,13 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
     let local_cidr = match &opts.cluster_cidr {
         Some(c) => Some(c.clone()),
-        None => node_pod_cidr(&client, &opts.node_name).await,
+        None => tokio::select! {
+            c = node_pod_cidr(&client, &opts.node_name) => c,
+            _ = &mut shutdown => return Ok(()),
+        },
     };
     if local_cidr.is_none() {
         tracing::warn!(node = %opts.node_name, "no pod range known: all traffic to Services from this node is masqueraded");

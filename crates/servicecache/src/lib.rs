@@ -25,6 +25,8 @@ struct Inner {
     services: HashMap<String, Arc<Service>>,
     /// Service key -> slice name -> slice.
     slices: Slices,
+    /// Slice key (`namespace/name`) -> the Service key it is filed under.
+    owner: HashMap<String, String>,
     /// Services changed since `take_dirty` (only when tracking).
     dirty: HashSet<String>,
     services_synced: bool,
@@ -197,23 +199,38 @@ async fn watch_slices(api: Api<EndpointSlice>, cache: std::sync::Weak<ServiceCac
                 let f = fresh.take().unwrap_or_default();
                 let keys: HashSet<String> = i.slices.keys().chain(f.keys()).cloned().collect();
                 cache.changed_keys(&mut i, keys);
+                i.owner = f
+                    .iter()
+                    .flat_map(|(svc, m)| {
+                        m.values().map(move |sl| (key_of(sl.as_ref()), svc.clone()))
+                    })
+                    .collect();
                 i.slices = f;
                 i.slices_synced = true;
             }
             Event::Apply(s) => {
-                // A slice may have moved to another Service: drop it from wherever it was.
+                // A slice may have moved to another Service (its label changed): drop it from
+                // the one it was under.
                 let name = s.metadata.name.clone().unwrap_or_default();
-                let prefix = format!("{}/", s.metadata.namespace.as_deref().unwrap_or_default());
                 let mut touched = Vec::new();
-                for (k, m) in i.slices.iter_mut() {
-                    if k.starts_with(&prefix) && m.remove(&name).is_some() {
-                        touched.push(k.clone());
+                if let Some(old) = i.owner.remove(&key_of(&s)) {
+                    if let Some(m) = i.slices.get_mut(&old) {
+                        m.remove(&name);
+                        if m.is_empty() {
+                            i.slices.remove(&old);
+                        }
                     }
+                    touched.push(old);
                 }
-                touched.extend(put(&mut i.slices, s));
+                let slice_key = key_of(&s);
+                if let Some(k) = put(&mut i.slices, s) {
+                    i.owner.insert(slice_key, k.clone());
+                    touched.push(k);
+                }
                 cache.changed_keys(&mut i, touched);
             }
             Event::Delete(s) => {
+                i.owner.remove(&key_of(&s));
                 if let Some(k) = slice_service(&s) {
                     let name = s.metadata.name.clone().unwrap_or_default();
                     if let Some(m) = i.slices.get_mut(&k) {
