@@ -481,9 +481,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             .node
             .node_ip
             .unwrap_or_else(|| advertise_address(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
-        let server = dns::DnsServer::bind(SocketAddr::new(node_ip, 0))
-            .await
-            .with_context(|| format!("binding cluster DNS on {node_ip}"))?;
+        // The port the last run had, if it is still free: connections pods made to the
+        // kube-dns Service (UDP conntrack entries included) keep working across a restart.
+        let port_file = args.data_dir.join("dns-port");
+        let last: u16 = fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        let server = match dns::DnsServer::bind(SocketAddr::new(node_ip, last)).await {
+            Ok(s) => s,
+            Err(_) => dns::DnsServer::bind(SocketAddr::new(node_ip, 0))
+                .await
+                .with_context(|| format!("binding cluster DNS on {node_ip}"))?,
+        };
+        write_atomic(&port_file, &format!("{}\n", server.addr.port()))?;
         publish_dns(&kubeconfig_path, dns_ip, server.addr).await?;
         let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
         let mut stop = stop_rx.clone();

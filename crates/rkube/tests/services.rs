@@ -146,15 +146,33 @@ fn cluster_ips_and_node_ports_are_allocated_once_and_released() {
     unique.dedup();
     assert_eq!(unique.len(), 40, "{ips:?}");
 
-    // After a restart every stored Service still holds its address.
+    // After a restart every stored Service still holds its address, and cluster DNS answers
+    // on the port it had (so pods' open flows to it survive).
+    let before = dns_port(&c);
+    assert!(!before.is_empty());
     assert!(c.stop().success());
     c.boot();
+    assert_eq!(dns_port(&c), before);
     let out = c.kubectl_stdin(&["create", "-f", "-"], &want("clash", &ips[7]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("provided IP is already allocated"), "{err}");
     let out = c.kubectl_stdin(&["create", "-f", "-"], &want("clash", "10.43.0.20"));
     assert!(!out.status.success());
     assert_eq!(svc(&c, "kubernetes")["spec"]["clusterIP"], "10.43.0.1");
+}
+
+/// The port cluster DNS serves on, as its EndpointSlice says.
+fn dns_port(c: &Cluster) -> String {
+    c.jsonpath(
+        &[
+            "get",
+            "endpointslice",
+            "-n",
+            "kube-system",
+            "kube-dns-rkube",
+        ],
+        "{.ports[0].port}",
+    )
 }
 
 /// GET / over a fresh connection; the body's last line (the answering pod's hostname).
