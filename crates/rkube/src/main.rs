@@ -206,25 +206,8 @@ fn main() -> ExitCode {
             let client = kube::Client::try_from(config)?;
             let opts = node.options(Some(data_dir.join("agent")))?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let proxy_task = match server::proxy_missing() {
-                Some(why) => {
-                    tracing::warn!("no service proxy on this node: {why}");
-                    None
-                }
-                None => {
-                    let popts = node.proxy_options(&data_dir.join("agent"), None);
-                    let client = client.clone();
-                    let mut stop = stop_rx.clone();
-                    Some(tokio::spawn(async move {
-                        let shutdown = async move {
-                            let _ = stop.changed().await;
-                        };
-                        if let Err(e) = proxy::run(client, popts, shutdown).await {
-                            tracing::error!(error = %e, "proxy stopped");
-                        }
-                    }))
-                }
-            };
+            let popts = node.proxy_options(&data_dir.join("agent"), None);
+            let proxy_task = server::spawn_proxy(client.clone(), popts, stop_rx);
             let res = kubelet::run(client, opts, terminated()).await;
             let _ = stop_tx.send(true);
             if let Some(t) = proxy_task {

@@ -537,25 +537,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         }
     }
     if !args.disable.iter().any(|d| d == "proxy") {
-        match proxy_missing() {
-            Some(why) => tracing::warn!("no service proxy on this machine: {why}"),
-            None => {
-                let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
-                let mut stop = stop_rx.clone();
-                let opts = args.node.proxy_options(
-                    &args.data_dir.join("agent"),
-                    Some(args.controllers.cluster_cidr.clone()),
-                );
-                components.push(tokio::spawn(async move {
-                    let shutdown = async move {
-                        let _ = stop.changed().await;
-                    };
-                    if let Err(e) = proxy::run(client, opts, shutdown).await {
-                        tracing::error!(error = %e, "proxy stopped");
-                    }
-                }));
-            }
-        }
+        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let opts = args.node.proxy_options(
+            &args.data_dir.join("agent"),
+            Some(args.controllers.cluster_cidr.clone()),
+        );
+        components.extend(spawn_proxy(client, opts, stop_rx.clone()));
     }
     println!(
         "rkube: ready: kubeconfig {} (API server {url})",
@@ -662,6 +649,27 @@ fn advertise_address(bind: IpAddr) -> IpAddr {
         })
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// The proxy as a task that stops when `stop` turns true; None (with a warning) when this
+/// machine cannot run it.
+pub fn spawn_proxy(
+    client: kube::Client,
+    opts: proxy::Options,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if let Some(why) = proxy_missing() {
+        tracing::warn!("no service proxy on this node: {why}");
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = proxy::run(client, opts, shutdown).await {
+            tracing::error!(error = %e, "proxy stopped");
+        }
+    }))
 }
 
 /// Why this machine cannot run the service proxy, if it cannot.
