@@ -560,14 +560,7 @@ fn images_pulled_from_a_registry_and_a_kubelet_restart_adopts_running_pods() {
 fn a_second_node_joins_with_rkube_agent_and_runs_pods() {
     let c = Cluster::with_kubelet(&[]);
     let token = std::fs::read_to_string(c.data_dir().join("token")).unwrap();
-    let agent_dir = tempfile::tempdir().unwrap();
-    let images = agent_dir.path().join("agent/images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(
-        c.data_dir().join("agent/images/busybox.tar"),
-        images.join("busybox.tar"),
-    )
-    .unwrap();
+    let agent_dir = c.agent_dir();
     let start_agent = || {
         Proc(
             Command::new(common::rkube_bin())

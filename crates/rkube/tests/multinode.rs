@@ -120,6 +120,15 @@ spec:
     )
 }
 
+/// This host's routes to `cidr`, as `ip route` prints them.
+fn routes_to(cidr: &str) -> String {
+    let out = Command::new("ip")
+        .args(["route", "show", cidr])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// GET http://HOST:PORT/ from inside pod `from` (busybox nc): the body's last line.
 fn get_from(c: &Cluster, from: &str, host: &str, port: u16) -> String {
     let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port} | tail -n 1");
@@ -134,14 +143,7 @@ fn pods_and_services_reach_across_nodes_in_network_namespaces() {
     let c = Cluster::with_kubelet(&["--bind-address", "0.0.0.0", "--node-ip", &net.host_ip]);
     let port = c.server_url().rsplit(':').next().unwrap().to_string();
     let token = std::fs::read_to_string(c.data_dir().join("token")).unwrap();
-    let agent_dir = tempfile::tempdir().unwrap();
-    let images = agent_dir.path().join("agent/images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(
-        c.data_dir().join("agent/images/busybox.tar"),
-        images.join("busybox.tar"),
-    )
-    .unwrap();
+    let agent_dir = c.agent_dir();
     let agent = Graceful(
         // nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup mounts.
         Command::new("nsenter")
@@ -205,14 +207,7 @@ fn pods_and_services_reach_across_nodes_in_network_namespaces() {
     });
     assert_eq!(answer, "b");
     assert_eq!(get_from(&c, "b", &ip_a, 8080), "a");
-    let routes = String::from_utf8(
-        Command::new("ip")
-            .args(["route", "show", &cidr_b])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let routes = routes_to(&cidr_b);
     assert!(
         routes.contains(&format!("via {}", net.ns_ip)),
         "the host routes node-b's pods through node-b: {routes:?}"
@@ -240,13 +235,6 @@ fn pods_and_services_reach_across_nodes_in_network_namespaces() {
     // Stopping the agent cleanly; the server's routes go with the server.
     drop(agent);
     drop(c);
-    let routes = String::from_utf8(
-        Command::new("ip")
-            .args(["route", "show", &cidr_b])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let routes = routes_to(&cidr_b);
     assert!(routes.trim().is_empty(), "routes left behind: {routes}");
 }

@@ -88,6 +88,20 @@ impl Cluster {
         c
     }
 
+    /// A data dir for an `rkube agent` joining this cluster, with the busybox image ready to
+    /// import.
+    pub fn agent_dir(&self) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("agent dir");
+        let images = dir.path().join("agent/images");
+        std::fs::create_dir_all(&images).expect("images dir");
+        std::fs::copy(
+            self.dir.path().join("agent/images/busybox.tar"),
+            images.join("busybox.tar"),
+        )
+        .expect("busybox.tar");
+        dir
+    }
+
     /// Flags for the next boot (after `stop`/`kill9`).
     pub fn set_extra(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
