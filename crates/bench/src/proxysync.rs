@@ -29,17 +29,13 @@ fn endpoint(s: usize, e: usize) -> Endpoint {
 }
 
 fn service_port(s: usize, endpoints: usize) -> ServicePort {
-    ServicePort {
-        id: format!("bench/svc-{s}/tcp/80"),
-        cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + s as u32 + 1),
-        protocol: "tcp",
-        port: 80,
-        node_port: None,
-        affinity_seconds: None,
-        external_local: false,
-        internal_local: false,
-        endpoints: (0..endpoints).map(|e| endpoint(s, e)).collect(),
-    }
+    ServicePort::new(
+        format!("bench/svc-{s}/tcp/80"),
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + s as u32 + 1),
+        "tcp",
+        80,
+        (0..endpoints).map(|e| endpoint(s, e)).collect(),
+    )
 }
 
 /// Removes the benchmark's table however the run ends.

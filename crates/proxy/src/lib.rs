@@ -392,24 +392,21 @@ mod tests {
     }
 
     fn sp(name: &str, eps: &[&str]) -> ServicePort {
-        ServicePort {
-            id: format!("ns/{name}/tcp/80"),
-            cluster_ip: "10.43.0.9".parse().unwrap(),
-            protocol: "tcp",
-            port: 80,
-            node_port: None,
-            affinity_seconds: None,
-            external_local: false,
-            internal_local: false,
-            endpoints: eps
-                .iter()
-                .map(|ip| Endpoint {
-                    ip: ip.parse().unwrap(),
-                    port: 80,
-                    local: true,
-                })
-                .collect(),
-        }
+        let eps = eps
+            .iter()
+            .map(|ip| Endpoint {
+                ip: ip.parse().unwrap(),
+                port: 80,
+                local: true,
+            })
+            .collect();
+        ServicePort::new(
+            format!("ns/{name}/tcp/80"),
+            "10.43.0.9".parse().unwrap(),
+            "tcp",
+            80,
+            eps,
+        )
     }
 
     #[test]

@@ -38,6 +38,27 @@ pub struct Endpoint {
 }
 
 impl ServicePort {
+    /// A plain ClusterIP port: no node port, no affinity, cluster-wide traffic policies.
+    pub fn new(
+        id: String,
+        cluster_ip: Ipv4Addr,
+        protocol: &'static str,
+        port: u16,
+        endpoints: Vec<Endpoint>,
+    ) -> ServicePort {
+        ServicePort {
+            id,
+            cluster_ip,
+            protocol,
+            port,
+            node_port: None,
+            affinity_seconds: None,
+            external_local: false,
+            internal_local: false,
+            endpoints,
+        }
+    }
+
     /// The endpoints cluster-IP traffic goes to.
     pub fn internal(&self) -> Vec<&Endpoint> {
         self.endpoints

@@ -355,17 +355,13 @@ mod tests {
     }
 
     fn sp(eps: Vec<Endpoint>) -> ServicePort {
-        ServicePort {
-            id: "ns/web/tcp/80".into(),
-            cluster_ip: "10.43.0.9".parse().unwrap(),
-            protocol: "tcp",
-            port: 80,
-            node_port: None,
-            affinity_seconds: None,
-            external_local: false,
-            internal_local: false,
-            endpoints: eps,
-        }
+        ServicePort::new(
+            "ns/web/tcp/80".into(),
+            "10.43.0.9".parse().unwrap(),
+            "tcp",
+            80,
+            eps,
+        )
     }
 
     fn lines(s: &str) -> Vec<&str> {

@@ -140,54 +140,57 @@ impl ServiceCache {
     }
 }
 
-async fn watch_services(api: Api<Service>, cache: std::sync::Weak<ServiceCache>) {
+/// Runs a watch until the cache is dropped: each event goes to `on` with the cache locked,
+/// then whoever waits on changes is woken.
+async fn run_watch<K, F>(api: Api<K>, cache: std::sync::Weak<ServiceCache>, mut on: F)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    F: FnMut(&ServiceCache, &mut Inner, Event<K>),
+{
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut fresh: Option<HashMap<String, Arc<Service>>> = None;
     while let Some(ev) = stream.next().await {
         let Ok(ev) = ev else { continue };
         let Some(cache) = cache.upgrade() else { return };
-        let mut i = cache.lock();
-        match ev {
-            Event::Init => fresh = Some(HashMap::new()),
-            Event::InitApply(s) => {
-                if let Some(f) = fresh.as_mut() {
-                    f.insert(key_of(&s), Arc::new(s));
-                }
-            }
-            Event::InitDone => {
-                let f = fresh.take().unwrap_or_default();
-                let keys: HashSet<String> = i.services.keys().chain(f.keys()).cloned().collect();
-                cache.changed_keys(&mut i, keys);
-                i.services = f;
-                i.services_synced = true;
-            }
-            Event::Apply(s) => {
-                let k = key_of(&s);
-                cache.changed_keys(&mut i, [k.clone()]);
-                i.services.insert(k, Arc::new(s));
-            }
-            Event::Delete(s) => {
-                let k = key_of(&s);
-                cache.changed_keys(&mut i, [k.clone()]);
-                i.services.remove(&k);
-            }
-        }
-        drop(i);
+        on(&cache, &mut cache.lock(), ev);
         cache.wake.notify_one();
     }
 }
 
+async fn watch_services(api: Api<Service>, cache: std::sync::Weak<ServiceCache>) {
+    let mut fresh: Option<HashMap<String, Arc<Service>>> = None;
+    run_watch(api, cache, move |cache, i, ev| match ev {
+        Event::Init => fresh = Some(HashMap::new()),
+        Event::InitApply(s) => {
+            if let Some(f) = fresh.as_mut() {
+                f.insert(key_of(&s), Arc::new(s));
+            }
+        }
+        Event::InitDone => {
+            let f = fresh.take().unwrap_or_default();
+            let keys: HashSet<String> = i.services.keys().chain(f.keys()).cloned().collect();
+            cache.changed_keys(i, keys);
+            i.services = f;
+            i.services_synced = true;
+        }
+        Event::Apply(s) => {
+            let k = key_of(&s);
+            cache.changed_keys(i, [k.clone()]);
+            i.services.insert(k, Arc::new(s));
+        }
+        Event::Delete(s) => {
+            let k = key_of(&s);
+            cache.changed_keys(i, [k.clone()]);
+            i.services.remove(&k);
+        }
+    })
+    .await
+}
+
 async fn watch_slices(api: Api<EndpointSlice>, cache: std::sync::Weak<ServiceCache>) {
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
     let mut fresh: Option<Slices> = None;
-    while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
-        let Some(cache) = cache.upgrade() else { return };
-        let mut i = cache.lock();
+    run_watch(api, cache, move |cache, i, ev| {
         match ev {
             Event::Init => fresh = Some(HashMap::new()),
             Event::InitApply(s) => {
@@ -198,7 +201,7 @@ async fn watch_slices(api: Api<EndpointSlice>, cache: std::sync::Weak<ServiceCac
             Event::InitDone => {
                 let f = fresh.take().unwrap_or_default();
                 let keys: HashSet<String> = i.slices.keys().chain(f.keys()).cloned().collect();
-                cache.changed_keys(&mut i, keys);
+                cache.changed_keys(i, keys);
                 i.owner = f
                     .iter()
                     .flat_map(|(svc, m)| {
@@ -227,7 +230,7 @@ async fn watch_slices(api: Api<EndpointSlice>, cache: std::sync::Weak<ServiceCac
                     i.owner.insert(slice_key, k.clone());
                     touched.push(k);
                 }
-                cache.changed_keys(&mut i, touched);
+                cache.changed_keys(i, touched);
             }
             Event::Delete(s) => {
                 i.owner.remove(&key_of(&s));
@@ -239,11 +242,10 @@ async fn watch_slices(api: Api<EndpointSlice>, cache: std::sync::Weak<ServiceCac
                             i.slices.remove(&k);
                         }
                     }
-                    cache.changed_keys(&mut i, [k]);
+                    cache.changed_keys(i, [k]);
                 }
             }
         }
-        drop(i);
-        cache.wake.notify_one();
-    }
+    })
+    .await
 }
