@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, PostParams};
 use proxy::model::{Endpoint, ServicePort};
 use proxy::nft::Context as NftContext;
-use proxy::{Dataplane, Nft};
+use proxy::{Backend, Dataplane, Netlink};
 
 use crate::{pct, Server};
 
@@ -38,45 +38,45 @@ fn service_port(s: usize, endpoints: usize) -> ServicePort {
     )
 }
 
-/// Removes the benchmark's table however the run ends.
-struct Cleanup(String);
+/// Removes the benchmark's tables however the run ends.
+struct Cleanup(NftContext);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", &self.0])
-            .status();
+        let _ = Netlink::default().apply(&proxy::nft::remove(&self.0));
     }
 }
 
 pub fn sync(services: usize, endpoints: usize, changes: usize, rounds: usize) -> Result<()> {
-    let table = format!("rkube-bench-{}", std::process::id());
-    let _cleanup = Cleanup(table.clone());
     let ctx = NftContext {
-        table: table.clone(),
-        local_cidr: Some("10.42.0.0/24".into()),
+        table: format!("rkube-bench-{}", std::process::id()),
+        local_cidr: Some("10.42.0.0/24".parse().map_err(anyhow::Error::msg)?),
     };
+    let _cleanup = Cleanup(ctx.clone());
     let mut ports: Vec<ServicePort> = (0..services).map(|s| service_port(s, endpoints)).collect();
-    let mut plane = Dataplane::new(ctx, Nft);
+    let mut plane = Dataplane::new(ctx.clone(), Netlink::default());
     let mut full = Vec::new();
     for _ in 0..rounds.max(1) {
         let t0 = Instant::now();
         plane.sync_full(&ports).context("full sync")?;
         full.push(t0.elapsed());
     }
-    let rules = Command::new("nft")
-        .args(["-a", "list", "table", "ip", &table])
-        .output()?;
-    let lines = String::from_utf8_lossy(&rules.stdout).lines().count();
+    let mut lines = 0;
+    for t in ctx.tables() {
+        let listed = Command::new("nft")
+            .args(["list", "table", "ip", &t])
+            .output()?;
+        lines += String::from_utf8_lossy(&listed.stdout).lines().count();
+    }
     println!(
         "full sync, {services} Services x {endpoints} endpoints ({lines} lines listed): median {:.0} ms, max {:.0} ms over {} rounds",
         pct(&mut full, 0.5),
         pct(&mut full, 1.0),
         full.len()
     );
-    let mut lat = Vec::new();
+    // One endpoint of one Service replaced by another (same count: map elements only).
+    let mut replaced = Vec::new();
     for i in 0..changes {
-        // One endpoint of one Service replaced by another.
         let s = (i * 7919) % services;
         let e = i % endpoints.max(1);
         let mut sp = ports[s].clone();
@@ -84,20 +84,48 @@ pub fn sync(services: usize, endpoints: usize, changes: usize, rounds: usize) ->
             ep.ip = Ipv4Addr::from(u32::from(ep.ip) ^ 0x0002_0000);
         }
         sp.endpoints.sort();
-        let key = format!("bench/svc-{s}");
-        let t0 = Instant::now();
-        plane
-            .update(&[(key, vec![sp.clone()])])
-            .context("endpoint change")?;
-        lat.push(t0.elapsed());
-        ports[s] = sp;
+        replaced.push(change(&mut plane, &mut ports, s, sp)?);
     }
     println!(
-        "one endpoint change: {changes} changes, p50 {:.1} ms, p99 {:.1} ms",
-        pct(&mut lat, 0.5),
-        pct(&mut lat, 0.99)
+        "one endpoint replaced: {changes} changes, p50 {:.1} ms, p99 {:.1} ms",
+        pct(&mut replaced, 0.5),
+        pct(&mut replaced, 0.99)
+    );
+    // One endpoint removed, or added back (the count changes: the Service's rule too).
+    let mut resized = Vec::new();
+    for i in 0..changes {
+        let s = (i * 104_729 + 1) % services;
+        let mut sp = ports[s].clone();
+        if sp.endpoints.len() == endpoints {
+            sp.endpoints.pop();
+        } else {
+            sp.endpoints = service_port(s, endpoints).endpoints;
+        }
+        resized.push(change(&mut plane, &mut ports, s, sp)?);
+    }
+    println!(
+        "one endpoint removed or added: {changes} changes, p50 {:.1} ms, p99 {:.1} ms",
+        pct(&mut resized, 0.5),
+        pct(&mut resized, 0.99)
     );
     Ok(())
+}
+
+/// Apply Service `s`'s new port and time it.
+fn change(
+    plane: &mut Dataplane<Netlink>,
+    ports: &mut [ServicePort],
+    s: usize,
+    sp: ServicePort,
+) -> Result<Duration> {
+    let key = format!("bench/svc-{s}");
+    let t0 = Instant::now();
+    plane
+        .update(&[(key, vec![sp.clone()])])
+        .context("endpoint change")?;
+    let took = t0.elapsed();
+    ports[s] = sp;
+    Ok(took)
 }
 
 struct Proc(Child);

@@ -7,6 +7,7 @@
 //! proxy never touches rules outside it.
 
 pub mod model;
+pub mod nfnl;
 pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,62 +22,92 @@ use kube::api::Api;
 use servicecache::ServiceCache;
 
 use model::ServicePort;
-use nft::{Context, Rendered, Txn};
+use nft::{Context, Op, Rendered, Txn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("running nft: {0}")]
-    Spawn(#[source] std::io::Error),
-    #[error("nft refused the transaction: {0}")]
+    #[error("talking to nf_tables over netlink: {0}")]
+    Netlink(#[source] std::io::Error),
+    #[error("nf_tables refused the transaction: {0}")]
     Refused(String),
 }
 
-/// Where transactions go: `nft -f -` in production, a recorder in unit tests.
+/// Where transactions go: the kernel over netlink in production, a recorder in unit tests.
 pub trait Backend: Send + 'static {
-    fn apply(&mut self, script: &str) -> Result<(), Error>;
+    /// Apply `ops` as one transaction: all or nothing.
+    fn apply(&mut self, ops: &[Op]) -> Result<(), Error>;
     /// Whether the table is (still) in the kernel.
     fn has_table(&mut self, _table: &str) -> bool {
         true
     }
 }
 
-/// Applies transactions with the `nft` program.
-pub struct Nft;
+/// Applies transactions as nf_tables netlink batches.
+#[derive(Default)]
+pub struct Netlink {
+    sock: Option<nfnl::Socket>,
+}
 
-impl Backend for Nft {
-    fn apply(&mut self, script: &str) -> Result<(), Error> {
-        use std::io::Write;
-        let mut child = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(Error::Spawn)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes()).map_err(Error::Spawn)?;
+impl Netlink {
+    fn socket(&mut self) -> Result<&mut nfnl::Socket, Error> {
+        if self.sock.is_none() {
+            self.sock = Some(nfnl::Socket::open().map_err(Error::Netlink)?);
         }
-        let out = child.wait_with_output().map_err(Error::Spawn)?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            let err = String::from_utf8_lossy(&out.stderr);
-            Err(Error::Refused(err.chars().take(2000).collect()))
+        Ok(self.sock.as_mut().expect("just opened"))
+    }
+}
+
+impl Backend for Netlink {
+    fn apply(&mut self, ops: &[Op]) -> Result<(), Error> {
+        let (batch, origin) = nft::batch(ops);
+        let res = self.socket()?.send(batch);
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(refusal)) => {
+                let op = (refusal.seq as usize)
+                    .checked_sub(1)
+                    .and_then(|i| origin.get(i))
+                    .map(|i| {
+                        let line = ops[*i].to_string();
+                        line.chars().take(500).collect::<String>()
+                    })
+                    .unwrap_or_else(|| format!("message {}", refusal.seq));
+                Err(Error::Refused(format!(
+                    "{op}: {}",
+                    std::io::Error::from_raw_os_error(refusal.errno)
+                )))
+            }
+            Err(e) => {
+                // A broken socket is opened anew next time.
+                self.sock = None;
+                Err(Error::Netlink(e))
+            }
         }
     }
 
     fn has_table(&mut self, table: &str) -> bool {
-        let out = std::process::Command::new("nft")
-            .args(["list", "tables", "ip"])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.trim() == format!("table ip {table}")),
+        let res = match self.socket() {
+            Ok(s) => s.has_table(table),
+            Err(_) => return true,
+        };
+        match res {
+            Ok(found) => found,
             // Cannot tell: assume it is there rather than rebuild in a loop.
-            _ => true,
+            Err(_) => {
+                self.sock = None;
+                true
+            }
         }
     }
+}
+
+/// Why this machine cannot run the proxy, if it cannot: nf_tables must answer over netlink
+/// (the kernel module, and CAP_NET_ADMIN).
+pub fn unavailable() -> Option<String> {
+    let probe = nfnl::Socket::open().and_then(|mut s| s.has_table("rkube-probe"));
+    probe
+        .err()
+        .map(|e| format!("nf_tables does not answer over netlink: {e}"))
 }
 
 /// The programmed state and how to change it.
@@ -106,10 +137,10 @@ impl<B: Backend> Dataplane<B> {
         self.in_sync
     }
 
-    /// If the table went missing (someone flushed the ruleset), the next sync is a full one.
-    /// Returns whether it did.
+    /// If a table went missing (someone flushed the ruleset), the next sync is a full one.
+    /// Returns whether one did.
     pub fn check(&mut self) -> bool {
-        if self.in_sync && !self.backend.has_table(&self.ctx.table) {
+        if self.in_sync && !self.ctx.tables().iter().all(|t| self.backend.has_table(t)) {
             self.in_sync = false;
             return true;
         }
@@ -127,9 +158,9 @@ impl<B: Backend> Dataplane<B> {
             .map(|sp| (sp.id.clone(), nft::render(&self.ctx, sp)))
             .collect();
         let all: Vec<&Rendered> = rendered.values().collect();
-        let script = nft::full(&self.ctx, &all);
+        let ops = nft::full(&self.ctx, &all);
         self.in_sync = false;
-        self.backend.apply(&script)?;
+        self.backend.apply(&ops)?;
         let mut hairpin = BTreeMap::new();
         for ip in rendered
             .values()
@@ -146,8 +177,7 @@ impl<B: Backend> Dataplane<B> {
     /// Apply the ports of changed Services (`namespace/name` → its ports now; empty: gone)
     /// in one transaction. Nothing to change: no transaction.
     pub fn update(&mut self, services: &[(String, Vec<ServicePort>)]) -> Result<(), Error> {
-        let t = self.ctx.table.clone();
-        let mut txn = Txn::new(&t);
+        let mut txn = Txn::new(&self.ctx);
         let mut next: Vec<(String, Option<Rendered>)> = Vec::new();
         let mut hairpin = self.hairpin.clone();
         let empty = Rendered::default();
@@ -187,11 +217,11 @@ impl<B: Backend> Dataplane<B> {
         let before: BTreeSet<Ipv4Addr> = self.hairpin.keys().copied().collect();
         let after: BTreeSet<Ipv4Addr> = hairpin.keys().copied().collect();
         txn.hairpin(&before, &after);
-        let script = txn.finish();
-        if script.is_empty() {
+        let ops = txn.finish();
+        if ops.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.backend.apply(&script) {
+        if let Err(e) = self.backend.apply(&ops) {
             self.in_sync = false;
             return Err(e);
         }
@@ -205,14 +235,12 @@ impl<B: Backend> Dataplane<B> {
         Ok(())
     }
 
-    /// Remove the table and everything in it.
+    /// Remove the tables and everything in them.
     pub fn cleanup(&mut self) -> Result<(), Error> {
-        let t = &self.ctx.table;
         self.in_sync = false;
         self.applied.clear();
         self.hairpin.clear();
-        self.backend
-            .apply(&format!("add table ip {t}\ndelete table ip {t}\n"))
+        self.backend.apply(&nft::remove(&self.ctx))
     }
 }
 
@@ -255,12 +283,19 @@ pub async fn run(
     if local_cidr.is_none() {
         tracing::warn!(node = %opts.node_name, "no pod range known: all traffic to Services from this node is masqueraded");
     }
+    let local_cidr = local_cidr.and_then(|c| match c.parse() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "the pod range is unusable: all traffic to Services from this node is masqueraded");
+            None
+        }
+    });
     let ctx = Context {
         table: opts.table.clone(),
         local_cidr,
     };
     let cache = ServiceCache::start(client, true);
-    let plane = Arc::new(Mutex::new(Dataplane::new(ctx, Nft)));
+    let plane = Arc::new(Mutex::new(Dataplane::new(ctx, Netlink::default())));
     let sync = sync_loop(cache.clone(), plane.clone(), opts.node_name.clone());
     tokio::select! {
         _ = shutdown => {}
@@ -306,7 +341,7 @@ fn ports_of(cache: &ServiceCache, key: &str, node: &str) -> Vec<ServicePort> {
 /// How often the proxy checks that its table is still there.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
 
-async fn sync_loop(cache: Arc<ServiceCache>, plane: Arc<Mutex<Dataplane<Nft>>>, node: String) {
+async fn sync_loop(cache: Arc<ServiceCache>, plane: Arc<Mutex<Dataplane<Netlink>>>, node: String) {
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -382,11 +417,11 @@ mod tests {
     struct Recorder(Vec<String>, bool);
 
     impl Backend for Recorder {
-        fn apply(&mut self, script: &str) -> Result<(), Error> {
+        fn apply(&mut self, ops: &[Op]) -> Result<(), Error> {
             if self.1 {
                 return Err(Error::Refused("no".into()));
             }
-            self.0.push(script.to_string());
+            self.0.push(nft::script(ops));
             Ok(())
         }
     }
@@ -413,7 +448,7 @@ mod tests {
     fn a_missing_table_asks_for_a_full_sync() {
         struct Gone;
         impl Backend for Gone {
-            fn apply(&mut self, _: &str) -> Result<(), Error> {
+            fn apply(&mut self, _: &[Op]) -> Result<(), Error> {
                 Ok(())
             }
             fn has_table(&mut self, _: &str) -> bool {
@@ -453,7 +488,11 @@ mod tests {
         // element stays, "ab" still has that endpoint.
         p.update(&[("ns/a".into(), vec![sp("a", &[])])]).unwrap();
         let last = p.backend().0.last().unwrap().clone();
-        assert!(last.contains("delete chain ip t svc-ns/a/tcp/80"), "{last}");
+        let shard = nft::shard_of("ns/a");
+        assert!(
+            last.contains(&format!("delete chain ip t-{shard} svc-ns/a/tcp/80")),
+            "{last}"
+        );
         assert!(!last.contains("ns/ab/"), "{last}");
         assert!(!last.contains("hairpin"), "{last}");
         // "ab" goes: its hairpin element goes with it.

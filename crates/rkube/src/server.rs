@@ -674,8 +674,5 @@ pub fn spawn_proxy(
 
 /// Why this machine cannot run the service proxy, if it cannot.
 pub fn proxy_missing() -> Option<String> {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("nft").is_file()))
-        .unwrap_or(false);
-    (!found).then(|| "nft (package nftables) not installed".to_string())
+    proxy::unavailable()
 }

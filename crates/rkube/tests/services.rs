@@ -389,7 +389,7 @@ fn services_balance_over_every_backend_from_the_node_and_from_pods() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("refused") && text.contains("rc=1"), "{text}");
 
-    // The rules are the proxy's own table; it goes when the server stops.
+    // The rules are in the proxy's own tables; they go when the server stops.
     let table = format!(
         "rkube-{}",
         kubelet::containerd::tag(&c.data_dir().join("agent"))
@@ -402,19 +402,34 @@ fn services_balance_over_every_backend_from_the_node_and_from_pods() {
             .status
             .success()
     };
+    // Services are spread over shard tables `<table>-<n>`; web's is:
+    let shard = format!("{table}-{}", proxy::nft::shard_of("default/web"));
     assert!(listed(&table), "{table} while the server runs");
-    // Removed behind the proxy's back, the table is rebuilt.
-    let deleted = std::process::Command::new("nft")
-        .args(["delete", "table", "ip", &table])
-        .status()
-        .unwrap();
-    assert!(deleted.success());
-    eventually("the table rebuilt and the Service answering", &mut || {
+    assert!(listed(&shard), "{shard} while the server runs");
+    // Removed behind the proxy's back (web's DNAT with it), the tables are rebuilt.
+    for t in [&table, &shard] {
+        let deleted = std::process::Command::new("nft")
+            .args(["delete", "table", "ip", t])
+            .status()
+            .unwrap();
+        assert!(deleted.success());
+    }
+    eventually("the tables rebuilt and the Service answering", &mut || {
         get(web).ok().filter(|who| backends.contains(who))
     });
     assert!(listed(&table));
     drop(c);
-    assert!(!listed(&table), "{table} is removed on shutdown");
+    let left = std::process::Command::new("nft")
+        .args(["list", "tables", "ip"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(
+        !left
+            .lines()
+            .any(|l| l.starts_with(&format!("table ip {table}"))),
+        "{table} and its shards are removed on shutdown: {left}"
+    );
 }
 
 /// `nslookup NAME` in the client pod: the addresses answered (after the server's own).
