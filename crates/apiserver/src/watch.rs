@@ -166,7 +166,7 @@ pub async fn serve(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
         ))));
         (Vec::new(), None)
     } else {
-        match ctx.state.cache.subscribe(from) {
+        match ctx.state.cache.subscribe(&ctx.kind.prefix(None), from) {
             Subscription::Cached(replay, rx) => (replay, Some(Source::Cache(rx))),
             Subscription::TooOld => match ctx
                 .state

@@ -4,9 +4,10 @@
 //! covers is served from memory; an older start falls back to a watch on the store itself (which
 //! answers `Compacted` → 410 Gone if that history is gone). A watcher that falls behind the live
 //! broadcast is cut off and must resume from its last revision, so one slow client never holds
-//! memory or other clients hostage.
+//! memory or other clients hostage. Live events go out on one channel per resource (made when
+//! the resource is first watched), so a watcher wakes only for its own resource's changes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
@@ -17,8 +18,8 @@ use crate::object::Stored;
 
 /// How many recent events the ring keeps.
 const RING_CAPACITY: usize = 20_000;
-/// How far a live watcher may fall behind before it is cut off.
-const BROADCAST_CAPACITY: usize = 16_384;
+/// How far a live watcher may fall behind its resource's changes before it is cut off.
+const BROADCAST_CAPACITY: usize = 8_192;
 
 /// One change, with `metadata.resourceVersion` stamped; bodies stay as JSON bytes.
 #[derive(Debug)]
@@ -50,8 +51,24 @@ struct Ring {
     events: VecDeque<Arc<CachedEvent>>,
     /// Every event with a revision greater than this is in `events`.
     complete_after: i64,
-    /// Live events; replaced (closing every receiver) when the cache starts over.
-    tx: broadcast::Sender<Arc<CachedEvent>>,
+    /// Live events by resource (its key prefix, `/registry/<storage>/`); dropped (closing
+    /// every receiver) when the cache starts over.
+    channels: HashMap<String, broadcast::Sender<Arc<CachedEvent>>>,
+}
+
+impl Ring {
+    /// The channel of the resource `key` belongs to, if anyone watches it.
+    fn channel_of(&self, key: &str) -> Option<&broadcast::Sender<Arc<CachedEvent>>> {
+        let rest = key.strip_prefix("/registry/")?;
+        // Storage prefixes have one or two segments (`pods`, `services/specs`).
+        let mut ends = rest
+            .match_indices('/')
+            .map(|(i, _)| i + "/registry/".len() + 1);
+        let one = ends.next()?;
+        self.channels
+            .get(&key[..one])
+            .or_else(|| ends.next().and_then(|two| self.channels.get(&key[..two])))
+    }
 }
 
 pub struct WatchCache {
@@ -83,13 +100,12 @@ impl WatchCache {
         mut shutdown: watch::Receiver<bool>,
     ) -> store::Result<Arc<WatchCache>> {
         let start = store.current_revision().await?;
-        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (revision, _) = watch::channel(start.0);
         let cache = Arc::new(WatchCache {
             ring: RwLock::new(Ring {
                 events: VecDeque::new(),
                 complete_after: start.0,
-                tx,
+                channels: HashMap::new(),
             }),
             revision,
             admission_generation: Default::default(),
@@ -154,7 +170,7 @@ impl WatchCache {
         if let Ok(mut ring) = self.ring.write() {
             ring.events.clear();
             ring.complete_after = revision;
-            ring.tx = broadcast::channel(BROADCAST_CAPACITY).0;
+            ring.channels.clear();
         }
         self.revision.send_replace(revision);
     }
@@ -171,9 +187,11 @@ impl WatchCache {
                     ring.complete_after = old.revision;
                 }
             }
-            ring.events.push_back(ev.clone());
             // Broadcast under the lock so that subscribe() sees ring and channel consistently.
-            let _ = ring.tx.send(ev);
+            if let Some(tx) = ring.channel_of(&ev.key) {
+                let _ = tx.send(ev.clone());
+            }
+            ring.events.push_back(ev);
         }
         self.revision.send_replace(rev);
     }
@@ -195,17 +213,27 @@ impl WatchCache {
         let _ = rx.wait_for(|r| *r >= revision).await;
     }
 
-    /// Events after `after` (replay) and the live receiver, if memory still covers `after`.
-    pub fn subscribe(&self, after: i64) -> Subscription {
-        let Ok(ring) = self.ring.read() else {
+    /// Events of `resource` (a key prefix `/registry/<storage>/`) after `after` (replay) and
+    /// the live receiver for it, if memory still covers `after`.
+    pub fn subscribe(&self, resource: &str, after: i64) -> Subscription {
+        let Ok(mut ring) = self.ring.write() else {
             return Subscription::TooOld;
         };
         if after < ring.complete_after {
             return Subscription::TooOld;
         }
-        let rx = ring.tx.subscribe();
+        let rx = ring
+            .channels
+            .entry(resource.to_string())
+            .or_insert_with(|| broadcast::channel(BROADCAST_CAPACITY).0)
+            .subscribe();
         let start = ring.events.partition_point(|e| e.revision <= after);
-        let replay = ring.events.range(start..).cloned().collect();
+        let replay = ring
+            .events
+            .range(start..)
+            .filter(|e| e.key.starts_with(resource))
+            .cloned()
+            .collect();
         Subscription::Cached(replay, rx)
     }
 }
@@ -213,6 +241,18 @@ impl WatchCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CM: &str = "/registry/configmaps/";
+
+    /// A cache over a fresh store (keep the first two alive as long as the cache).
+    async fn cache() -> (tempfile::TempDir, watch::Sender<bool>, Arc<WatchCache>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(store::SqliteStore::open(dir.path().join("s.db")).unwrap());
+        let (stop, shutdown) = watch::channel(false);
+        let cache = WatchCache::start(store, shutdown).await.unwrap();
+        (dir, stop, cache)
+    }
 
     fn event(revision: i64) -> Arc<CachedEvent> {
         Arc::new(CachedEvent {
@@ -226,12 +266,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_watcher_is_cut_off_and_memory_stays_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(store::SqliteStore::open(dir.path().join("s.db")).unwrap());
-        let (_stop, shutdown) = watch::channel(false);
-        let cache = WatchCache::start(store, shutdown).await.unwrap();
-        let Subscription::Cached(replay, mut slow) = cache.subscribe(0) else {
+        let (_dir, _stop, cache) = cache().await;
+        let Subscription::Cached(replay, mut slow) = cache.subscribe(CM, 0) else {
             panic!("a fresh cache covers its start");
         };
         assert!(replay.is_empty());
@@ -250,22 +286,52 @@ mod tests {
         assert_eq!(ring.complete_after, total - RING_CAPACITY as i64);
         drop(ring);
         // Older starts than the ring holds fall back to the store.
-        assert!(matches!(cache.subscribe(5), Subscription::TooOld));
+        assert!(matches!(cache.subscribe(CM, 5), Subscription::TooOld));
         assert!(matches!(
-            cache.subscribe(total - 5),
+            cache.subscribe(CM, total - 5),
             Subscription::Cached(ref r, _) if r.len() == 5
         ));
     }
 
     #[tokio::test]
+    async fn a_watcher_hears_only_its_resource() {
+        let (_dir, _stop, cache) = cache().await;
+        let Subscription::Cached(_, mut cms) = cache.subscribe(CM, 0) else {
+            panic!("covered");
+        };
+        let specs = "/registry/services/specs/";
+        let Subscription::Cached(_, mut svcs) = cache.subscribe(specs, 0) else {
+            panic!("covered");
+        };
+        let other = |rev: i64, key: &str| {
+            Arc::new(CachedEvent {
+                kind: EventKind::Put,
+                key: key.into(),
+                revision: rev,
+                object: Stored::from_store(br#"{"metadata":{"name":"x"}}"#, rev),
+                prev: None,
+            })
+        };
+        cache.push(other(1, "/registry/pods/default/p"));
+        cache.push(other(2, "/registry/services/specs/default/s"));
+        cache.push(event(3));
+        assert_eq!(cms.recv().await.unwrap().revision, 3);
+        assert!(cms.try_recv().is_err(), "nothing else for configmaps");
+        assert_eq!(svcs.recv().await.unwrap().revision, 2);
+        assert!(svcs.try_recv().is_err());
+        // A late watcher's replay holds its resource's events only.
+        let Subscription::Cached(replay, _) = cache.subscribe(CM, 0) else {
+            panic!("covered");
+        };
+        let revs: Vec<i64> = replay.iter().map(|e| e.revision).collect();
+        assert_eq!(revs, [3]);
+    }
+
+    #[tokio::test]
     async fn reset_closes_live_watchers() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(store::SqliteStore::open(dir.path().join("s.db")).unwrap());
-        let (_stop, shutdown) = watch::channel(false);
-        let cache = WatchCache::start(store, shutdown).await.unwrap();
+        let (_dir, _stop, cache) = cache().await;
         cache.push(event(1));
-        let Subscription::Cached(_, mut rx) = cache.subscribe(1) else {
+        let Subscription::Cached(_, mut rx) = cache.subscribe(CM, 1) else {
             panic!("covered");
         };
         cache.reset(100);
@@ -273,7 +339,7 @@ mod tests {
             rx.recv().await,
             Err(broadcast::error::RecvError::Closed)
         ));
-        assert!(matches!(cache.subscribe(50), Subscription::TooOld));
+        assert!(matches!(cache.subscribe(CM, 50), Subscription::TooOld));
         assert_eq!(cache.revision(), 100);
     }
 }
