@@ -17,6 +17,9 @@ pub struct ServicePort {
     pub protocol: &'static str,
     pub port: u16,
     pub node_port: Option<u16>,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip` (IPv4): traffic to them on
+    /// `port` is treated as traffic from outside, like node-port traffic.
+    pub external_ips: Vec<Ipv4Addr>,
     /// sessionAffinity ClientIP: how long a client sticks to its endpoint.
     pub affinity_seconds: Option<u32>,
     /// externalTrafficPolicy Local: node-port traffic from outside goes to this node's
@@ -52,6 +55,7 @@ impl ServicePort {
             protocol,
             port,
             node_port: None,
+            external_ips: Vec::new(),
             affinity_seconds: None,
             external_local: false,
             internal_local: false,
@@ -113,6 +117,28 @@ pub fn service_ports(svc: &Service, slices: &[&EndpointSlice], node: &str) -> Ve
             .unwrap_or(10800)
     });
     let node_ports = matches!(ty, "NodePort" | "LoadBalancer");
+    let mut external_ips: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if ty == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        external_ips.extend(
+            ingress
+                .iter()
+                .copied()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
+        );
+    }
+    external_ips.sort();
+    external_ips.dedup();
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
         let Some(proto) = protocol(p.protocol.as_deref()) else {
@@ -170,6 +196,7 @@ pub fn service_ports(svc: &Service, slices: &[&EndpointSlice], node: &str) -> Ve
                 .filter(|_| node_ports)
                 .and_then(|n| u16::try_from(n).ok())
                 .filter(|n| *n != 0),
+            external_ips: external_ips.clone(),
             affinity_seconds,
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -266,5 +293,23 @@ mod tests {
         assert_eq!(sp.affinity_seconds, Some(60));
         assert!(sp.internal_local);
         assert!(sp.endpoints.is_empty());
+    }
+
+    #[test]
+    fn external_ips_and_load_balancer_ingress() {
+        let mut s = svc(json!({"type": "LoadBalancer", "clusterIP": "10.43.0.9",
+            "externalIPs": ["198.51.100.7", "2001:db8::1"], "ports": [{"port": 80, "nodePort": 30080}]}));
+        s.status = serde_json::from_value(json!({"loadBalancer": {"ingress": [
+            {"ip": "203.0.113.5"}, {"hostname": "lb.example"}, {"ip": "198.51.100.7"}]}}))
+        .unwrap();
+        let sp = &service_ports(&s, &[], "n")[0];
+        let ips: Vec<String> = sp.external_ips.iter().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["198.51.100.7", "203.0.113.5"]);
+        // Load-balancer IPs count only for type LoadBalancer.
+        let mut s = svc(json!({"clusterIP": "10.43.0.9", "ports": [{"port": 80}]}));
+        s.status =
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}))
+                .unwrap();
+        assert!(service_ports(&s, &[], "n")[0].external_ips.is_empty());
     }
 }

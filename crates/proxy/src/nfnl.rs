@@ -347,6 +347,13 @@ impl Socket {
         // Error replies carry only the header of the refused message, not all of it.
         let _ = sock.set_cap_ack(true);
         let _ = sock.set_ext_ack(false);
+        // The kernel always answers; should it not, fail (the caller drops this socket, and
+        // with it any late reply) rather than hang the sync loop.
+        rustix::net::sockopt::set_socket_timeout(
+            &sock,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(std::time::Duration::from_secs(30)),
+        )?;
         Ok(Socket {
             sock,
             buf: vec![0; 1 << 16],

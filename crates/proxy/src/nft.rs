@@ -8,7 +8,8 @@
 //!   base chains, looking sets up by name) stays small however many Services there are.
 //!   Each shard has its own NAT hooks (`nat-prerouting`, `nat-output` → `services`): `ip
 //!   daddr . l4proto . dport` in `service-ips` goes to the port's `svc-<ns>/<name>/<proto>/<port>`
-//!   chain, node-local `l4proto . dport` in `service-nodeports` to its `ext-...` chain.
+//!   chain, node-local `l4proto . dport` in `service-nodeports` to its `ext-...` chain, and so
+//!   do the port's external IPs (externalIPs, load-balancer ingress) in `service-ips`.
 //! - A `svc-` chain marks traffic from outside the node's pod range for masquerading, then
 //!   DNATs to one endpoint chosen with equal probability: `numgen random mod k` looked up in
 //!   the port's `eps-...` map (index → address . port). Two rules per port, whatever its
@@ -560,7 +561,18 @@ pub fn render(ctx: &Context, sp: &ServicePort) -> Rendered {
     let ip_key = Key::Service(sp.cluster_ip, sp.protocol, sp.port);
     let np_key = sp.node_port.map(|n| Key::NodePort(sp.protocol, n));
     let reject = Value::Verdict(Verdict::Goto("reject-chain".into()));
+    let external_keys: Vec<Key> = sp
+        .external_ips
+        .iter()
+        .map(|ip| Key::Service(*ip, sp.protocol, sp.port))
+        .collect();
     if sp.endpoints.is_empty() {
+        for k in external_keys {
+            r.elements.insert(
+                (Scope::Main, "no-endpoint-services".into(), k),
+                reject.clone(),
+            );
+        }
         r.elements.insert(
             (Scope::Main, "no-endpoint-services".into(), ip_key),
             reject.clone(),
@@ -615,7 +627,8 @@ pub fn render(ctx: &Context, sp: &ServicePort) -> Rendered {
             Value::Verdict(Verdict::Goto(svc_chain.clone())),
         );
     }
-    if let Some(k) = np_key {
+    // Traffic from outside: node ports and external IPs (externalIPs, load-balancer IPs).
+    if np_key.is_some() || !external_keys.is_empty() {
         let ext_chain = format!("ext-{}", sp.id);
         let external = sp.external();
         let mut rules = Vec::new();
@@ -635,10 +648,17 @@ pub fn render(ctx: &Context, sp: &ServicePort) -> Rendered {
             }
         }
         r.chains.insert(ext_chain.clone(), rules);
-        r.elements.insert(
-            (Scope::Shard, "service-nodeports".into(), k),
-            Value::Verdict(Verdict::Goto(ext_chain)),
-        );
+        let to_ext = Value::Verdict(Verdict::Goto(ext_chain));
+        if let Some(k) = np_key {
+            r.elements.insert(
+                (Scope::Shard, "service-nodeports".into(), k),
+                to_ext.clone(),
+            );
+        }
+        for k in external_keys {
+            r.elements
+                .insert((Scope::Shard, "service-ips".into(), k), to_ext.clone());
+        }
     }
     r
 }

@@ -69,6 +69,7 @@ fn what_is_programmed_reads_back_as_written() {
         ],
     );
     web.node_port = Some(30080);
+    web.external_ips = vec!["198.51.100.7".parse().unwrap()];
     let mut sticky = port("sticky", "10.43.0.10", vec![ep("10.42.0.5", true)]);
     sticky.affinity_seconds = Some(60);
     let mut local = port("local", "10.43.0.11", vec![ep("10.42.1.6", false)]);
@@ -110,6 +111,7 @@ fn what_is_programmed_reads_back_as_written() {
             "type ipv4_addr . inet_proto . inet_service : verdict",
             "10.43.0.9 . tcp . 80 : goto svc-ns/web/tcp/80",
             "tcp . 30080 : goto ext-ns/web/tcp/80",
+            "198.51.100.7 . tcp . 80 : goto ext-ns/web/tcp/80",
             "type nat hook prerouting priority dstnat; policy accept;",
             "jump services",
             "ip saddr != 10.42.0.0/24 meta mark set meta mark | 0x00004000",

@@ -231,6 +231,7 @@ kind: Service
 metadata: {name: web-np}
 spec:
   type: NodePort
+  externalIPs: [198.51.100.7]
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
 ---
@@ -368,6 +369,13 @@ fn services_balance_over_every_backend_from_the_node_and_from_pods() {
         (seen.len() == 3).then_some(seen)
     });
     println!("NodePort {node_port}: {seen:?}");
+    // An external IP of the same Service (from the node: the proxy's output hook).
+    let external: SocketAddr = "198.51.100.7:80".parse().unwrap();
+    let seen = eventually("all 3 backends behind the external IP", &mut || {
+        let seen = tally((0..60).filter_map(|_| get(external).ok()));
+        (seen.len() == 3).then_some(seen)
+    });
+    println!("externalIP {external}: {seen:?}");
 
     // sessionAffinity ClientIP: every request from the node lands on one backend.
     let sticky = addr(&c, "sticky");

@@ -145,6 +145,39 @@ fn node_ports_masquerade_unless_local() {
 }
 
 #[test]
+fn external_ips_go_the_outside_way() {
+    let ext: Ipv4Addr = "198.51.100.7".parse().unwrap();
+    let mut s = sp(vec![ep("10.42.0.2", true)]);
+    s.external_ips = vec![ext];
+    let r = render(&ctx(), &s);
+    assert_eq!(
+        element(
+            &r,
+            Scope::Shard,
+            "service-ips",
+            Key::Service(ext, "tcp", 80)
+        ),
+        &goto("ext-ns/web/tcp/80")
+    );
+    assert_eq!(
+        rules(&r, "ext-ns/web/tcp/80"),
+        ["meta mark set mark or 0x4000", "goto svc-ns/web/tcp/80"]
+    );
+    // Without endpoints, refused there too.
+    s.endpoints.clear();
+    let r = render(&ctx(), &s);
+    assert_eq!(
+        element(
+            &r,
+            Scope::Main,
+            "no-endpoint-services",
+            Key::Service(ext, "tcp", 80)
+        ),
+        &goto("reject-chain")
+    );
+}
+
+#[test]
 fn affinity_remembers_clients_per_endpoint() {
     let mut s = sp(vec![ep("10.42.0.2", true), ep("10.42.1.3", false)]);
     s.affinity_seconds = Some(60);
