@@ -6,6 +6,7 @@
 //! one, rebuilds the whole table in one transaction. On shutdown the table is deleted: the
 //! proxy never touches rules outside it.
 
+pub mod conntrack;
 pub mod model;
 pub mod nfnl;
 pub mod nft;
@@ -39,6 +40,10 @@ pub trait Backend: Send + 'static {
     /// Whether the table is (still) in the kernel.
     fn has_table(&mut self, _table: &str) -> bool {
         true
+    }
+    /// Delete the conntrack entries `stale` matches; how many went.
+    fn flush_conntrack(&mut self, _stale: &conntrack::Stale) -> Result<usize, Error> {
+        Ok(0)
     }
 }
 
@@ -85,6 +90,36 @@ impl Backend for Netlink {
         }
     }
 
+    fn flush_conntrack(&mut self, stale: &conntrack::Stale) -> Result<usize, Error> {
+        const AF_INET: u8 = 2;
+        let res = self.socket().and_then(|s| {
+            let dump = s
+                .dump(
+                    nfnl::NFNL_SUBSYS_CTNETLINK,
+                    nfnl::IPCTNL_MSG_CT_GET,
+                    AF_INET,
+                )
+                .map_err(Error::Netlink)?;
+            let doomed: Vec<Vec<u8>> = dump
+                .iter()
+                .filter_map(|m| conntrack::parse(m))
+                .filter(|e| stale.matches(e))
+                .map(|e| conntrack::delete_request(&e))
+                .collect();
+            s.requests(
+                nfnl::NFNL_SUBSYS_CTNETLINK,
+                nfnl::IPCTNL_MSG_CT_DELETE,
+                AF_INET,
+                &doomed,
+            )
+            .map_err(Error::Netlink)
+        });
+        if res.is_err() {
+            self.sock = None;
+        }
+        res
+    }
+
     fn has_table(&mut self, table: &str) -> bool {
         let res = match self.socket() {
             Ok(s) => s.has_table(table),
@@ -116,6 +151,8 @@ pub struct Dataplane<B> {
     backend: B,
     /// Service port id → what it installed.
     applied: BTreeMap<String, Rendered>,
+    /// Service port id → the port as last applied (for conntrack clean-up).
+    ports: BTreeMap<String, ServicePort>,
     /// Hairpin IP → how many Service ports have it as a local endpoint.
     hairpin: BTreeMap<Ipv4Addr, usize>,
     /// Whether the table is believed to match `applied` (false: the next sync is a full one).
@@ -128,6 +165,7 @@ impl<B: Backend> Dataplane<B> {
             ctx,
             backend,
             applied: BTreeMap::new(),
+            ports: BTreeMap::new(),
             hairpin: BTreeMap::new(),
             in_sync: false,
         }
@@ -161,6 +199,23 @@ impl<B: Backend> Dataplane<B> {
         let ops = nft::full(&self.ctx, &all);
         self.in_sync = false;
         self.backend.apply(&ops)?;
+        // What changed since the last sync this proxy made (none at start: flows that
+        // outlived a restart are left alone).
+        let mut stale = conntrack::Stale::default();
+        if !self.ports.is_empty() {
+            let new: BTreeMap<&str, &ServicePort> =
+                ports.iter().map(|sp| (sp.id.as_str(), sp)).collect();
+            for (id, old) in &self.ports {
+                stale.add(Some(old), new.get(id.as_str()).copied());
+            }
+            for (id, sp) in &new {
+                if !self.ports.contains_key(*id) {
+                    stale.add(None, Some(sp));
+                }
+            }
+        }
+        self.ports = ports.iter().map(|sp| (sp.id.clone(), sp.clone())).collect();
+        self.flush_conntrack(&stale);
         let mut hairpin = BTreeMap::new();
         for ip in rendered
             .values()
@@ -178,8 +233,9 @@ impl<B: Backend> Dataplane<B> {
     /// in one transaction. Nothing to change: no transaction.
     pub fn update(&mut self, services: &[(String, Vec<ServicePort>)]) -> Result<(), Error> {
         let mut txn = Txn::new(&self.ctx);
-        let mut next: Vec<(String, Option<Rendered>)> = Vec::new();
+        let mut next: Vec<(String, Option<(Rendered, &ServicePort)>)> = Vec::new();
         let mut hairpin = self.hairpin.clone();
+        let mut stale = conntrack::Stale::default();
         let empty = Rendered::default();
         for (key, ports) in services {
             let prefix = format!("{key}/");
@@ -189,19 +245,20 @@ impl<B: Backend> Dataplane<B> {
                 .take_while(|(id, _)| id.starts_with(&prefix))
                 .map(|(id, _)| id.clone())
                 .collect();
-            let new: BTreeMap<&str, Rendered> = ports
+            let new: BTreeMap<&str, (Rendered, &ServicePort)> = ports
                 .iter()
-                .map(|sp| (sp.id.as_str(), nft::render(&self.ctx, sp)))
+                .map(|sp| (sp.id.as_str(), (nft::render(&self.ctx, sp), sp)))
                 .collect();
             for id in &old_ids {
                 if !new.contains_key(id.as_str()) {
                     let old = &self.applied[id];
                     txn.change(old, &empty);
                     unref(&mut hairpin, old);
+                    stale.add(self.ports.get(id), None);
                     next.push((id.clone(), None));
                 }
             }
-            for (id, r) in new {
+            for (id, (r, sp)) in new {
                 let old = self.applied.get(id).unwrap_or(&empty);
                 if *old == r {
                     continue;
@@ -211,7 +268,8 @@ impl<B: Backend> Dataplane<B> {
                 for ip in &nft::hairpin_of(std::iter::once(&r)) {
                     *hairpin.entry(*ip).or_insert(0) += 1;
                 }
-                next.push((id.to_string(), Some(r)));
+                stale.add(self.ports.get(id), Some(sp));
+                next.push((id.to_string(), Some((r, sp))));
             }
         }
         let before: BTreeSet<Ipv4Addr> = self.hairpin.keys().copied().collect();
@@ -227,18 +285,37 @@ impl<B: Backend> Dataplane<B> {
         }
         for (id, r) in next {
             match r {
-                Some(r) => self.applied.insert(id, r),
-                None => self.applied.remove(&id),
+                Some((r, sp)) => {
+                    self.applied.insert(id.clone(), r);
+                    self.ports.insert(id, sp.clone());
+                }
+                None => {
+                    self.applied.remove(&id);
+                    self.ports.remove(&id);
+                }
             };
         }
         self.hairpin = hairpin;
+        self.flush_conntrack(&stale);
         Ok(())
+    }
+
+    /// Best effort: a flow left pointing at a dead endpoint times out on its own.
+    fn flush_conntrack(&mut self, stale: &conntrack::Stale) {
+        if stale.is_empty() {
+            return;
+        }
+        match self.backend.flush_conntrack(stale) {
+            Ok(n) => tracing::debug!(deleted = n, "stale UDP conntrack entries"),
+            Err(e) => tracing::warn!(error = %e, "deleting stale UDP conntrack entries"),
+        }
     }
 
     /// Remove the tables and everything in them.
     pub fn cleanup(&mut self) -> Result<(), Error> {
         self.in_sync = false;
         self.applied.clear();
+        self.ports.clear();
         self.hairpin.clear();
         self.backend.apply(&nft::remove(&self.ctx))
     }

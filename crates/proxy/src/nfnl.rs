@@ -123,6 +123,13 @@ impl<'a> Attrs<'a> {
         self
     }
 
+    /// Attributes already encoded.
+    pub fn raw(&mut self, encoded: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(encoded);
+        pad(self.buf);
+        self
+    }
+
     /// A NUL-terminated string.
     pub fn str(&mut self, ty: u16, s: &str) -> &mut Self {
         let mut v = Vec::with_capacity(s.len() + 1);
@@ -313,9 +320,19 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// The replies in `buf`: (sequence number, errno) of each error/ack message, and whether a
-/// `NLMSG_DONE` was seen.
-fn replies(buf: &[u8], out: &mut Vec<(u32, i32, u16)>) {
+/// One message of a reply.
+struct Reply<'a> {
+    ty: u16,
+    seq: u32,
+    /// For `NLMSG_ERROR`: the error (0: an acknowledgement).
+    errno: i32,
+    /// After the netlink header.
+    body: &'a [u8],
+}
+
+/// The messages in `buf`.
+fn replies(buf: &[u8]) -> Vec<Reply<'_>> {
+    let mut out = Vec::new();
     let mut at = 0;
     while at + 16 <= buf.len() {
         let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
@@ -329,12 +346,40 @@ fn replies(buf: &[u8], out: &mut Vec<(u32, i32, u16)>) {
         } else {
             0
         };
-        out.push((seq, errno, ty));
+        out.push(Reply {
+            ty,
+            seq,
+            errno,
+            body: &buf[at + 16..at + len],
+        });
         at += (len + 3) & !3;
     }
+    out
 }
 
-/// A netlink socket to nf_tables.
+/// The attributes in `buf`: (type without its flag bits, payload).
+pub fn parse_attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[at], buf[at + 1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[at + 2], buf[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[at + 4..at + len]));
+        at += (len + 3) & !3;
+    }
+    out
+}
+
+/// nfnetlink subsystem of conntrack, and its message types.
+pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+pub const IPCTNL_MSG_CT_GET: u16 = 1;
+pub const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const NLM_F_DUMP: u16 = 0x300;
+
+/// A netlink socket to netfilter (nf_tables, conntrack).
 pub struct Socket {
     sock: netlink_sys::Socket,
     buf: Vec<u8>,
@@ -382,9 +427,7 @@ impl Socket {
         let mut refusal = None;
         loop {
             let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
-            let mut got = Vec::new();
-            replies(&self.buf[..n], &mut got);
-            for (seq, errno, ty) in got {
+            for Reply { seq, errno, ty, .. } in replies(&self.buf[..n]) {
                 if ty == NLMSG_ERROR && errno != 0 && refusal.is_none() {
                     refusal = Some(Refusal {
                         seq,
@@ -398,6 +441,82 @@ impl Socket {
                 }
             }
         }
+    }
+
+    /// Dump every object of an nfnetlink subsystem's `GET` (`subsys`, `msg`) for `family`:
+    /// each reply message's attributes (after its nfgenmsg header).
+    pub fn dump(&mut self, subsys: u16, msg: u16, family: u8) -> io::Result<Vec<Vec<u8>>> {
+        let mut buf = Vec::new();
+        let start = header(
+            &mut buf,
+            (subsys << 8) | msg,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            1,
+            family,
+            0,
+        );
+        seal(&mut buf, start);
+        self.sock.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            for r in replies(&self.buf[..n]) {
+                match r.ty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR if r.errno != 0 => {
+                        return Err(io::Error::from_raw_os_error(r.errno));
+                    }
+                    NLMSG_ERROR => return Ok(out),
+                    // After the nfgenmsg header.
+                    _ if r.body.len() >= 4 => out.push(r.body[4..].to_vec()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Send one request per body (attributes), acknowledged one by one; a body the kernel
+    /// answers ENOENT for (already gone) counts as done. How many the kernel carried out.
+    pub fn requests(
+        &mut self,
+        subsys: u16,
+        msg: u16,
+        family: u8,
+        bodies: &[Vec<u8>],
+    ) -> io::Result<usize> {
+        let mut done = 0;
+        for chunk in bodies.chunks(256) {
+            let mut buf = Vec::new();
+            for (i, body) in chunk.iter().enumerate() {
+                let start = header(
+                    &mut buf,
+                    (subsys << 8) | msg,
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    i as u32 + 1,
+                    family,
+                    0,
+                );
+                buf.extend_from_slice(body);
+                seal(&mut buf, start);
+            }
+            self.sock.send(&buf, 0)?;
+            let mut acked = 0;
+            while acked < chunk.len() {
+                let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+                for Reply { errno, ty, .. } in replies(&self.buf[..n]) {
+                    if ty != NLMSG_ERROR {
+                        continue;
+                    }
+                    acked += 1;
+                    match errno {
+                        0 => done += 1,
+                        libc::ENOENT => {}
+                        e => return Err(io::Error::from_raw_os_error(e)),
+                    }
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Whether table `name` (family ip) exists.
@@ -417,9 +536,7 @@ impl Socket {
         let mut found = false;
         loop {
             let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
-            let mut got = Vec::new();
-            replies(&self.buf[..n], &mut got);
-            for (seq, errno, ty) in got {
+            for Reply { seq, errno, ty, .. } in replies(&self.buf[..n]) {
                 if seq != 1 {
                     continue;
                 }
@@ -468,12 +585,11 @@ mod tests {
         });
         let (bytes, last) = b.finish();
         assert_eq!(last, 2);
-        let mut got = Vec::new();
-        replies(&bytes, &mut got);
-        let types: Vec<u16> = got.iter().map(|g| g.2).collect();
+        let got = replies(&bytes);
+        let types: Vec<u16> = got.iter().map(|g| g.ty).collect();
         let tables = NFNL_SUBSYS_NFTABLES << 8;
         assert_eq!(types, [16, tables, tables | msg::DELTABLE, 17]);
-        let seqs: Vec<u32> = got.iter().map(|g| g.0).collect();
+        let seqs: Vec<u32> = got.iter().map(|g| g.seq).collect();
         assert_eq!(seqs, [0, 1, 2, 3]);
         // Flags of message 2 (at 20 + 28 bytes): request + ack.
         let at = 20 + 28 + 6;

@@ -193,3 +193,60 @@ fn a_refused_transaction_names_its_step_and_changes_nothing() {
     nl.apply(&[Op::AddTable(t.clone())]).unwrap();
     assert!(nl.has_table(&t));
 }
+
+#[test]
+fn a_udp_flow_moves_when_its_endpoint_goes() {
+    use std::net::UdpSocket;
+    use std::time::Duration;
+    let ctx = Context {
+        table: format!("rkube-kudp-{}", std::process::id()),
+        local_cidr: None,
+    };
+    let _tables = Tables(ctx.clone());
+    let bind = || {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s
+    };
+    let (a, b) = (bind(), bind());
+    let endpoint = |s: &UdpSocket| Endpoint {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: s.local_addr().unwrap().port(),
+        local: true,
+    };
+    let svc = |e: Endpoint| {
+        ServicePort::new(
+            "ns/dns/udp/53".into(),
+            "10.255.77.1".parse().unwrap(),
+            "udp",
+            53,
+            vec![e],
+        )
+    };
+    let mut plane = Dataplane::new(ctx.clone(), Netlink::default());
+    plane.sync_full(&[svc(endpoint(&a))]).expect("full sync");
+    // One client socket: every datagram below is the same flow (same 5-tuple).
+    let client = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let mut buf = [0u8; 16];
+    client.send_to(b"one", "10.255.77.1:53").unwrap();
+    let (n, _) = a
+        .recv_from(&mut buf)
+        .expect("the first endpoint gets the flow");
+    assert_eq!(&buf[..n], b"one");
+    // The endpoint is replaced: the flow's conntrack entry goes with the old one, so the
+    // next datagram is balanced anew (to the only endpoint left) instead of following the
+    // entry to the old one.
+    plane
+        .update(&[("ns/dns".into(), vec![svc(endpoint(&b))])])
+        .expect("endpoint change");
+    client.send_to(b"two", "10.255.77.1:53").unwrap();
+    let (n, _) = b
+        .recv_from(&mut buf)
+        .expect("the new endpoint gets the flow");
+    assert_eq!(&buf[..n], b"two");
+    a.set_nonblocking(true).unwrap();
+    assert!(
+        a.recv_from(&mut buf).is_err(),
+        "nothing more for the old one"
+    );
+}
