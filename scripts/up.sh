@@ -16,7 +16,7 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v runc >/dev/null || need+=(runc)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 command -v iptables >/dev/null || need+=(iptables)
-# nftables: the service proxy programs Services with nft.
+# nftables: the service proxy programs Services through netlink; `nft list ruleset` shows them.
 command -v nft >/dev/null || need+=(nftables)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then

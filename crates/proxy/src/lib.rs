@@ -2,9 +2,10 @@
 //!
 //! A [`ServiceCache`] (two watches) marks each changed Service dirty and wakes the sync loop,
 //! which renders only the dirty Services' ports ([`model`]) and applies the difference to the
-//! nftables table ([`nft`]) in one transaction. The first sync, and any sync after a failed
-//! one, rebuilds the whole table in one transaction. On shutdown the table is deleted: the
-//! proxy never touches rules outside it.
+//! nftables tables ([`nft`]) in one transaction, sent over netlink ([`nfnl`]); then it deletes
+//! the UDP flows left pointing at removed endpoints ([`conntrack`]). The first sync, and any
+//! sync after a failed one, rebuilds every table in one transaction. On shutdown the tables
+//! are deleted: the proxy never touches rules outside them.
 
 pub mod conntrack;
 pub mod model;

@@ -87,7 +87,7 @@ enum Command {
         /// The pod range traffic counts as local from (default: the node's podCIDR).
         #[arg(long, env = "RKUBE_CLUSTER_CIDR")]
         cluster_cidr: Option<String>,
-        /// The nftables table this proxy owns.
+        /// The nftables table this proxy owns (Services go in `<table>-0` .. `<table>-31`).
         #[arg(long, default_value = "rkube-proxy")]
         table: String,
     },
