@@ -152,8 +152,8 @@ pub struct Dataplane<B> {
     backend: B,
     /// Service port id → what it installed.
     applied: BTreeMap<String, Rendered>,
-    /// Service port id → the port as last applied (for conntrack clean-up).
-    ports: BTreeMap<String, ServicePort>,
+    /// UDP Service port id → the port as last applied (for conntrack clean-up).
+    udp: BTreeMap<String, ServicePort>,
     /// Hairpin IP → how many Service ports have it as a local endpoint.
     hairpin: BTreeMap<Ipv4Addr, usize>,
     /// Whether the table is believed to match `applied` (false: the next sync is a full one).
@@ -166,7 +166,7 @@ impl<B: Backend> Dataplane<B> {
             ctx,
             backend,
             applied: BTreeMap::new(),
-            ports: BTreeMap::new(),
+            udp: BTreeMap::new(),
             hairpin: BTreeMap::new(),
             in_sync: false,
         }
@@ -202,20 +202,23 @@ impl<B: Backend> Dataplane<B> {
         self.backend.apply(&ops)?;
         // What changed since the last sync this proxy made (none at start: flows that
         // outlived a restart are left alone).
+        let udp: BTreeMap<String, ServicePort> = ports
+            .iter()
+            .filter(|sp| is_udp(sp))
+            .map(|sp| (sp.id.clone(), sp.clone()))
+            .collect();
         let mut stale = conntrack::Stale::default();
-        if !self.ports.is_empty() {
-            let new: BTreeMap<&str, &ServicePort> =
-                ports.iter().map(|sp| (sp.id.as_str(), sp)).collect();
-            for (id, old) in &self.ports {
-                stale.add(Some(old), new.get(id.as_str()).copied());
+        if !self.applied.is_empty() {
+            for (id, old) in &self.udp {
+                stale.add(Some(old), udp.get(id));
             }
-            for (id, sp) in &new {
-                if !self.ports.contains_key(*id) {
+            for (id, sp) in &udp {
+                if !self.udp.contains_key(id) {
                     stale.add(None, Some(sp));
                 }
             }
         }
-        self.ports = ports.iter().map(|sp| (sp.id.clone(), sp.clone())).collect();
+        self.udp = udp;
         self.flush_conntrack(&stale);
         let mut hairpin = BTreeMap::new();
         for ip in rendered
@@ -255,7 +258,7 @@ impl<B: Backend> Dataplane<B> {
                     let old = &self.applied[id];
                     txn.change(old, &empty);
                     unref(&mut hairpin, old);
-                    stale.add(self.ports.get(id), None);
+                    stale.add(self.udp.get(id), None);
                     next.push((id.clone(), None));
                 }
             }
@@ -269,7 +272,7 @@ impl<B: Backend> Dataplane<B> {
                 for ip in &nft::hairpin_of(std::iter::once(&r)) {
                     *hairpin.entry(*ip).or_insert(0) += 1;
                 }
-                stale.add(self.ports.get(id), Some(sp));
+                stale.add(self.udp.get(id), Some(sp));
                 next.push((id.to_string(), Some((r, sp))));
             }
         }
@@ -287,12 +290,14 @@ impl<B: Backend> Dataplane<B> {
         for (id, r) in next {
             match r {
                 Some((r, sp)) => {
-                    self.applied.insert(id.clone(), r);
-                    self.ports.insert(id, sp.clone());
+                    if is_udp(sp) {
+                        self.udp.insert(id.clone(), sp.clone());
+                    }
+                    self.applied.insert(id, r);
                 }
                 None => {
                     self.applied.remove(&id);
-                    self.ports.remove(&id);
+                    self.udp.remove(&id);
                 }
             };
         }
@@ -316,10 +321,15 @@ impl<B: Backend> Dataplane<B> {
     pub fn cleanup(&mut self) -> Result<(), Error> {
         self.in_sync = false;
         self.applied.clear();
-        self.ports.clear();
+        self.udp.clear();
         self.hairpin.clear();
         self.backend.apply(&nft::remove(&self.ctx))
     }
+}
+
+/// Only UDP flows outlive their endpoint (see [`conntrack`]).
+fn is_udp(sp: &ServicePort) -> bool {
+    sp.protocol == "udp"
 }
 
 fn unref(hairpin: &mut BTreeMap<Ipv4Addr, usize>, r: &Rendered) {
