@@ -305,7 +305,6 @@ impl Batch {
 pub struct Refusal {
     /// The message it refused (1 = the batch's first).
     pub seq: u32,
-    pub error: io::ErrorKind,
     pub errno: i32,
 }
 
@@ -429,11 +428,7 @@ impl Socket {
             let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
             for Reply { seq, errno, ty, .. } in replies(&self.buf[..n]) {
                 if ty == NLMSG_ERROR && errno != 0 && refusal.is_none() {
-                    refusal = Some(Refusal {
-                        seq,
-                        error: io::Error::from_raw_os_error(errno).kind(),
-                        errno,
-                    });
+                    refusal = Some(Refusal { seq, errno });
                 }
                 // The batch begin itself refused: nothing else comes.
                 if seq == last || (seq == 0 && errno != 0) {
