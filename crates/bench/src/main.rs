@@ -104,8 +104,9 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         burst: usize,
     },
-    /// The proxy's nftables data plane alone (root, `nft`): a whole sync of S Services x E
-    /// endpoints in one transaction, then single endpoint changes one at a time.
+    /// The proxy's nftables data plane alone (root; `nft` only to count what was listed): a
+    /// whole sync of S Services x E endpoints in one transaction, then single endpoint
+    /// changes (replaced, then removed or added back) one at a time.
     ProxySync {
         #[arg(long, default_value_t = 10_000)]
         services: usize,

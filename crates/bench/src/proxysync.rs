@@ -1,4 +1,4 @@
-//! The service proxy's data plane, against the real kernel through `nft`:
+//! The service proxy's data plane, against the real kernel (netlink, as `rkube proxy`):
 //! - `proxy-sync`: a whole sync of S Services x E endpoints (one transaction), then single
 //!   endpoint changes applied one at a time;
 //! - `proxy-latency`: network programming latency on a real cluster: from a pod observed Ready
