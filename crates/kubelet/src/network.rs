@@ -102,7 +102,15 @@ pub async fn keep_routes(
                     }
                     Ok(Event::InitDone) => nodes = fresh.take().unwrap_or_default(),
                     Ok(Event::Apply(n)) => {
-                        nodes.insert(n.metadata.name.clone().unwrap_or_default(), n);
+                        let name = n.metadata.name.clone().unwrap_or_default();
+                        // Heartbeats change nothing a route depends on: no pass over every
+                        // node for them (with thousands of nodes, they come by hundreds a
+                        // second).
+                        let same = nodes.get(&name).map(remote) == Some(remote(&n));
+                        nodes.insert(name, n);
+                        if same && fresh.is_none() {
+                            continue;
+                        }
                     }
                     Ok(Event::Delete(n)) => {
                         nodes.remove(n.metadata.name.as_deref().unwrap_or_default());
