@@ -143,7 +143,12 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     };
     let cidr = ctx.range.block(i);
     let api: Api<Node> = Api::all(ctx.client.clone());
-    let patch = serde_json::json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
+    // Only onto the version this decision was made on: the cache may lag a patch of ours, and a
+    // second block merged over the first would move the node's range under its kubelet.
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": node.resource_version()},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+    });
     match api
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -156,6 +161,10 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             ctx.used.lock().unwrap().remove(&i);
             match e {
                 kube::Error::Api(s) if s.code == 404 => Ok(Action::await_change()),
+                // Changed since (maybe by our own earlier patch): decide again on the news.
+                kube::Error::Api(s) if s.code == 409 => {
+                    Ok(Action::requeue(Duration::from_millis(200)))
+                }
                 e => Err(e.into()),
             }
         }

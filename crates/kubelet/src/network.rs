@@ -34,13 +34,16 @@ fn remote(n: &Node) -> Option<(String, String)> {
     Some((cidr, ip))
 }
 
+/// Node name → its pod range and address, where it has both: all routes need of a Node.
+type Remotes = BTreeMap<String, Option<(String, String)>>;
+
 /// The routes this node wants: every other node's range through its address.
-pub fn desired(nodes: &BTreeMap<String, Node>, me: &str) -> Routes {
-    let mine = nodes.get(me).and_then(remote);
+pub fn desired(nodes: &Remotes, me: &str) -> Routes {
+    let mine = nodes.get(me).cloned().flatten();
     nodes
         .iter()
         .filter(|(name, _)| name.as_str() != me)
-        .filter_map(|(_, n)| remote(n))
+        .filter_map(|(_, r)| r.clone())
         .filter(|(cidr, ip)| {
             mine.as_ref()
                 .is_none_or(|(my_cidr, my_ip)| cidr != my_cidr && ip != my_ip)
@@ -84,8 +87,8 @@ pub async fn keep_routes(
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
-    let mut fresh: Option<BTreeMap<String, Node>> = None;
+    let mut nodes = Remotes::new();
+    let mut fresh: Option<Remotes> = None;
     // Next hops found not to be on a link, not tried again until the node changes.
     let mut unreachable: BTreeSet<(String, String)> = BTreeSet::new();
     let mut resync = tokio::time::interval(Duration::from_secs(30));
@@ -97,7 +100,7 @@ pub async fn keep_routes(
                     Ok(Event::Init) => fresh = Some(BTreeMap::new()),
                     Ok(Event::InitApply(n)) => {
                         if let Some(f) = fresh.as_mut() {
-                            f.insert(n.metadata.name.clone().unwrap_or_default(), n);
+                            f.insert(n.metadata.name.clone().unwrap_or_default(), remote(&n));
                         }
                     }
                     Ok(Event::InitDone) => nodes = fresh.take().unwrap_or_default(),
@@ -106,8 +109,9 @@ pub async fn keep_routes(
                         // Heartbeats change nothing a route depends on: no pass over every
                         // node for them (with thousands of nodes, they come by hundreds a
                         // second).
-                        let same = nodes.get(&name).map(remote) == Some(remote(&n));
-                        nodes.insert(name, n);
+                        let now = remote(&n);
+                        let same = nodes.get(&name) == Some(&now);
+                        nodes.insert(name, now);
                         if same && fresh.is_none() {
                             continue;
                         }
@@ -217,7 +221,7 @@ mod tests {
 
     #[test]
     fn every_other_node_with_a_range_and_an_address() {
-        let nodes: BTreeMap<String, Node> = [
+        let nodes: Remotes = [
             node("a", Some("10.42.0.0/24"), "10.0.0.1"),
             node("b", Some("10.42.1.0/24"), "10.0.0.2"),
             node("c", None, "10.0.0.3"),
@@ -225,6 +229,7 @@ mod tests {
             node("d", Some("10.42.3.0/24"), "10.0.0.1"),
         ]
         .into_iter()
+        .map(|(name, n)| (name, remote(&n)))
         .collect();
         let want = desired(&nodes, "a");
         assert_eq!(want.len(), 1);
