@@ -1113,9 +1113,7 @@ impl Ctx {
             }
             new["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
             let mut causes = strategy::validate(kind, &new);
-            if is_service(kind) {
-                causes.extend(servicealloc::validate_update(&cur, &new));
-            }
+            causes.extend(strategy::validate_update(kind, &cur, &new));
             if !causes.is_empty() {
                 return Err(ApiError::invalid(kind.kind, name, causes).on(
                     kind.group,

@@ -453,10 +453,48 @@ fn validate_service(obj: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
+/// What an update may not change, per kind (on top of [`validate`] of the new object).
+pub fn validate_update(kind: &Kind, old: &Value, new: &Value) -> Vec<Cause> {
+    match kind.kind {
+        "Service" => crate::servicealloc::validate_update(old, new),
+        "Node" => {
+            // As upstream: a node's pod range is set once ("" -> value), then never moves
+            // (its kubelet has configured pod networking with it).
+            let (os, ns) = (&old["spec"], &new["spec"]);
+            let set = |v: &Value| !v.is_null() && v != "" && v != &json!([]);
+            if (set(&os["podCIDR"]) && os["podCIDR"] != ns["podCIDR"])
+                || (set(&os["podCIDRs"]) && os["podCIDRs"] != ns["podCIDRs"])
+            {
+                return vec![Cause::new(
+                    "FieldValueForbidden",
+                    "spec.podCIDRs",
+                    "Forbidden: node updates may not change podCIDR except from \"\" to valid",
+                )];
+            }
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::lookup;
+
+    #[test]
+    fn a_node_pod_range_is_set_once() {
+        let nodes = lookup("", "v1", "nodes").unwrap();
+        let with =
+            |c: &str| json!({"metadata": {"name": "n"}, "spec": {"podCIDR": c, "podCIDRs": [c]}});
+        let without = json!({"metadata": {"name": "n"}, "spec": {}});
+        assert!(validate_update(nodes, &without, &with("10.42.1.0/24")).is_empty());
+        assert!(validate_update(nodes, &with("10.42.1.0/24"), &with("10.42.1.0/24")).is_empty());
+        let causes = validate_update(nodes, &with("10.42.1.0/24"), &with("10.42.2.0/24"));
+        assert_eq!(causes.len(), 1);
+        assert_eq!(causes[0].field, "spec.podCIDRs");
+        assert!(!validate_update(nodes, &with("10.42.1.0/24"), &without).is_empty());
+    }
 
     fn check(plural: &str, group: &str, obj: Value, expect_fields: &[&str]) {
         let kind = lookup(group, "v1", plural).unwrap();
