@@ -11,6 +11,12 @@ use std::net::Ipv4Addr;
 use crate::model::ServicePort;
 use crate::nfnl;
 
+/// Whether a port's flows outlive their endpoint: UDP only (TCP connections end on their own;
+/// upstream leaves them too).
+pub fn concerns(sp: &ServicePort) -> bool {
+    sp.protocol == "udp"
+}
+
 /// Where traffic to a Service port arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Frontend {
@@ -52,7 +58,7 @@ impl Stale {
 
     /// Add what turning `old` into `new` (None: the port is gone) makes stale.
     pub fn add(&mut self, old: Option<&ServicePort>, new: Option<&ServicePort>) {
-        let udp = |sp: &&ServicePort| sp.protocol == "udp";
+        let udp = |sp: &&ServicePort| concerns(sp);
         if let Some(old) = old.filter(udp) {
             let kept: BTreeSet<(Ipv4Addr, u16)> = new
                 .map(|n| n.endpoints.iter().map(|e| (e.ip, e.port)).collect())

@@ -204,7 +204,7 @@ impl<B: Backend> Dataplane<B> {
         // outlived a restart are left alone).
         let udp: BTreeMap<String, ServicePort> = ports
             .iter()
-            .filter(|sp| is_udp(sp))
+            .filter(|sp| conntrack::concerns(sp))
             .map(|sp| (sp.id.clone(), sp.clone()))
             .collect();
         let mut stale = conntrack::Stale::default();
@@ -290,7 +290,7 @@ impl<B: Backend> Dataplane<B> {
         for (id, r) in next {
             match r {
                 Some((r, sp)) => {
-                    if is_udp(sp) {
+                    if conntrack::concerns(sp) {
                         self.udp.insert(id.clone(), sp.clone());
                     }
                     self.applied.insert(id, r);
@@ -325,11 +325,6 @@ impl<B: Backend> Dataplane<B> {
         self.hairpin.clear();
         self.backend.apply(&nft::remove(&self.ctx))
     }
-}
-
-/// Only UDP flows outlive their endpoint (see [`conntrack`]).
-fn is_udp(sp: &ServicePort) -> bool {
-    sp.protocol == "udp"
 }
 
 fn unref(hairpin: &mut BTreeMap<Ipv4Addr, usize>, r: &Rendered) {

@@ -308,17 +308,6 @@ pub struct Refusal {
     pub errno: i32,
 }
 
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "message {} of the batch: {}",
-            self.seq,
-            io::Error::from_raw_os_error(self.errno)
-        )
-    }
-}
-
 /// One message of a reply.
 struct Reply<'a> {
     ty: u16,

@@ -266,7 +266,7 @@ fn main() -> ExitCode {
             cluster_cidr,
             table,
         } => runtime.block_on(async move {
-            if let Some(why) = server::proxy_missing() {
+            if let Some(why) = proxy::unavailable() {
                 anyhow::bail!("{why}");
             }
             let client = client_from_kubeconfig(&kubeconfig).await?;

@@ -658,7 +658,7 @@ pub fn spawn_proxy(
     opts: proxy::Options,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    if let Some(why) = proxy_missing() {
+    if let Some(why) = proxy::unavailable() {
         tracing::warn!("no service proxy on this node: {why}");
         return None;
     }
@@ -670,9 +670,4 @@ pub fn spawn_proxy(
             tracing::error!(error = %e, "proxy stopped");
         }
     }))
-}
-
-/// Why this machine cannot run the service proxy, if it cannot.
-pub fn proxy_missing() -> Option<String> {
-    proxy::unavailable()
 }
