@@ -23,7 +23,11 @@ pub fn version() -> Value {
     })
 }
 
-fn verbs(_kind: &Kind) -> Vec<&'static str> {
+fn verbs(kind: &Kind) -> Vec<&'static str> {
+    if kind.review {
+        // Asked by creating one; never stored, so nothing to get, list or watch (as upstream).
+        return vec!["create"];
+    }
     vec![
         "create",
         "delete",
@@ -411,6 +415,15 @@ mod tests {
                 && names.contains(&"pods/binding")
         );
         assert!(resource_list("apps", "v2").is_none());
+        // Reviews are only created (a client that lists what it can list skips them).
+        let authz = resource_list("authorization.k8s.io", "v1").unwrap();
+        let ssar = authz["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "selfsubjectaccessreviews")
+            .unwrap();
+        assert_eq!(ssar["verbs"], json!(["create"]));
         let agg = aggregated(false);
         let apps = agg["items"]
             .as_array()

@@ -147,7 +147,13 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let span = tracing::debug_span!("request", %method, %path);
-    match tracing::Instrument::instrument(route(state, user, req), span).await {
+    let mut counted = None;
+    let response = match tracing::Instrument::instrument(
+        route(state.clone(), user, req, &mut counted),
+        span,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             if e.code >= 500 {
@@ -155,7 +161,12 @@ pub async fn handle(
             }
             error_response(&e)
         }
+    };
+    if let Some(mut labels) = counted {
+        labels.code = response.status().as_u16().to_string();
+        state.metrics.request(labels);
     }
+    response
 }
 
 /// Where a resource request points.
@@ -204,6 +215,7 @@ async fn route(
     state: Arc<State>,
     user: Option<Arc<UserInfo>>,
     req: Request<Incoming>,
+    counted: &mut Option<crate::metrics::RequestLabels>,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
     if pipeline::is_public(&path) {
@@ -267,6 +279,14 @@ async fn route(
                 &discovery::resource_list(g, v).ok_or_else(nf)?,
             ))
         }
+        ["metrics"] => {
+            let mut r = Response::new(full(state.metrics.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return get_only(r);
+        }
         ["openapi", "v3"] => {
             return get_only(json_response(
                 StatusCode::OK,
@@ -305,6 +325,18 @@ async fn route(
         (&Method::DELETE, None) => "deletecollection",
         _ => return Err(ApiError::method_not_allowed(method.as_str())),
     };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    *counted = Some(crate::metrics::RequestLabels {
+        verb: crate::metrics::canonical_verb(verb, content_type.as_deref()),
+        group: target.kind.group,
+        version: target.kind.version,
+        resource: target.kind.plural,
+        subresource: target.sub.clone().unwrap_or_default(),
+        code: String::new(),
+    });
     pipeline::authorize(
         &user,
         &Attributes {
@@ -325,10 +357,6 @@ async fn route(
     {
         return crate::proxy::pod_stream(&state, &target, req).await;
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
     let body = if matches!(
         method,
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE

@@ -8,6 +8,7 @@
 mod codec;
 mod discovery;
 mod handler;
+mod metrics;
 mod object;
 mod pipeline;
 mod protobuf;
@@ -52,6 +53,8 @@ pub struct State {
     pub kubelet_tls: std::sync::RwLock<Option<Arc<rustls::ClientConfig>>>,
     /// Service ClusterIPs and node ports.
     pub services: servicealloc::Allocator,
+    /// What `/metrics` serves.
+    pub metrics: metrics::Metrics,
 }
 
 /// Priority admission's copy of the PriorityClasses it looked up (found ones only, so that a
@@ -93,6 +96,7 @@ impl ApiServer {
             node_token: Default::default(),
             kubelet_tls: Default::default(),
             services: servicealloc::Allocator::new(service_network),
+            metrics: Default::default(),
         });
         handler::bootstrap(&state).await?;
         handler::restore_service_allocations(&state).await?;

@@ -1033,6 +1033,7 @@ async fn deployments_bench(
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let deploy_api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let requests_before = request_counts(&client).await?;
     let start = Instant::now();
     create_many(deploy_api.clone(), deployments, clients, move |i| {
         serde_json::from_value::<Deployment>(serde_json::json!({
@@ -1082,6 +1083,7 @@ async fn deployments_bench(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let all_reported = start.elapsed();
+    let requests_after = request_counts(&client).await?;
     let secs = |t: Instant| t.duration_since(start).as_secs_f64();
     println!("| deployments x replicas | hollow nodes | deployments created in | pods created | pods/s created | pods available | pods/s available | all Deployments report available after | server RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -1107,6 +1109,7 @@ async fn deployments_bench(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    print_requests_per_pod(&requests_before, &requests_after, total);
     for (_, mut c) in components {
         let _ = c.kill();
         let _ = c.wait();
@@ -1114,6 +1117,61 @@ async fn deployments_bench(
     let _ = hollow.kill();
     let _ = hollow.wait();
     Ok(())
+}
+
+/// The server's `apiserver_request_total` counters by label set (its `/metrics`).
+async fn request_counts(client: &kube::Client) -> Result<HashMap<String, f64>> {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new())?)
+        .await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("apiserver_request_total"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(labels, v)| Some((labels.to_string(), v.parse().ok()?)))
+        .collect())
+}
+
+/// API requests made while the benchmark ran, per pod, by verb, resource and code.
+fn print_requests_per_pod(
+    before: &HashMap<String, f64>,
+    after: &HashMap<String, f64>,
+    pods: usize,
+) {
+    let label = |set: &str, key: &str| {
+        set.split(&format!("{key}=\"")[..])
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut rows: Vec<(f64, String)> = after
+        .iter()
+        .map(|(set, n)| (n - before.get(set).copied().unwrap_or(0.0), set))
+        .filter(|(n, _)| *n > 0.0)
+        .map(|(n, set)| {
+            let sub = label(set, "subresource");
+            let what = format!(
+                "{} {}{}{} {}",
+                label(set, "verb"),
+                label(set, "resource"),
+                if sub.is_empty() { "" } else { "/" },
+                sub,
+                label(set, "code")
+            );
+            (n, what)
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = rows.iter().map(|r| r.0).sum();
+    println!(
+        "API requests while it ran: {total:.0} = {:.1} per pod; per pod: {}",
+        total / pods as f64,
+        rows.iter()
+            .map(|(n, what)| format!("{what} {:.2}", n / pods as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 /// User + system CPU seconds a process has used (from /proc/<pid>/stat; 100 ticks a second).

@@ -17,12 +17,14 @@ use kube::runtime::watcher;
 
 use crate::{cpu_seconds, pct, Server};
 
-/// "RSS X MiB (own heap Y, binary pages Z)": resident memory split into anonymous and
-/// file-backed pages.
+/// "RSS X MiB = anonymous Y MiB + file-backed Z MiB; PSS W MiB". The anonymous part is what
+/// upstream's node tests limit: their kubelet memory is cAdvisor's `MemoryRSSInBytes` of the
+/// kubelet's cgroup, i.e. its `total_rss` (cgroup v1) or `anon` (v2), without mapped files. PSS
+/// charges each shared page (the one `rkube` binary's code) to its users in equal parts.
 fn memory(pid: u32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |key: &str| {
-        status
+    let kb_in = |file: &str, key: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .unwrap_or_default()
             .lines()
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next())
@@ -31,10 +33,11 @@ fn memory(pid: u32) -> String {
             / 1024.0
     };
     format!(
-        "RSS {:.1} MiB (anonymous {:.1} MiB, file-backed {:.1} MiB)",
-        kb("VmRSS:"),
-        kb("RssAnon:"),
-        kb("RssFile:")
+        "RSS {:.1} MiB = anonymous {:.1} MiB + file-backed {:.1} MiB; PSS {:.1} MiB",
+        kb_in("status", "VmRSS:"),
+        kb_in("status", "RssAnon:"),
+        kb_in("status", "RssFile:"),
+        kb_in("smaps_rollup", "Pss:"),
     )
 }
 

@@ -118,6 +118,29 @@ fn discovery_version_and_cluster_info() {
     for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         assert!(ns.lines().any(|l| l == format!("namespace/{n}")), "{ns}");
     }
+
+    // Reviews are create-only in discovery, as upstream.
+    let listable = c.kubectl(&["api-resources", "--verbs=list", "-o", "name"]);
+    assert!(!listable.contains("selfsubjectaccessreviews"), "{listable}");
+
+    // /metrics counts requests as upstream's apiserver_request_total does.
+    c.kubectl(&["create", "configmap", "counted"]);
+    let _ = c.kubectl_fails(&["create", "configmap", "counted"]);
+    let metrics = c.kubectl(&["get", "--raw", "/metrics"]);
+    let count = |code: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("apiserver_request_total{")
+                    && l.contains("verb=\"POST\"")
+                    && l.contains("resource=\"configmaps\"")
+                    && l.contains(&format!("code=\"{code}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(count("201") >= 1, "{metrics}");
+    assert_eq!(count("409"), 1, "{metrics}");
 }
 
 #[test]
