@@ -245,10 +245,18 @@ pub struct Cache {
     /// How many counted pods have pod (anti-)affinity (when none, InterPodAffinity skips).
     with_affinity: usize,
     /// Selectors of Services, ReplicationControllers, ReplicaSets and StatefulSets, by
-    /// "kind/namespace/name": what upstream's default topology spreading spreads by.
-    pub workload_selectors: HashMap<String, (String, LabelSelector)>,
+    /// "kind/namespace/name" (ordered: a namespace's Services are one range): what upstream's
+    /// default topology spreading spreads by.
+    pub workload_selectors: std::collections::BTreeMap<String, (String, LabelSelector)>,
+    /// Placed pods by each of their labels ("namespace\0key\0value" → uid → (node, pod)): the
+    /// pods a selector with matchLabels can match at most, found without visiting every node.
+    by_label: HashMap<String, HashMap<String, (String, Arc<PodInfo>)>>,
     /// Namespace labels, for pod affinity terms' namespaceSelector.
     pub namespace_labels: HashMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+fn label_key(namespace: &str, key: &str, value: &str) -> String {
+    format!("{namespace}\0{key}\0{value}")
 }
 
 /// Whether a pod still occupies its node (terminal pods do not).
@@ -301,6 +309,12 @@ impl Cache {
         if p.has_affinity {
             self.with_affinity += 1;
         }
+        for (k, v) in p.labels() {
+            self.by_label
+                .entry(label_key(p.namespace(), k, v))
+                .or_default()
+                .insert(p.uid.clone(), (node.to_string(), p.clone()));
+        }
         match self.index.get(node) {
             Some(i) => self.nodes[*i].add_pod(p),
             None => self.orphans.entry(node.to_string()).or_default().push(p),
@@ -315,9 +329,46 @@ impl Cache {
                 Some(v.swap_remove(i))
             }),
         };
-        if removed.is_some_and(|p| p.has_affinity) {
+        let Some(p) = removed else {
+            return;
+        };
+        if p.has_affinity {
             self.with_affinity -= 1;
         }
+        for (k, v) in p.labels() {
+            let key = label_key(p.namespace(), k, v);
+            if let Some(posting) = self.by_label.get_mut(&key) {
+                posting.remove(uid);
+                if posting.is_empty() {
+                    self.by_label.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The pods on known nodes in `namespace` that carry every matchLabels pair of `sel`,
+    /// with their nodes (from the shortest of those pairs' lists; matchExpressions are left to
+    /// the caller). None when `sel` has no matchLabels: only a visit of every node answers.
+    pub fn pods_with_labels<'a>(
+        &'a self,
+        namespace: &str,
+        sel: &LabelSelector,
+    ) -> Option<Vec<(&'a NodeInfo, &'a Arc<PodInfo>)>> {
+        let pairs = sel.match_labels.as_ref().filter(|m| !m.is_empty())?;
+        let shortest = pairs
+            .iter()
+            .map(|(k, v)| self.by_label.get(&label_key(namespace, k, v)))
+            .min_by_key(|posting| posting.map_or(0, |p| p.len()))?;
+        let Some(posting) = shortest else {
+            return Some(Vec::new());
+        };
+        Some(
+            posting
+                .values()
+                .filter(|(_, p)| pairs.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
+                .filter_map(|(node, p)| Some((self.node(node)?, p)))
+                .collect(),
+        )
     }
 
     /// A pod bound to a node (seen through the API): count it there, replacing an assumption.

@@ -41,13 +41,16 @@ fn default_constraints(pod: &PodInfo, cache: &Cache) -> Vec<TopologySpreadConstr
     if has_own {
         return vec![];
     }
+    // Upstream's DefaultSelector: the selectors of the Services that select the pod, and of
+    // its controller if that is a ReplicationController, ReplicaSet or StatefulSet.
+    let ns = pod.namespace();
     let mut selector = LabelSelector::default();
     let mut any = false;
-    for (ns, sel) in cache.workload_selectors.values() {
+    let mut add = |sel: &LabelSelector| {
         let empty = sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
             && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty());
-        if ns != pod.namespace() || empty || !selector_matches(sel, pod.labels()) {
-            continue;
+        if empty {
+            return;
         }
         any = true;
         for (k, v) in sel.match_labels.iter().flatten() {
@@ -61,6 +64,40 @@ fn default_constraints(pod: &PodInfo, cache: &Cache) -> Vec<TopologySpreadConstr
                 .match_expressions
                 .get_or_insert_with(Default::default)
                 .push(e.clone());
+        }
+    };
+    let services = format!("Service/{ns}/");
+    for (_, (_, sel)) in cache
+        .workload_selectors
+        .range(services.clone()..)
+        .take_while(|(k, _)| k.starts_with(&services))
+    {
+        if sel.match_labels.as_ref().is_some_and(|m| !m.is_empty())
+            && selector_matches(sel, pod.labels())
+        {
+            add(sel);
+        }
+    }
+    let controller = pod
+        .pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    if let Some(owner) = controller {
+        let kind = match (owner.api_version.as_str(), owner.kind.as_str()) {
+            ("v1", "ReplicationController") => Some("ReplicationController"),
+            ("apps/v1", "ReplicaSet") => Some("ReplicaSet"),
+            ("apps/v1", "StatefulSet") => Some("StatefulSet"),
+            _ => None,
+        };
+        if let Some((_, sel)) = kind.and_then(|k| {
+            cache
+                .workload_selectors
+                .get(&format!("{k}/{ns}/{}", owner.name))
+        }) {
+            add(sel);
         }
     }
     if !any {
@@ -81,12 +118,42 @@ fn default_constraints(pod: &PodInfo, cache: &Cache) -> Vec<TopologySpreadConstr
     .collect()
 }
 
+/// Whether `p` counts towards constraint `c` of `pod`: same namespace, not terminating, selected.
+fn counts_for(pod: &PodInfo, c: &TopologySpreadConstraint, p: &PodInfo) -> bool {
+    p.namespace() == pod.namespace()
+        && p.pod.metadata.deletion_timestamp.is_none()
+        && c.label_selector
+            .as_ref()
+            .is_some_and(|s| selector_matches(s, p.labels()))
+}
+
+fn matching_on(pod: &PodInfo, c: &TopologySpreadConstraint, node: &NodeInfo) -> i64 {
+    node.pods.iter().filter(|p| counts_for(pod, c, p)).count() as i64
+}
+
+/// The node of every pod that counts towards `c`, found through the cache's label index; None
+/// when `c`'s selector has no matchLabels (then only visiting every node's pods answers).
+fn indexed<'a>(
+    pod: &PodInfo,
+    c: &TopologySpreadConstraint,
+    cache: &'a Cache,
+) -> Option<Vec<&'a NodeInfo>> {
+    let pods = cache.pods_with_labels(pod.namespace(), c.label_selector.as_ref()?)?;
+    Some(
+        pods.into_iter()
+            .filter(|(_, p)| counts_for(pod, c, p))
+            .map(|(node, _)| node)
+            .collect(),
+    )
+}
+
 /// Per constraint: matching pods per domain value (every eligible domain present).
 fn count(
     pod: &PodInfo,
     cs: &[TopologySpreadConstraint],
     cache: &Cache,
 ) -> Vec<HashMap<String, i64>> {
+    let found: Vec<Option<Vec<&NodeInfo>>> = cs.iter().map(|c| indexed(pod, c, cache)).collect();
     let mut out = vec![HashMap::new(); cs.len()];
     for node in &cache.nodes {
         if !NodeAffinity::required_ok(pod, node) {
@@ -96,51 +163,73 @@ fn count(
             let Some(value) = node.labels().get(&c.topology_key) else {
                 continue;
             };
-            let n = node
-                .pods
-                .iter()
-                .filter(|p| {
-                    p.namespace() == pod.namespace()
-                        && p.pod.metadata.deletion_timestamp.is_none()
-                        && c.label_selector
-                            .as_ref()
-                            .is_some_and(|s| selector_matches(s, p.labels()))
-                })
-                .count() as i64;
+            let n = match found[i] {
+                Some(_) => 0,
+                None => matching_on(pod, c, node),
+            };
             *out[i].entry(value.clone()).or_default() += n;
+        }
+    }
+    for (i, nodes) in found.iter().enumerate() {
+        for node in nodes.iter().flatten() {
+            let Some(value) = node.labels().get(&cs[i].topology_key) else {
+                continue;
+            };
+            if NodeAffinity::required_ok(pod, node) {
+                // Present: an eligible node registered its domain above.
+                if let Some(n) = out[i].get_mut(value) {
+                    *n += 1;
+                }
+            }
         }
     }
     out
 }
 
 /// Per constraint: matching pods per domain, only for the domains of `candidates` (what Score
-/// needs). A hostname domain is the node itself, so only the candidates are visited for it;
-/// other keys visit every node whose domain a candidate shares.
+/// needs). A selector with matchLabels starts from the cache's label index (only pods that can
+/// match); otherwise a hostname domain is the node itself, so only the candidates are visited
+/// for it, and other keys visit every node whose domain a candidate shares.
 fn count_for_scoring(
     pod: &PodInfo,
     cs: &[TopologySpreadConstraint],
     cache: &Cache,
     candidates: &[&NodeInfo],
 ) -> Vec<HashMap<String, i64>> {
-    let matching = |c: &TopologySpreadConstraint, node: &NodeInfo| -> i64 {
-        node.pods
-            .iter()
-            .filter(|p| {
-                p.namespace() == pod.namespace()
-                    && p.pod.metadata.deletion_timestamp.is_none()
-                    && c.label_selector
-                        .as_ref()
-                        .is_some_and(|s| selector_matches(s, p.labels()))
-            })
-            .count() as i64
-    };
     cs.iter()
         .map(|c| {
             let mut counts: HashMap<String, i64> = HashMap::new();
-            if c.topology_key == "kubernetes.io/hostname" {
+            let hostname = c.topology_key == "kubernetes.io/hostname";
+            if let Some(nodes) = indexed(pod, c, cache) {
+                let chosen: std::collections::HashSet<&str> = candidates
+                    .iter()
+                    .filter_map(|n| {
+                        if hostname {
+                            Some(n.name.as_str())
+                        } else {
+                            n.labels().get(&c.topology_key).map(String::as_str)
+                        }
+                    })
+                    .collect();
+                for node in nodes {
+                    let Some(v) = node.labels().get(&c.topology_key) else {
+                        continue;
+                    };
+                    let counted = if hostname {
+                        chosen.contains(node.name.as_str())
+                    } else {
+                        chosen.contains(v.as_str()) && NodeAffinity::required_ok(pod, node)
+                    };
+                    if counted {
+                        *counts.entry(v.clone()).or_default() += 1;
+                    }
+                }
+                return counts;
+            }
+            if hostname {
                 for node in candidates {
                     if let Some(v) = node.labels().get(&c.topology_key) {
-                        *counts.entry(v.clone()).or_default() += matching(c, node);
+                        *counts.entry(v.clone()).or_default() += matching_on(pod, c, node);
                     }
                 }
                 return counts;
@@ -159,7 +248,7 @@ fn count_for_scoring(
                 if !wanted.contains(v.as_str()) || !NodeAffinity::required_ok(pod, node) {
                     continue;
                 }
-                let n = matching(c, node);
+                let n = matching_on(pod, c, node);
                 match counts.get_mut(v) {
                     Some(x) => *x += n,
                     None => {
@@ -288,5 +377,251 @@ impl Plugin for PodTopologySpread {
                 (max - *s) * MAX_NODE_SCORE / (max - min)
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn pod(ns: &str, owner: Option<(&str, &str, &str)>) -> PodInfo {
+        let owners: Vec<serde_json::Value> = owner
+            .into_iter()
+            .map(|(api, kind, name)| {
+                serde_json::json!({"apiVersion": api, "kind": kind, "name": name, "uid": "u", "controller": true})
+            })
+            .collect();
+        PodInfo::new(Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": ns, "uid": "p",
+                             "labels": {"app": "web", "tier": "front"},
+                             "ownerReferences": owners},
+                "spec": {"containers": [{"name": "c"}]},
+            }))
+            .unwrap(),
+        ))
+    }
+
+    fn keys(cs: &[TopologySpreadConstraint]) -> Vec<(String, BTreeMap<String, String>)> {
+        cs.iter()
+            .map(|c| {
+                let sel = c.label_selector.clone().unwrap_or_default();
+                (c.topology_key.clone(), sel.match_labels.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// As upstream's DefaultSelector: Services of the pod's namespace that select it, plus its
+    /// controller's selector; a ReplicaSet that merely matches the labels is not its owner.
+    #[test]
+    fn default_spreading_uses_selecting_services_and_the_controller() {
+        let mut cache = Cache::default();
+        let w = &mut cache.workload_selectors;
+        w.insert(
+            "Service/default/web".into(),
+            ("default".into(), labels(&[("app", "web")])),
+        );
+        w.insert(
+            "Service/default/other".into(),
+            ("default".into(), labels(&[("app", "other")])),
+        );
+        w.insert(
+            "Service/elsewhere/web".into(),
+            ("elsewhere".into(), labels(&[("app", "web"), ("x", "y")])),
+        );
+        w.insert(
+            "ReplicaSet/default/mine".into(),
+            ("default".into(), labels(&[("tier", "front")])),
+        );
+        w.insert(
+            "ReplicaSet/default/stranger".into(),
+            ("default".into(), labels(&[("app", "web"), ("s", "t")])),
+        );
+
+        let owned = default_constraints(
+            &pod("default", Some(("apps/v1", "ReplicaSet", "mine"))),
+            &cache,
+        );
+        let want: BTreeMap<String, String> = [("app", "web"), ("tier", "front")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            keys(&owned),
+            vec![
+                ("kubernetes.io/hostname".to_string(), want.clone()),
+                ("topology.kubernetes.io/zone".to_string(), want),
+            ]
+        );
+        assert!(owned
+            .iter()
+            .all(|c| c.when_unsatisfiable == "ScheduleAnyway"));
+
+        // No owner: the Service alone.
+        let bare = default_constraints(&pod("default", None), &cache);
+        assert_eq!(
+            keys(&bare)[0].1,
+            [("app".to_string(), "web".to_string())].into()
+        );
+        // Nothing selects it in its namespace: no default spreading.
+        assert!(default_constraints(&pod("empty", None), &cache).is_empty());
+        // An owner of a kind default spreading ignores (a Job) adds nothing.
+        let job = default_constraints(&pod("default", Some(("batch/v1", "Job", "mine"))), &cache);
+        assert_eq!(keys(&job), keys(&bare));
+    }
+
+    fn node(name: &str, zone: &str) -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone}},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}},
+        }))
+        .unwrap()
+    }
+
+    fn bound(
+        uid: &str,
+        ns: &str,
+        node: &str,
+        app: &str,
+        deleting: bool,
+    ) -> Arc<k8s_openapi::api::core::v1::Pod> {
+        let mut meta = serde_json::json!({"name": uid, "namespace": ns, "uid": uid,
+                                          "labels": {"app": app, "team": "t"}});
+        if deleting {
+            meta["deletionTimestamp"] = serde_json::json!("2026-01-01T00:00:00Z");
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": meta,
+                "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn nonzero(counts: Vec<HashMap<String, i64>>) -> Vec<BTreeMap<String, i64>> {
+        counts
+            .into_iter()
+            .map(|m| m.into_iter().filter(|(_, n)| *n > 0).collect())
+            .collect()
+    }
+
+    /// Counting from the label index gives what visiting the nodes gives (a matchExpressions
+    /// selector takes the visiting path), and follows pods that leave or change labels.
+    #[test]
+    fn indexed_counts_equal_visiting_every_node() {
+        let mut cache = Cache::default();
+        for (i, zone) in ["a", "a", "b", "b", "c"].iter().enumerate() {
+            cache.upsert_node(node(&format!("n{i}"), zone));
+        }
+        let mut uid = 0;
+        let mut add = |cache: &mut Cache, ns: &str, node: &str, app: &str, deleting: bool| {
+            uid += 1;
+            cache.upsert_bound_pod(bound(&format!("u{uid}"), ns, node, app, deleting));
+        };
+        for (node, app) in [
+            ("n0", "web"),
+            ("n0", "web"),
+            ("n1", "web"),
+            ("n2", "db"),
+            ("n3", "web"),
+            ("n4", "web"),
+            ("gone", "web"),
+        ] {
+            add(&mut cache, "default", node, app, false);
+        }
+        add(&mut cache, "other", "n1", "web", false);
+        add(&mut cache, "default", "n2", "web", true);
+
+        let by_labels = labels(&[("app", "web"), ("team", "t")]);
+        let by_expression = LabelSelector {
+            match_expressions: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                    key: "app".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["web".into()]),
+                },
+            ]),
+            ..Default::default()
+        };
+        let constraint = |key: &str, sel: &LabelSelector| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(sel.clone()),
+            ..Default::default()
+        };
+        let me = pod("default", None);
+        let counts = |cache: &Cache, sel: &LabelSelector| {
+            let candidates: Vec<&NodeInfo> = ["n0", "n2", "n4"]
+                .iter()
+                .filter_map(|n| cache.node(n))
+                .collect();
+            let cs = [
+                constraint("kubernetes.io/hostname", sel),
+                constraint("topology.kubernetes.io/zone", sel),
+            ];
+            nonzero(count_for_scoring(&me, &cs, cache, &candidates))
+        };
+        let map = |pairs: &[(&str, i64)]| -> BTreeMap<String, i64> {
+            pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        let indexed = counts(&cache, &by_labels);
+        assert_eq!(indexed, counts(&cache, &by_expression));
+        let filter_counts = |cache: &Cache, sel: &LabelSelector| {
+            count(
+                &me,
+                &[constraint("topology.kubernetes.io/zone", sel)],
+                cache,
+            )
+        };
+        // The filter's counts keep every eligible domain, with zeros.
+        let zones = filter_counts(&cache, &by_labels);
+        assert_eq!(zones, filter_counts(&cache, &by_expression));
+        assert_eq!(
+            zones[0]
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect::<BTreeMap<_, _>>(),
+            map(&[("a", 3), ("b", 1), ("c", 1)])
+        );
+        // Hostname: candidates only; zone: every node of the candidates' zones.
+        assert_eq!(
+            indexed,
+            vec![
+                map(&[("n0", 2), ("n4", 1)]),
+                map(&[("a", 3), ("b", 1), ("c", 1)])
+            ]
+        );
+
+        // A pod that goes, and one whose labels change, are counted no more.
+        cache.remove_pod("u1");
+        cache.upsert_bound_pod(bound("u5", "default", "n3", "db", false));
+        let after = counts(&cache, &by_labels);
+        assert_eq!(after, counts(&cache, &by_expression));
+        assert_eq!(
+            filter_counts(&cache, &by_labels),
+            filter_counts(&cache, &by_expression)
+        );
+        assert_eq!(filter_counts(&cache, &by_labels)[0].get("b"), Some(&0));
+        assert_eq!(
+            after,
+            vec![map(&[("n0", 1), ("n4", 1)]), map(&[("a", 2), ("c", 1)])]
+        );
     }
 }
