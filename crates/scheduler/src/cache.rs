@@ -348,7 +348,8 @@ impl Cache {
 
     /// The pods on known nodes in `namespace` that carry every matchLabels pair of `sel`,
     /// with their nodes (from the shortest of those pairs' lists; matchExpressions are left to
-    /// the caller). None when `sel` has no matchLabels: only a visit of every node answers.
+    /// the caller). None when `sel` has no matchLabels, or when more than a quarter of all
+    /// pods carry its rarest pair: then visiting every node's pods is the cheaper answer.
     pub fn pods_with_labels<'a>(
         &'a self,
         namespace: &str,
@@ -362,6 +363,10 @@ impl Cache {
         let Some(posting) = shortest else {
             return Some(Vec::new());
         };
+        if posting.len() * 4 > self.pods.len() {
+            // Not selective: a hash lookup per pod costs more than visiting every node's pods.
+            return None;
+        }
         Some(
             posting
                 .values()

@@ -547,6 +547,16 @@ mod tests {
         }
         add(&mut cache, "other", "n1", "web", false);
         add(&mut cache, "default", "n2", "web", true);
+        // Enough other pods that "app: web" is selective (the index answers).
+        for i in 0..40 {
+            add(
+                &mut cache,
+                "default",
+                &format!("n{}", i % 5),
+                "filler",
+                false,
+            );
+        }
 
         let by_labels = labels(&[("app", "web"), ("team", "t")]);
         let by_expression = LabelSelector {
@@ -581,6 +591,10 @@ mod tests {
         let map = |pairs: &[(&str, i64)]| -> BTreeMap<String, i64> {
             pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
         };
+        assert!(cache.pods_with_labels("default", &by_labels).is_some());
+        assert!(cache
+            .pods_with_labels("default", &labels(&[("team", "t")]))
+            .is_none());
         let indexed = counts(&cache, &by_labels);
         assert_eq!(indexed, counts(&cache, &by_expression));
         let filter_counts = |cache: &Cache, sel: &LabelSelector| {
