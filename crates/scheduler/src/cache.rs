@@ -346,10 +346,10 @@ impl Cache {
         }
     }
 
-    /// The pods on known nodes in `namespace` that carry every matchLabels pair of `sel`,
-    /// with their nodes (from the shortest of those pairs' lists; matchExpressions are left to
-    /// the caller). None when `sel` has no matchLabels, or when more than a quarter of all
-    /// pods carry its rarest pair: then visiting every node's pods is the cheaper answer.
+    /// The pods on known nodes in `namespace` that carry the rarest of `sel`'s matchLabels
+    /// pairs, with their nodes: every pod `sel` can match, and more (the caller matches the
+    /// whole selector). None when `sel` has no matchLabels, or when more than a quarter of all
+    /// pods carry that pair: then visiting every node's pods is the cheaper answer.
     pub fn pods_with_labels<'a>(
         &'a self,
         namespace: &str,
@@ -370,7 +370,6 @@ impl Cache {
         Some(
             posting
                 .values()
-                .filter(|(_, p)| pairs.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
                 .filter_map(|(node, p)| Some((self.node(node)?, p)))
                 .collect(),
         )

@@ -132,7 +132,7 @@ fn matching_on(pod: &PodInfo, c: &TopologySpreadConstraint, node: &NodeInfo) -> 
 }
 
 /// The node of every pod that counts towards `c`, found through the cache's label index; None
-/// when `c`'s selector has no matchLabels (then only visiting every node's pods answers).
+/// when the index cannot answer cheaply (see `Cache::pods_with_labels`): then visit the nodes.
 fn indexed<'a>(
     pod: &PodInfo,
     c: &TopologySpreadConstraint,
