@@ -53,6 +53,92 @@ fn cpu_with_children(pid: u32) -> f64 {
             .sum::<f64>()
 }
 
+/// CPU seconds the whole machine has spent busy (every core), from `/proc/stat`.
+fn machine_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let busy: f64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    busy / 100.0
+}
+
+/// A cpuacct cgroup around containerd: from when it is made, it counts the CPU of containerd and
+/// of everything containerd starts (the shims, runc, the CNI plugins), which inherit it.
+/// Containers' own processes move to their pods' cgroups and are not counted.
+struct RuntimeCpu {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl RuntimeCpu {
+    fn around(containerd: u32) -> Option<RuntimeCpu> {
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let root = if v2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/cpuacct"
+        };
+        let dir = PathBuf::from(root).join(format!("rkube-bench-runtime-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        let rc = RuntimeCpu { dir, v2 };
+        std::fs::write(rc.dir.join("cgroup.procs"), containerd.to_string()).ok()?;
+        Some(rc)
+    }
+
+    fn seconds(&self) -> f64 {
+        if self.v2 {
+            let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+            stat.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or(f64::NAN, |us| us / 1e6)
+        } else {
+            std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or(f64::NAN, |ns| ns / 1e9)
+        }
+    }
+}
+
+impl Drop for RuntimeCpu {
+    /// Hands whatever still runs in it back to the root cgroup, then removes it.
+    fn drop(&mut self) {
+        let parent = self.dir.parent().map(|p| p.join("cgroup.procs"));
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            if let Some(parent) = &parent {
+                let _ = std::fs::write(parent, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The kubelet's containerd, if it runs one.
+fn containerd_of(kubelet: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{kubelet}/task/{kubelet}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm"))
+                .is_ok_and(|n| n.trim() == "containerd")
+        })
+}
+
 pub struct Kubelet {
     pub child: Child,
     _dir: tempfile::TempDir,
@@ -247,6 +333,16 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
     report("one after another", &mut lat);
     delete_all(&api).await?;
 
+    // Where the burst's CPU goes: the whole machine, the container runtime (containerd and what
+    // it starts), the rkube server, the kubelet; the rest is the kernel's own threads and the
+    // containers (runc's init runs in the pod's cgroup).
+    let runtime = containerd_of(kubelet.child.id()).and_then(RuntimeCpu::around);
+    let cpu0 = (
+        machine_busy(),
+        runtime.as_ref().map_or(f64::NAN, RuntimeCpu::seconds),
+        cpu_seconds(server.child.id()),
+        cpu_seconds(kubelet.child.id()),
+    );
     let mut starts = Vec::new();
     let creates = (0..burst).map(|i| {
         let api = api.clone();
@@ -266,6 +362,29 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
         lat.push(t1.saturating_duration_since(*t0));
     }
     report("burst", &mut lat);
+    let cpu1 = (
+        machine_busy(),
+        runtime.as_ref().map_or(f64::NAN, RuntimeCpu::seconds),
+        cpu_seconds(server.child.id()),
+        cpu_seconds(kubelet.child.id()),
+    );
+    let (all, rt, srv, kl) = (
+        cpu1.0 - cpu0.0,
+        cpu1.1 - cpu0.1,
+        cpu1.2 - cpu0.2,
+        cpu1.3 - cpu0.3,
+    );
+    let per = |s: f64| s / burst.max(1) as f64 * 1000.0;
+    println!(
+        "burst CPU: machine {all:.2} s ({:.0} ms/pod) = runtime (containerd, shims, runc, CNI) \
+         {rt:.2} s ({:.0} ms/pod) + rkube server {srv:.2} s ({:.0} ms/pod) + kubelet {kl:.2} s \
+         ({:.0} ms/pod) + other {:.2} s",
+        per(all),
+        per(rt),
+        per(srv),
+        per(kl),
+        all - rt - srv - kl
+    );
     // Let the status writes and probes of the burst settle before reading memory.
     tokio::time::sleep(Duration::from_secs(5)).await;
     println!(
@@ -288,5 +407,6 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
     );
     delete_all(&api).await?;
     drop(kubelet);
+    drop(runtime);
     Ok(())
 }
