@@ -10,6 +10,7 @@
 
 mod etcd;
 pub mod migrate;
+mod recent;
 mod sqlite;
 pub mod testing;
 

@@ -14,11 +14,16 @@
 //! then answers the callers and publishes the events. So an acknowledged write is durable, and a
 //! watcher never sees a write that could still be rolled back.
 //!
-//! Read path: a small pool of read connections; WAL readers never block the writer.
+//! Read path: a point read of a recently written key is answered from the writer's memory of
+//! the latest committed values (`recent.rs`: filled only by the writer, right after each commit
+//! and before the write is published or answered); anything else goes to a small pool of read
+//! connections; WAL readers never block the writer. The writer checks its compares against the
+//! same memory (and the transaction's own earlier writes) before it asks `kv`.
 //! Watch path: subscribe to the live broadcast first, then replay `log` after the requested
 //! revision, then pass live events newer than the last replayed one. A watcher that falls behind
 //! the broadcast replays from the log again instead of losing events.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -28,6 +33,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{broadcast, oneshot};
 
+use crate::recent::{Entry, Recent};
 use crate::{
     check_size, prefix_end, Event, EventKind, KeyValue, RangeRequest, RangeResponse, Result,
     Revision, Store, StoreError, WatchStream,
@@ -95,6 +101,23 @@ struct Shared {
     current: AtomicI64,
     compacted: AtomicI64,
     events: broadcast::Sender<Arc<Event>>,
+    /// Latest committed values of recently written keys; only the writer changes it.
+    recent: Mutex<Recent>,
+}
+
+impl Shared {
+    fn recent(&self, key: &str) -> Option<Entry> {
+        self.recent.lock().ok()?.get(key).cloned()
+    }
+}
+
+impl Entry {
+    fn into_option(self) -> Option<KeyValue> {
+        match self {
+            Entry::Present(kv) => Some(kv),
+            Entry::Absent => None,
+        }
+    }
 }
 
 /// The embedded store. Cheap to clone; dropping the last clone stops the writer.
@@ -108,13 +131,21 @@ fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn open_connection(path: &Path) -> Result<Connection> {
+/// The writer's page cache, in KiB (SQLite's default is 2 MiB): every write walks the kv table,
+/// the log and its index. It grows only as pages are read. Readers keep the default.
+const WRITER_CACHE_KIB: i64 = 16 * 1024;
+const READER_CACHE_KIB: i64 = 2000;
+/// The values of recently written keys kept in memory (`recent.rs`), in bytes.
+const RECENT_BYTES: usize = 32 << 20;
+
+fn open_connection(path: &Path, cache_kib: i64) -> Result<Connection> {
     let conn = Connection::open(path).map_err(backend)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
         .map_err(backend)?;
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
-    )
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; \
+         PRAGMA cache_size=-{cache_kib};"
+    ))
     .map_err(backend)?;
     Ok(conn)
 }
@@ -143,7 +174,7 @@ impl SqliteStore {
     /// Open (creating if needed) the database at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let write_conn = open_connection(&path)?;
+        let write_conn = open_connection(&path, WRITER_CACHE_KIB)?;
         // New databases give pages freed by compaction back on `incremental_vacuum` (this
         // setting only takes effect before the first table exists).
         write_conn
@@ -153,7 +184,7 @@ impl SqliteStore {
         let (current, compacted) = read_revisions(&write_conn)?;
         let mut readers = Vec::with_capacity(READ_POOL);
         for _ in 0..READ_POOL {
-            readers.push(open_connection(&path)?);
+            readers.push(open_connection(&path, READER_CACHE_KIB)?);
         }
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let shared = Arc::new(Shared {
@@ -162,6 +193,7 @@ impl SqliteStore {
             current: AtomicI64::new(current),
             compacted: AtomicI64::new(compacted),
             events,
+            recent: Mutex::new(Recent::new(RECENT_BYTES)),
         });
         let (tx, rx) = mpsc::channel::<WriteRequest>();
         let writer_shared = shared.clone();
@@ -195,7 +227,7 @@ impl SqliteStore {
             let conn = shared.readers.lock().ok().and_then(|mut p| p.pop());
             let conn = match conn {
                 Some(c) => c,
-                None => open_connection(&shared.path)?,
+                None => open_connection(&shared.path, READER_CACHE_KIB)?,
             };
             let out = f(&conn);
             if let Ok(mut pool) = shared.readers.lock() {
@@ -252,9 +284,35 @@ fn append_log(
     Ok(conn.last_insert_rowid())
 }
 
+/// Keys written by the ops of the open transaction that succeeded so far, with their new state.
+type Overlay = HashMap<String, Entry>;
+
+/// The current value of `key` inside the writer's open transaction: this transaction's own
+/// writes first, then the recent values (committed state), then the database.
+fn current(
+    conn: &Connection,
+    shared: &Shared,
+    overlay: &Overlay,
+    key: &str,
+) -> Result<Option<KeyValue>> {
+    if let Some(e) = overlay.get(key) {
+        return Ok(e.clone().into_option());
+    }
+    if let Some(e) = shared.recent(key) {
+        return Ok(e.into_option());
+    }
+    current_kv(conn, key)
+}
+
 /// The current value of `key` for a write that expects it at `expected` (any revision if None).
-fn current_for_write(conn: &Connection, key: &str, expected: Option<Revision>) -> Result<KeyValue> {
-    let cur = current_kv(conn, key)?.ok_or_else(|| StoreError::NotFound {
+fn current_for_write(
+    conn: &Connection,
+    shared: &Shared,
+    overlay: &Overlay,
+    key: &str,
+    expected: Option<Revision>,
+) -> Result<KeyValue> {
+    let cur = current(conn, shared, overlay, key)?.ok_or_else(|| StoreError::NotFound {
         key: key.to_string(),
     })?;
     match expected {
@@ -269,11 +327,16 @@ fn current_for_write(conn: &Connection, key: &str, expected: Option<Revision>) -
 
 /// Apply one write inside the open transaction. Errors that are answers (conflict, exists)
 /// leave the database untouched.
-fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply> {
+fn apply(
+    conn: &Connection,
+    op: &WriteOp,
+    shared: &Shared,
+    overlay: &Overlay,
+) -> Result<WriteReply> {
     match op {
         WriteOp::Create { key, value } => {
             check_size(value)?;
-            if current_kv(conn, key)?.is_some() {
+            if current(conn, shared, overlay, key)?.is_some() {
                 return Err(StoreError::AlreadyExists { key: key.clone() });
             }
             let prev = conn
@@ -310,7 +373,7 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
             expected,
         } => {
             check_size(value)?;
-            let cur = current_for_write(conn, key, Some(*expected))?;
+            let cur = current_for_write(conn, shared, overlay, key, Some(*expected))?;
             let rev = append_log(
                 conn,
                 key,
@@ -335,7 +398,7 @@ fn apply(conn: &Connection, op: &WriteOp, shared: &Shared) -> Result<WriteReply>
             }))
         }
         WriteOp::Delete { key, expected } => {
-            let cur = current_for_write(conn, key, *expected)?;
+            let cur = current_for_write(conn, shared, overlay, key, *expected)?;
             let rev = append_log(
                 conn,
                 key,
@@ -415,17 +478,25 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
             }
             continue;
         }
+        let mut overlay = Overlay::new();
         let results: Vec<Result<WriteReply>> = batch
             .iter()
             .map(|r| {
                 conn.execute_batch("SAVEPOINT op").map_err(backend)?;
-                let out = apply(&conn, &r.op, &shared);
+                let out = apply(&conn, &r.op, &shared, &overlay);
                 let end = if out.is_ok() {
                     "RELEASE op"
                 } else {
                     "ROLLBACK TO op; RELEASE op"
                 };
                 conn.execute_batch(end).map_err(backend)?;
+                if let Ok(WriteReply::Written(ev)) = &out {
+                    let entry = match ev.kind {
+                        EventKind::Put => Entry::Present(ev.kv.clone()),
+                        EventKind::Delete => Entry::Absent,
+                    };
+                    overlay.insert(ev.kv.key.clone(), entry);
+                }
                 out
             })
             .collect();
@@ -437,7 +508,13 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
             }
             continue;
         }
-        // Durable now: publish in revision order, then answer.
+        // Committed: the recent values learn this transaction's writes first (before anyone
+        // hears of them), then publish in revision order, then answer.
+        if let Ok(mut recent) = shared.recent.lock() {
+            for (key, entry) in overlay {
+                recent.put(key, entry);
+            }
+        }
         let mut compacted = false;
         for (req, res) in batch.into_iter().zip(results) {
             match &res {
@@ -554,6 +631,10 @@ fn check_not_compacted(conn: &Connection, rev: i64) -> Result<()> {
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        // A recently written key: its latest committed value, without a trip to SQLite.
+        if let Some(e) = self.shared.recent(key) {
+            return Ok(e.into_option());
+        }
         let key = key.to_string();
         self.read(move |conn| current_kv(conn, &key)).await
     }
@@ -580,7 +661,7 @@ impl Store for SqliteStore {
             let conn = shared.readers.lock().ok().and_then(|mut p| p.pop());
             let conn = match conn {
                 Some(c) => c,
-                None => match open_connection(&shared.path) {
+                None => match open_connection(&shared.path, READER_CACHE_KIB) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = rev_tx.send(Err(e));

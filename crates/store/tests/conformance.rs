@@ -111,7 +111,43 @@ conformance!(
     watch_resumes_across_a_restart,
     values_up_to_the_limit_and_a_clear_error_beyond,
     future_revisions_are_refused,
+    reads_follow_writes_concurrent_with_them,
 );
+
+/// Every read that starts after a write was answered sees that write (or a later one), for keys
+/// written, rewritten, deleted and created again while other keys are written concurrently.
+async fn reads_follow_writes_concurrent_with_them(be: Backend) {
+    let s = be.store();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let key = format!("/rfw/{t}/{i}");
+                let created = s.create(&key, b("v1")).await.unwrap();
+                let kv = s.get(&key).await.unwrap().unwrap();
+                assert_eq!((kv.value, kv.mod_revision), (b("v1"), created));
+                let updated = s.update(&key, b("v2"), created).await.unwrap();
+                let kv = s.get(&key).await.unwrap().unwrap();
+                assert_eq!((kv.value, kv.mod_revision), (b("v2"), updated));
+                assert_eq!(kv.create_revision, created);
+                // A compare against the superseded revision fails.
+                assert!(matches!(
+                    s.update(&key, b("stale"), created).await,
+                    Err(StoreError::Conflict { .. })
+                ));
+                s.delete(&key, Some(updated)).await.unwrap();
+                assert!(s.get(&key).await.unwrap().is_none());
+                let again = s.create(&key, b("v3")).await.unwrap();
+                let kv = s.get(&key).await.unwrap().unwrap();
+                assert_eq!((kv.value, kv.create_revision), (b("v3"), again));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
 
 async fn cas_conflicts_and_revisions_increase(be: Backend) {
     let s = be.store();
