@@ -141,13 +141,26 @@ fn field_meta(
 
 /// The fields an object (or a partial object, for apply) sets.
 pub fn fields_of(obj: &Value, meta: Option<&'static TypeMeta>) -> FieldSet {
+    fields_under(obj, meta, &|_| true)
+}
+
+/// The fields an object sets under the top-level members `top` accepts.
+fn fields_under(
+    obj: &Value,
+    meta: Option<&'static TypeMeta>,
+    top: &dyn Fn(&str) -> bool,
+) -> FieldSet {
     fn walk(
         obj: &Map<String, Value>,
         meta: Option<&'static TypeMeta>,
         path: &mut Vec<String>,
         out: &mut FieldSet,
+        top: &dyn Fn(&str) -> bool,
     ) {
         for (k, v) in obj {
+            if path.is_empty() && !top(k) {
+                continue;
+            }
             let here: Vec<&str> = path
                 .iter()
                 .map(String::as_str)
@@ -161,7 +174,7 @@ pub fn fields_of(obj: &Value, meta: Option<&'static TypeMeta>) -> FieldSet {
             match v {
                 Value::Object(m) if !m.is_empty() => {
                     path.push(k.clone());
-                    walk(m, ty, path, &mut node);
+                    walk(m, ty, path, &mut node, top);
                     path.pop();
                     // Only identity fields inside (metadata.name, say): nothing here is owned.
                     if node.is_empty() {
@@ -175,7 +188,7 @@ pub fn fields_of(obj: &Value, meta: Option<&'static TypeMeta>) -> FieldSet {
                             let mut element = FieldSet::default();
                             element.0.insert(".".into(), FieldSet::default());
                             if let Value::Object(m) = item {
-                                walk(m, ty, &mut vec!["<element>".into()], &mut element);
+                                walk(m, ty, &mut vec!["<element>".into()], &mut element, top);
                             }
                             node.0.insert(k, element);
                         }
@@ -194,7 +207,7 @@ pub fn fields_of(obj: &Value, meta: Option<&'static TypeMeta>) -> FieldSet {
     }
     let mut out = FieldSet::default();
     if let Value::Object(m) = obj {
-        walk(m, meta, &mut Vec::new(), &mut out);
+        walk(m, meta, &mut Vec::new(), &mut out, top);
     }
     out
 }
@@ -418,9 +431,9 @@ pub fn record_update(
     subresource: &str,
     meta: Option<&'static TypeMeta>,
 ) {
-    let after = fields_of(new, meta);
     let Some(old) = old else {
         // A create: every field is the creator's.
+        let after = fields_of(new, meta);
         let entry = Entry {
             manager: manager.into(),
             operation: "Update".into(),
@@ -432,15 +445,25 @@ pub fn record_update(
         set_entries(new, vec![entry]);
         return;
     };
+    // Only top-level members whose values differ can hold changed or removed fields: the others
+    // (most of an object, in a status or binding update) are not walked at all.
+    let differs = |k: &str| old.get(k) != new.get(k);
+    let after = fields_under(new, meta, &differs);
     let old = Some(old);
     let mut list = old.map(entries).unwrap_or_default();
-    let before = old.map(|o| fields_of(o, meta)).unwrap_or_default();
+    let before = old
+        .map(|o| fields_under(o, meta, &differs))
+        .unwrap_or_default();
     let mut changed = Vec::new();
     for leaf in after.leaves() {
         let differs = match old {
             None => true,
+            // An element's own entry (".") stands for its existence: it changes only when the
+            // element is new, not when something inside it changes (as upstream's comparison).
             Some(o) => {
-                !before.contains(&leaf) || value_at(o, &leaf, meta) != value_at(new, &leaf, meta)
+                !before.contains(&leaf)
+                    || (leaf.last().is_none_or(|l| l != ".")
+                        && value_at(o, &leaf, meta) != value_at(new, &leaf, meta))
             }
         };
         if differs {
@@ -604,6 +627,67 @@ mod tests {
             render_path(&fs.leaves()[3]),
             ".spec.template.spec.containers[name=\"web\"].image"
         );
+    }
+
+    fn owned(obj: &Value, manager: &str) -> Vec<String> {
+        entries(obj)
+            .iter()
+            .filter(|e| e.manager == manager)
+            .flat_map(|e| e.fields.leaves())
+            .map(|l| l.join("/"))
+            .collect()
+    }
+
+    #[test]
+    fn updates_take_what_they_change_and_nothing_else() {
+        let mut created = obj(2, "nginx");
+        record_update(None, &mut created, "alice", "apps/v1", "t1", "", deploy());
+        assert_eq!(owned(&created, "alice").len(), 5);
+        // Bob changes the image (spec differs, metadata does not).
+        let mut bob = created.clone();
+        bob["spec"]["template"]["spec"]["containers"][0]["image"] = json!("httpd");
+        record_update(
+            Some(&created),
+            &mut bob,
+            "bob",
+            "apps/v1",
+            "t2",
+            "",
+            deploy(),
+        );
+        let image = "f:spec/f:template/f:spec/f:containers/k:{\"name\":\"web\"}/f:image";
+        assert_eq!(owned(&bob, "bob"), [image]);
+        assert!(!owned(&bob, "alice").contains(&image.to_string()));
+        assert_eq!(owned(&bob, "alice").len(), 4);
+        // Carol changes nothing that is owned (status only): nobody's fields move.
+        let mut carol = bob.clone();
+        carol["status"] = json!({"replicas": 2});
+        record_update(
+            Some(&bob),
+            &mut carol,
+            "carol",
+            "apps/v1",
+            "t3",
+            "status",
+            deploy(),
+        );
+        assert!(owned(&carol, "carol").is_empty());
+        assert_eq!(entries(&carol), entries(&bob));
+        // Dave removes the label: it is nobody's any more; a new one is his.
+        let mut dave = carol.clone();
+        dave["metadata"]["labels"] = json!({"tier": "web"});
+        record_update(
+            Some(&carol),
+            &mut dave,
+            "dave",
+            "apps/v1",
+            "t4",
+            "",
+            deploy(),
+        );
+        assert_eq!(owned(&dave, "dave"), ["f:metadata/f:labels/f:tier"]);
+        assert!(!owned(&dave, "alice").contains(&"f:metadata/f:labels/f:app".to_string()));
+        assert_eq!(owned(&dave, "bob"), [image]);
     }
 
     #[test]
