@@ -103,6 +103,8 @@ struct Shared {
     events: broadcast::Sender<Arc<Event>>,
     /// Latest committed values of recently written keys; only the writer changes it.
     recent: Mutex<Recent>,
+    /// The database's lock (`lock_database`), released when the last user is gone.
+    _lock: std::fs::File,
 }
 
 impl Shared {
@@ -170,10 +172,53 @@ fn read_revisions(conn: &Connection) -> Result<(i64, i64)> {
     Ok((current, compacted))
 }
 
+/// How long opening waits for another holder of the database (a store being closed in this
+/// process, whose writer is finishing) before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An exclusive lock on `<db>.lock`, held while the store is open: one writer per database. The
+/// writer trusts its memory of recent values, which another process writing the same file would
+/// make stale; SQLite's own locking would not catch that.
+fn lock_database(path: &Path, wait: std::time::Duration) -> Result<std::fs::File> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", lock_path.display())))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Backend(format!(
+                    "{} is in use by another process (is another rkube server running on this \
+                     data dir?)",
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Backend(format!("{}: {e}", lock_path.display())))
+            }
+        }
+    }
+}
+
 impl SqliteStore {
     /// Open (creating if needed) the database at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_waiting(path.as_ref(), LOCK_WAIT)
+    }
+
+    fn open_waiting(path: &Path, wait: std::time::Duration) -> Result<Self> {
+        let lock = lock_database(path, wait)?;
+        let path = path.to_path_buf();
         let write_conn = open_connection(&path, WRITER_CACHE_KIB)?;
         // New databases give pages freed by compaction back on `incremental_vacuum` (this
         // setting only takes effect before the first table exists).
@@ -194,6 +239,7 @@ impl SqliteStore {
             compacted: AtomicI64::new(compacted),
             events,
             recent: Mutex::new(Recent::new(RECENT_BYTES)),
+            _lock: lock,
         });
         let (tx, rx) = mpsc::channel::<WriteRequest>();
         let writer_shared = shared.clone();

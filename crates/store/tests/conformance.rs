@@ -59,6 +59,11 @@ impl Backend {
     async fn restart(&mut self) {
         match &mut self.kind {
             Kind::Sqlite => {
+                // The old store is closed first (one store per database file at a time): a
+                // placeholder on another file stands in meanwhile.
+                let placeholder =
+                    SqliteStore::open(self.dir.path().join("placeholder.db")).unwrap();
+                self.store = Arc::new(placeholder);
                 let store = SqliteStore::open(self.dir.path().join("state.db")).unwrap();
                 self.store = Arc::new(store);
             }

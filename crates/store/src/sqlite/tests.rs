@@ -24,6 +24,22 @@ async fn reopen_keeps_everything_and_revisions_continue() {
 }
 
 #[tokio::test]
+async fn a_second_store_on_the_same_file_is_refused_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let first = SqliteStore::open(&path).unwrap();
+    first.create("/l/a", b("1")).await.unwrap();
+    let Err(e) = SqliteStore::open_waiting(&path, std::time::Duration::from_millis(100)) else {
+        panic!("a second writer was allowed on one database");
+    };
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+    drop(first);
+    // Once the first store (and its writer thread) is gone, the database opens again.
+    let again = SqliteStore::open(&path).unwrap();
+    assert_eq!(again.get("/l/a").await.unwrap().unwrap().value, b("1"));
+}
+
+#[tokio::test]
 async fn a_watcher_far_behind_replays_page_by_page() {
     let dir = tempfile::tempdir().unwrap();
     let s = SqliteStore::open(dir.path().join("state.db")).unwrap();
