@@ -47,7 +47,7 @@ fn selects(svc: &Service, pod: &Pod) -> bool {
 }
 
 /// A service port's target on one pod: a number, or a named container port looked up.
-fn resolve_port(target: Option<&IntOrString>, port: i32, pod: &Pod) -> Option<i32> {
+pub(crate) fn resolve_port(target: Option<&IntOrString>, port: i32, pod: &Pod) -> Option<i32> {
     match target {
         None => Some(port),
         Some(IntOrString::Int(i)) => Some(*i),

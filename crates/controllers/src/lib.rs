@@ -63,7 +63,11 @@ pub async fn run(
         let (client, config) = (client.clone(), config.clone());
         async move {
             let recorder = events::Recorder::new(client.clone(), "controller-manager");
-            let pods = runtime::start(Api::<Pod>::all(client.clone()), Default::default());
+            let pods = runtime::start_trimmed(
+                Api::<Pod>::all(client.clone()),
+                Default::default(),
+                pods::trim_for_controllers,
+            );
             let replicasets =
                 runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default());
             let rs = replicaset::ReplicaController::new(

@@ -8,6 +8,31 @@ use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+/// A pod as the controller manager's shared informer keeps it: what no controller reads is
+/// dropped, since the cache holds every pod of the cluster (a k8s-openapi `Volume` is 3 KiB and
+/// a `Container` 2 KiB even when empty). Kept: metadata, the whole status, the spec's scheduling
+/// and identity fields (nodeName, tolerations, affinity, hostname, subdomain, ...), and of the
+/// containers only the names and ports of those that declare ports (the endpoints controller
+/// resolves named target ports). The controllers only ever patch pods, never write one back from
+/// this cache, so nothing dropped here can be lost.
+pub fn trim_for_controllers(p: &mut Pod) {
+    if let Some(spec) = p.spec.as_mut() {
+        spec.volumes = None;
+        spec.init_containers = None;
+        spec.ephemeral_containers = None;
+        spec.containers = std::mem::take(&mut spec.containers)
+            .into_iter()
+            .filter(|c| c.ports.as_ref().is_some_and(|ports| !ports.is_empty()))
+            .map(|c| k8s_openapi::api::core::v1::Container {
+                name: c.name,
+                ports: c.ports,
+                ..Default::default()
+            })
+            .collect();
+        spec.containers.shrink_to_fit();
+    }
+}
+
 /// Not finished and not being deleted (upstream's IsPodActive).
 pub fn is_active(p: &Pod) -> bool {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -142,6 +167,57 @@ pub fn from_template(template: &PodTemplateSpec, owner_name: &str, owner: OwnerR
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn trimming_keeps_what_controllers_read() {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "d", "labels": {"app": "web"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "rs", "uid": "u1", "controller": true}]},
+            "spec": {
+                "nodeName": "n1", "hostname": "h", "subdomain": "s",
+                "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoExecute",
+                                 "tolerationSeconds": 30}],
+                "initContainers": [{"name": "init", "image": "busybox"}],
+                "containers": [
+                    {"name": "sidecar", "image": "busybox", "command": ["sleep", "1"]},
+                    {"name": "web", "image": "busybox", "env": [{"name": "A", "value": "1"}],
+                     "ports": [{"name": "http", "containerPort": 8080}]},
+                ],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            },
+            "status": {"phase": "Running", "podIP": "10.0.0.5",
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "web", "ready": true, "restartCount": 3,
+                                              "image": "busybox", "imageID": ""}]},
+        }))
+        .unwrap();
+        let before = p.clone();
+        trim_for_controllers(&mut p);
+        assert_eq!(p.metadata, before.metadata);
+        assert_eq!(p.status, before.status);
+        let spec = p.spec.as_ref().unwrap();
+        let was = before.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name, was.node_name);
+        assert_eq!(spec.tolerations, was.tolerations);
+        assert_eq!(
+            (&spec.hostname, &spec.subdomain),
+            (&was.hostname, &was.subdomain)
+        );
+        assert!(spec.volumes.is_none() && spec.init_containers.is_none());
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!(spec.containers[0].name, "web");
+        assert_eq!(spec.containers[0].ports, was.containers[1].ports);
+        assert!(spec.containers[0].image.is_none() && spec.containers[0].env.is_none());
+        // Named target ports still resolve.
+        let target =
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into());
+        assert_eq!(
+            crate::endpoints::resolve_port(Some(&target), 80, &p),
+            Some(8080)
+        );
+        assert!(is_ready(&p) && is_active(&p));
+    }
 
     fn pod(name: &str, node: Option<&str>, phase: &str, ready: bool, created: &str) -> Arc<Pod> {
         Arc::new(

@@ -123,6 +123,8 @@ pub struct Informer<K: Resource> {
     cache: RwLock<Cache<K>>,
     handlers: Mutex<Vec<Handler<K>>>,
     synced: tokio::sync::watch::Sender<bool>,
+    /// Applied to every object before it is cached (besides dropping managedFields).
+    trim: fn(&mut K),
 }
 
 impl<K> Informer<K>
@@ -130,7 +132,14 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     pub fn new(api: Api<K>, config: watcher::Config) -> Arc<Informer<K>> {
+        Self::trimming(api, config, |_| {})
+    }
+
+    /// An informer that caches objects as `trim` leaves them: for kinds whose caches are large
+    /// (pods), only what its controllers read.
+    pub fn trimming(api: Api<K>, config: watcher::Config, trim: fn(&mut K)) -> Arc<Informer<K>> {
         Arc::new(Informer {
+            trim,
             api,
             config,
             cache: RwLock::new(Cache {
@@ -226,7 +235,10 @@ where
     /// holds the informer: a controller manager that loses its lease drops its controllers, and
     /// with them their informers' watches.
     async fn run(weak: std::sync::Weak<Self>) {
-        let Some((api, config)) = weak.upgrade().map(|i| (i.api.clone(), i.config.clone())) else {
+        let Some((api, config, trim)) = weak
+            .upgrade()
+            .map(|i| (i.api.clone(), i.config.clone(), i.trim))
+        else {
             return;
         };
         let mut stream = watcher(api, config).default_backoff().boxed();
@@ -238,7 +250,10 @@ where
             let ev = match ev {
                 // managedFields are for apply, not for controllers: not kept (upstream's
                 // controller manager and scheduler trim them from their informers too).
-                Ok(ev) => ev.modify(|o| o.meta_mut().managed_fields = None),
+                Ok(ev) => ev.modify(|o| {
+                    o.meta_mut().managed_fields = None;
+                    trim(o);
+                }),
                 Err(e) => {
                     tracing::debug!(error = %e, kind = %K::kind(&()), "watch error");
                     continue;
@@ -303,6 +318,16 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let inf = Informer::new(api, config);
+    tokio::spawn(Informer::run(Arc::downgrade(&inf)));
+    inf
+}
+
+/// `start`, caching objects as `trim` leaves them.
+pub fn start_trimmed<K>(api: Api<K>, config: watcher::Config, trim: fn(&mut K)) -> Arc<Informer<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let inf = Informer::trimming(api, config, trim);
     tokio::spawn(Informer::run(Arc::downgrade(&inf)));
     inf
 }
