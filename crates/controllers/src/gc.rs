@@ -111,32 +111,38 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
             let mut stream = watcher(api, watcher::Config::default())
                 .default_backoff()
                 .boxed();
+            // The uids listed by the relist in progress (empty otherwise: it used to keep every
+            // uid ever seen, deleted ones too).
+            let mut listing = false;
             let mut seen: HashSet<String> = HashSet::new();
-            let mut known: HashMap<String, ObjectMeta> = HashMap::new();
+            // uid -> (namespace, name): only what a later delete needs.
+            let mut known: HashMap<String, (Option<String>, Option<String>)> = HashMap::new();
+            let gone = |uid: String, (namespace, name): (Option<String>, Option<String>)| {
+                Change::Delete(ObjectMeta {
+                    name,
+                    namespace,
+                    uid: Some(uid),
+                    ..Default::default()
+                })
+            };
             while let Some(ev) = stream.next().await {
                 let Ok(ev) = ev else { continue };
                 let changes: Vec<Change> = match ev {
                     Event::Init => {
                         seen.clear();
+                        listing = true;
                         vec![]
                     }
                     Event::InitApply(o) | Event::Apply(o) => {
+                        if listing {
+                            seen.insert(o.metadata.uid.clone().unwrap_or_default());
+                        }
                         let mut meta = o.metadata;
                         meta.managed_fields = None;
                         meta.annotations = None;
                         meta.labels = None;
                         let uid = meta.uid.clone().unwrap_or_default();
-                        seen.insert(uid.clone());
-                        // Only what a later delete needs.
-                        known.insert(
-                            uid,
-                            ObjectMeta {
-                                name: meta.name.clone(),
-                                namespace: meta.namespace.clone(),
-                                uid: meta.uid.clone(),
-                                ..Default::default()
-                            },
-                        );
+                        known.insert(uid, (meta.namespace.clone(), meta.name.clone()));
                         vec![Change::Upsert(r.clone(), meta)]
                     }
                     Event::Delete(o) => {
@@ -146,14 +152,16 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                     }
                     Event::InitDone => {
                         // Whatever disappeared while we were not watching.
-                        let gone: Vec<String> = known
+                        let missing: Vec<String> = known
                             .keys()
                             .filter(|u| !seen.contains(*u))
                             .cloned()
                             .collect();
-                        gone.into_iter()
-                            .filter_map(|u| known.remove(&u))
-                            .map(Change::Delete)
+                        seen = HashSet::new();
+                        listing = false;
+                        missing
+                            .into_iter()
+                            .filter_map(|u| known.remove(&u).map(|m| gone(u, m)))
                             .collect()
                     }
                 };
