@@ -131,10 +131,6 @@ impl<K> Informer<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    pub fn new(api: Api<K>, config: watcher::Config) -> Arc<Informer<K>> {
-        Self::trimming(api, config, |_| {})
-    }
-
     /// An informer that caches objects as `trim` leaves them: for kinds whose caches are large
     /// (pods), only what its controllers read.
     pub fn trimming(api: Api<K>, config: watcher::Config, trim: fn(&mut K)) -> Arc<Informer<K>> {
@@ -317,9 +313,7 @@ pub fn start<K>(api: Api<K>, config: watcher::Config) -> Arc<Informer<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let inf = Informer::new(api, config);
-    tokio::spawn(Informer::run(Arc::downgrade(&inf)));
-    inf
+    start_trimmed(api, config, |_| {})
 }
 
 /// `start`, caching objects as `trim` leaves them.

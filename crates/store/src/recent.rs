@@ -20,6 +20,15 @@ pub enum Entry {
     Absent,
 }
 
+impl Entry {
+    pub fn into_option(self) -> Option<KeyValue> {
+        match self {
+            Entry::Present(kv) => Some(kv),
+            Entry::Absent => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Recent {
     /// key -> (entry, the write's sequence number).

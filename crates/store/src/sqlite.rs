@@ -113,15 +113,6 @@ impl Shared {
     }
 }
 
-impl Entry {
-    fn into_option(self) -> Option<KeyValue> {
-        match self {
-            Entry::Present(kv) => Some(kv),
-            Entry::Absent => None,
-        }
-    }
-}
-
 /// The embedded store. Cheap to clone; dropping the last clone stops the writer.
 #[derive(Clone)]
 pub struct SqliteStore {
