@@ -337,12 +337,15 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
     // it starts), the rkube server, the kubelet; the rest is the kernel's own threads and the
     // containers (runc's init runs in the pod's cgroup).
     let runtime = containerd_of(kubelet.child.id()).and_then(RuntimeCpu::around);
-    let cpu0 = (
-        machine_busy(),
-        runtime.as_ref().map_or(f64::NAN, RuntimeCpu::seconds),
-        cpu_seconds(server.child.id()),
-        cpu_seconds(kubelet.child.id()),
-    );
+    let cpu = || {
+        (
+            machine_busy(),
+            runtime.as_ref().map_or(f64::NAN, RuntimeCpu::seconds),
+            cpu_seconds(server.child.id()),
+            cpu_seconds(kubelet.child.id()),
+        )
+    };
+    let cpu0 = cpu();
     let mut starts = Vec::new();
     let creates = (0..burst).map(|i| {
         let api = api.clone();
@@ -362,12 +365,7 @@ pub async fn run(bin: PathBuf, sequential: usize, burst: usize) -> Result<()> {
         lat.push(t1.saturating_duration_since(*t0));
     }
     report("burst", &mut lat);
-    let cpu1 = (
-        machine_busy(),
-        runtime.as_ref().map_or(f64::NAN, RuntimeCpu::seconds),
-        cpu_seconds(server.child.id()),
-        cpu_seconds(kubelet.child.id()),
-    );
+    let cpu1 = cpu();
     let (all, rt, srv, kl) = (
         cpu1.0 - cpu0.0,
         cpu1.1 - cpu0.1,

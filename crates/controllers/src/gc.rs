@@ -113,7 +113,6 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                 .boxed();
             // The uids listed by the relist in progress (empty otherwise: it used to keep every
             // uid ever seen, deleted ones too).
-            let mut listing = false;
             let mut seen: HashSet<String> = HashSet::new();
             // uid -> (namespace, name): only what a later delete needs.
             let mut known: HashMap<String, (Option<String>, Option<String>)> = HashMap::new();
@@ -127,14 +126,15 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
             };
             while let Some(ev) = stream.next().await {
                 let Ok(ev) = ev else { continue };
+                // Only a relist's events are InitApply.
+                let listed = matches!(ev, Event::InitApply(_));
                 let changes: Vec<Change> = match ev {
                     Event::Init => {
                         seen.clear();
-                        listing = true;
                         vec![]
                     }
                     Event::InitApply(o) | Event::Apply(o) => {
-                        if listing {
+                        if listed {
                             seen.insert(o.metadata.uid.clone().unwrap_or_default());
                         }
                         let mut meta = o.metadata;
@@ -158,7 +158,6 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                             .cloned()
                             .collect();
                         seen = HashSet::new();
-                        listing = false;
                         missing
                             .into_iter()
                             .filter_map(|u| known.remove(&u).map(|m| gone(u, m)))
