@@ -80,7 +80,22 @@ impl Stored {
 /// The span `[start, end)` of the value of the top-level `"metadata"` member of a JSON object
 /// (`start` at its `{`, `end` after its `}`), found by scanning, without parsing.
 fn metadata_span(json: &[u8]) -> Option<(usize, usize)> {
-    let mut i = skip_ws(json, 0);
+    member_span(json, 0, b"metadata").filter(|&(i, _)| json[i] == b'{')
+}
+
+/// The span of the value at a dotted path of object members (`spec.nodeName`), by scanning.
+fn path_span(json: &[u8], path: &str) -> Option<(usize, usize)> {
+    let mut span = (0, json.len());
+    for part in path.split('.') {
+        span = member_span(json, span.0, part.as_bytes())?;
+    }
+    Some(span)
+}
+
+/// The span of the value of member `key` of the JSON object starting at `start` (whitespace
+/// allowed before it); None if there is no such member or `start` is not at an object.
+fn member_span(json: &[u8], start: usize, key: &[u8]) -> Option<(usize, usize)> {
+    let mut i = skip_ws(json, start);
     if json.get(i) != Some(&b'{') {
         return None;
     }
@@ -97,15 +112,15 @@ fn metadata_span(json: &[u8]) -> Option<(usize, usize)> {
             _ => return None,
         }
         let key_end = skip_string(json, i)?;
-        let key = &json[i + 1..key_end - 1];
+        let found = &json[i + 1..key_end - 1];
         i = skip_ws(json, key_end);
         if json.get(i) != Some(&b':') {
             return None;
         }
         i = skip_ws(json, i + 1);
         let value_end = skip_value(json, i)?;
-        if key == b"metadata" {
-            return (json.get(i) == Some(&b'{')).then_some((i, value_end));
+        if found == key {
+            return Some((i, value_end));
         }
         i = value_end;
     }
@@ -194,15 +209,39 @@ pub fn matches(
     if fields.is_empty() {
         return true;
     }
-    let metadata_only = fields
-        .requirements
-        .iter()
-        .all(|r| r.field.starts_with("metadata."));
-    let whole = if metadata_only {
-        serde_json::json!({"metadata": obj.meta()})
-    } else {
-        obj.value()
-    };
+    // Only the selected fields, each found by scanning and parsed alone: a watch with a field
+    // selector sees every change to its resource, and most objects are much bigger.
+    let mut sparse = Value::Object(Map::new());
+    for r in &fields.requirements {
+        let Some((a, b)) = path_span(&obj.json, &r.field) else {
+            continue;
+        };
+        let Ok(leaf) = serde_json::from_slice::<Value>(&obj.json[a..b]) else {
+            return obj_matches_whole(kind, obj, fields);
+        };
+        let mut cur = &mut sparse;
+        let mut parts = r.field.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let Value::Object(m) = cur else { break };
+            cur = if parts.peek().is_none() {
+                m.insert(part.to_string(), leaf.clone());
+                break;
+            } else {
+                m.entry(part.to_string())
+                    .or_insert_with(|| Value::Object(Map::new()))
+            };
+        }
+    }
+    fields.matches(|f| kind.field_value(&sparse, f))
+}
+
+/// The selector against the whole parsed object (for JSON the scanner gives up on).
+fn obj_matches_whole(
+    kind: &crate::registry::Kind,
+    obj: &Stored,
+    fields: &apimachinery::fields::FieldSelector,
+) -> bool {
+    let whole = obj.value();
     fields.matches(|f| kind.field_value(&whole, f))
 }
 
@@ -330,6 +369,41 @@ fn list_head(kind: &str, api_version: &str, meta: &Value) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn field_selectors_match_as_on_the_whole_object() {
+        use apimachinery::fields::FieldSelector;
+        let pods = crate::registry::lookup("", "v1", "pods").unwrap();
+        let objects = [
+            json!({"metadata": {"name": "a", "namespace": "ns"}, "spec": {"nodeName": "n1", "restartPolicy": "Always"}, "status": {"phase": "Running"}}),
+            json!({"metadata": {"name": "b", "namespace": "ns"}, "spec": {"containers": [{"name": "c"}]}, "status": {}}),
+            json!({"metadata": {"name": "c", "namespace": "other"}, "spec": null, "status": {"phase": "Pending", "podIP": "10.0.0.1"}}),
+            json!({"spec": {"nodeName": "n\"2"}, "metadata": {"name": "d", "namespace": "ns"}}),
+        ];
+        let selectors = [
+            "spec.nodeName=n1",
+            "spec.nodeName!=",
+            "spec.nodeName=",
+            "spec.nodeName=n\"2",
+            "status.phase=Running,metadata.namespace=ns",
+            "status.phase!=Running,spec.restartPolicy!=Always",
+            "metadata.name=c,status.podIP=10.0.0.1",
+        ];
+        for obj in &objects {
+            let stored = Stored::from_store(obj.to_string().as_bytes(), 7);
+            for sel in selectors {
+                let fields = FieldSelector::parse(sel).unwrap();
+                assert_eq!(
+                    matches(pods, &stored, &Default::default(), &fields),
+                    obj_matches_whole(pods, &stored, &fields),
+                    "{sel} on {obj}"
+                );
+            }
+        }
+        let on_n1 = FieldSelector::parse("spec.nodeName=n1").unwrap();
+        let first = Stored::from_store(objects[0].to_string().as_bytes(), 7);
+        assert!(matches(pods, &first, &Default::default(), &on_n1));
+    }
 
     #[test]
     fn list_streams_are_valid_json_whatever_their_size() {

@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
-use kube::core::PartialObjectMeta;
 use kube::discovery::{verbs, ApiResource, Discovery, Scope};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
@@ -30,6 +29,77 @@ use crate::runtime::Queue;
 
 const ORPHAN: &str = "orphan";
 const FOREGROUND: &str = "foregroundDeletion";
+
+/// An object as the collector's watches see it: the metadata the graph needs and nothing else.
+/// Everything else (a pod's spec and status, and above all its managedFields, which cost more
+/// to parse than the rest of the object) is skipped while parsing, never built.
+#[derive(Clone, Debug)]
+struct Lean {
+    metadata: ObjectMeta,
+}
+
+#[derive(serde::Deserialize)]
+struct LeanWire {
+    #[serde(default)]
+    metadata: LeanMeta,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct LeanMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    owner_references: Option<Vec<OwnerReference>>,
+    finalizers: Option<Vec<String>>,
+    deletion_timestamp: Option<Time>,
+}
+
+impl<'de> serde::Deserialize<'de> for Lean {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Lean, D::Error> {
+        let m = LeanWire::deserialize(d)?.metadata;
+        Ok(Lean {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                owner_references: m.owner_references,
+                finalizers: m.finalizers,
+                deletion_timestamp: m.deletion_timestamp,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+impl kube::Resource for Lean {
+    type DynamicType = ApiResource;
+    type Scope = kube::core::DynamicResourceScope;
+
+    fn group(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.group.as_str().into()
+    }
+    fn version(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.version.as_str().into()
+    }
+    fn kind(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.kind.as_str().into()
+    }
+    fn api_version(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.api_version.as_str().into()
+    }
+    fn plural(dt: &ApiResource) -> std::borrow::Cow<'_, str> {
+        dt.plural.as_str().into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 #[derive(Clone)]
 struct Resource {
@@ -107,7 +177,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     for r in resources.values().cloned() {
         let (client, tx) = (client.clone(), tx.clone());
         tokio::spawn(async move {
-            let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(client, &r.ar);
+            let api: Api<Lean> = Api::all_with(client, &r.ar);
             let mut stream = watcher(api, watcher::Config::default())
                 .default_backoff()
                 .boxed();
@@ -137,10 +207,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                         if listed {
                             seen.insert(o.metadata.uid.clone().unwrap_or_default());
                         }
-                        let mut meta = o.metadata;
-                        meta.managed_fields = None;
-                        meta.annotations = None;
-                        meta.labels = None;
+                        let meta = o.metadata;
                         let uid = meta.uid.clone().unwrap_or_default();
                         known.insert(uid, (meta.namespace.clone(), meta.name.clone()));
                         vec![Change::Upsert(r.clone(), meta)]
@@ -597,4 +664,45 @@ async fn remove_finalizer(
             .await,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lean_objects_keep_what_the_graph_needs() {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "p", "namespace": "ns", "uid": "u1", "resourceVersion": "7",
+                "labels": {"a": "b"}, "annotations": {"x": "y"},
+                "finalizers": ["foregroundDeletion"],
+                "deletionTimestamp": "2026-11-28T00:00:00Z",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs",
+                                     "uid": "u0", "controller": true, "blockOwnerDeletion": true}],
+                "managedFields": [{"manager": "m", "operation": "Update", "fieldsType": "FieldsV1",
+                                   "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:a": {}}}}}],
+            },
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running"},
+        });
+        let lean: Lean = serde_json::from_value(pod).unwrap();
+        let m = &lean.metadata;
+        assert_eq!(m.name.as_deref(), Some("p"));
+        assert_eq!(m.namespace.as_deref(), Some("ns"));
+        assert_eq!(m.uid.as_deref(), Some("u1"));
+        assert_eq!(m.resource_version.as_deref(), Some("7"));
+        assert_eq!(
+            m.finalizers.as_deref(),
+            Some(&["foregroundDeletion".to_string()][..])
+        );
+        assert!(m.deletion_timestamp.is_some());
+        let owner = &m.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.uid.as_str(), owner.controller), ("u0", Some(true)));
+        assert!(m.managed_fields.is_none() && m.labels.is_none() && m.annotations.is_none());
+        // An object without metadata (never sent, but not a parse error).
+        let bare: Lean = serde_json::from_value(json!({"kind": "X"})).unwrap();
+        assert!(bare.metadata.uid.is_none());
+    }
 }

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Pod, PodAffinityTerm, WeightedPodAffinityTerm};
+use k8s_openapi::api::core::v1::{Node, Pod, PodAffinityTerm, Taint, WeightedPodAffinityTerm};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::resources::{node_allocatable, pod_non_zero_requests, pod_requests, Resource};
@@ -143,7 +143,17 @@ pub struct NodeInfo {
     pub used_ports: HashSet<(String, String, i32)>,
     /// Images present on the node (name → size), from its status.
     pub images: HashMap<String, i64>,
+    /// Copies of what every filter and score reads of the node for every pod, kept here in
+    /// the cache's array: reaching them in the `Node` costs a cache miss or more per node, and
+    /// a pod visits hundreds of nodes.
+    pub unschedulable: bool,
+    pub taints: Vec<Taint>,
+    /// The values of the labels in `TOPOLOGY_KEYS` (default topology spreading's domains).
+    topology: [Option<String>; 2],
 }
+
+/// The topology keys of upstream's default spreading constraints.
+const TOPOLOGY_KEYS: [&str; 2] = ["kubernetes.io/hostname", "topology.kubernetes.io/zone"];
 
 impl NodeInfo {
     fn new(node: Arc<Node>) -> NodeInfo {
@@ -156,6 +166,9 @@ impl NodeInfo {
             pods: Vec::new(),
             used_ports: HashSet::new(),
             images: HashMap::new(),
+            unschedulable: false,
+            taints: Vec::new(),
+            topology: Default::default(),
             node: node.clone(),
         };
         info.set_node(node);
@@ -177,7 +190,20 @@ impl NodeInfo {
                     .collect()
             })
             .unwrap_or_default();
+        let spec = node.spec.as_ref();
+        self.unschedulable = spec.and_then(|s| s.unschedulable).unwrap_or(false);
+        self.taints = spec.and_then(|s| s.taints.clone()).unwrap_or_default();
+        let labels = node.metadata.labels.as_ref();
+        self.topology = TOPOLOGY_KEYS.map(|k| labels.and_then(|l| l.get(k)).cloned());
         self.node = node;
+    }
+
+    /// The value of one of the node's labels (the topology keys without visiting the `Node`).
+    pub fn label(&self, key: &str) -> Option<&String> {
+        match TOPOLOGY_KEYS.iter().position(|k| *k == key) {
+            Some(i) => self.topology[i].as_ref(),
+            None => self.labels().get(key),
+        }
     }
 
     fn add_pod(&mut self, p: Arc<PodInfo>) {
@@ -467,6 +493,39 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn node_copies_follow_the_node() {
+        let mut c = Cache::default();
+        let mut n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"kubernetes.io/hostname": "h1", "disk": "ssd"}},
+            "spec": {"unschedulable": true, "taints": [{"key": "k", "effect": "NoSchedule"}]},
+        }))
+        .unwrap();
+        c.upsert_node(n.clone());
+        let info = c.node("n1").unwrap();
+        assert!(info.unschedulable);
+        assert_eq!(info.taints.len(), 1);
+        assert_eq!(
+            info.label("kubernetes.io/hostname").map(String::as_str),
+            Some("h1")
+        );
+        assert_eq!(info.label("disk").map(String::as_str), Some("ssd"));
+        assert_eq!(info.label("topology.kubernetes.io/zone"), None);
+        // The node changes: so do the copies.
+        n.spec = None;
+        n.metadata.labels =
+            Some([("topology.kubernetes.io/zone".to_string(), "z".to_string())].into());
+        c.upsert_node(n);
+        let info = c.node("n1").unwrap();
+        assert!(!info.unschedulable && info.taints.is_empty());
+        assert_eq!(info.label("kubernetes.io/hostname"), None);
+        assert_eq!(
+            info.label("topology.kubernetes.io/zone")
+                .map(String::as_str),
+            Some("z")
+        );
     }
 
     #[test]

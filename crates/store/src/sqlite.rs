@@ -500,6 +500,13 @@ fn apply(
     }
 }
 
+/// One statement, prepared once per connection (the writer runs four of these per write: parsing
+/// them each time showed in profiles).
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<Shared>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -509,7 +516,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
             for r in batch {
                 let _ = r.reply.send(Err(StoreError::Backend(e.to_string())));
             }
@@ -519,14 +526,12 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
         let results: Vec<Result<WriteReply>> = batch
             .iter()
             .map(|r| {
-                conn.execute_batch("SAVEPOINT op").map_err(backend)?;
+                exec(&conn, "SAVEPOINT op").map_err(backend)?;
                 let out = apply(&conn, &r.op, &shared, &overlay);
-                let end = if out.is_ok() {
-                    "RELEASE op"
-                } else {
-                    "ROLLBACK TO op; RELEASE op"
-                };
-                conn.execute_batch(end).map_err(backend)?;
+                if out.is_err() {
+                    exec(&conn, "ROLLBACK TO op").map_err(backend)?;
+                }
+                exec(&conn, "RELEASE op").map_err(backend)?;
                 if let Ok(WriteReply::Written(ev)) = &out {
                     let entry = match ev.kind {
                         EventKind::Put => Entry::Present(ev.kv.clone()),
@@ -537,7 +542,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
                 out
             })
             .collect();
-        if let Err(e) = conn.execute_batch("COMMIT") {
+        if let Err(e) = exec(&conn, "COMMIT") {
             tracing::error!(error = %e, "store commit failed");
             let _ = conn.execute_batch("ROLLBACK");
             for r in batch {
@@ -678,9 +683,9 @@ impl Store for SqliteStore {
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse> {
         self.read(move |conn| {
-            conn.execute_batch("BEGIN").map_err(backend)?;
+            exec(conn, "BEGIN").map_err(backend)?;
             let out = range_in_txn(conn, &req);
-            let _ = conn.execute_batch("COMMIT");
+            let _ = exec(conn, "COMMIT");
             out
         })
         .await
@@ -707,7 +712,7 @@ impl Store for SqliteStore {
                 },
             };
             let run = |conn: &Connection| -> Result<()> {
-                conn.execute_batch("BEGIN").map_err(backend)?;
+                exec(conn, "BEGIN").map_err(backend)?;
                 let (current, _) = read_revisions(conn)?;
                 if rev_tx.send(Ok(Revision(current))).is_err() {
                     return Ok(());
@@ -734,7 +739,7 @@ impl Store for SqliteStore {
                 Ok(())
             };
             let out = run(&conn);
-            let _ = conn.execute_batch("COMMIT");
+            let _ = exec(&conn, "COMMIT");
             if let Err(e) = out {
                 let _ = tx.blocking_send(Err(e));
             }

@@ -7,7 +7,7 @@ pub mod spread;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Taint;
+use k8s_openapi::api::core::v1::{Taint, Toleration};
 
 use crate::cache::{NodeInfo, PodInfo};
 use crate::framework::{CycleState, Plugin, Status, MAX_NODE_SCORE};
@@ -56,13 +56,7 @@ impl Plugin for NodeUnschedulable {
         true
     }
     fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Status {
-        let unschedulable = node
-            .node
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false);
-        if !unschedulable {
+        if !node.unschedulable {
             return Status::success();
         }
         let taint = Taint {
@@ -197,9 +191,9 @@ impl NodeAffinity {
         let Some(spec) = pod.pod.spec.as_ref() else {
             return true;
         };
-        let labels = node.labels();
+        // The node's labels only when asked about: reaching them costs a cache miss per node.
         for (k, v) in spec.node_selector.iter().flatten() {
-            if labels.get(k) != Some(v) {
+            if node.label(k) != Some(v) {
                 return false;
             }
         }
@@ -216,7 +210,7 @@ impl NodeAffinity {
             Some(sel) => sel
                 .node_selector_terms
                 .iter()
-                .any(|t| term_matches(t, labels, &node.name)),
+                .any(|t| term_matches(t, node.labels(), &node.name)),
         }
     }
 }
@@ -275,13 +269,7 @@ impl Plugin for TaintToleration {
             .as_ref()
             .and_then(|s| s.tolerations.as_deref())
             .unwrap_or_default();
-        let taints = node
-            .node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_deref())
-            .unwrap_or_default();
-        for t in taints {
+        for t in &node.taints {
             if (t.effect == "NoSchedule" || t.effect == "NoExecute") && !tolerated(tolerations, t) {
                 return Status::unresolvable(format!(
                     "node(s) had untolerated taint {{{}: {}}}",
@@ -296,26 +284,27 @@ impl Plugin for TaintToleration {
         true
     }
     fn score(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
-        let tolerations: Vec<_> = pod
+        let tolerations = pod
             .pod
             .spec
             .as_ref()
-            .and_then(|s| s.tolerations.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|t| {
-                t.effect
-                    .as_deref()
-                    .is_none_or(|e| e.is_empty() || e == "PreferNoSchedule")
-            })
-            .collect();
-        node.node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_deref())
-            .unwrap_or_default()
+            .and_then(|s| s.tolerations.as_deref())
+            .unwrap_or_default();
+        // Only tolerations with no effect or PreferNoSchedule count here (upstream).
+        let counts = |t: &&Toleration| {
+            t.effect
+                .as_deref()
+                .is_none_or(|e| e.is_empty() || e == "PreferNoSchedule")
+        };
+        node.taints
             .iter()
-            .filter(|t| t.effect == "PreferNoSchedule" && !tolerated(&tolerations, t))
+            .filter(|taint| {
+                taint.effect == "PreferNoSchedule"
+                    && !tolerations
+                        .iter()
+                        .filter(counts)
+                        .any(|t| selectors::tolerates(t, taint))
+            })
             .count() as i64
     }
     fn normalize(&self, _: &CycleState, scores: &mut [i64]) {
@@ -365,14 +354,18 @@ impl Plugin for ImageLocality {
             .iter()
             .filter_map(|c| c.image.as_deref())
             .map(|image| {
-                let normalized = if image.contains(':') || image.contains('@') {
-                    image.to_string()
-                } else {
-                    format!("{image}:latest")
-                };
+                if node.images.is_empty() {
+                    return 0;
+                }
                 node.images
                     .get(image)
-                    .or_else(|| node.images.get(&normalized))
+                    .or_else(|| {
+                        // An image named without tag or digest is `:latest`.
+                        let untagged = !(image.contains(':') || image.contains('@'));
+                        untagged
+                            .then(|| node.images.get(&format!("{image}:latest")))
+                            .flatten()
+                    })
                     .copied()
                     .unwrap_or(0)
             })

@@ -160,7 +160,7 @@ fn count(
             continue;
         }
         for (i, c) in cs.iter().enumerate() {
-            let Some(value) = node.labels().get(&c.topology_key) else {
+            let Some(value) = node.label(&c.topology_key) else {
                 continue;
             };
             let n = match found[i] {
@@ -172,7 +172,7 @@ fn count(
     }
     for (i, nodes) in found.iter().enumerate() {
         for node in nodes.iter().flatten() {
-            let Some(value) = node.labels().get(&cs[i].topology_key) else {
+            let Some(value) = node.label(&cs[i].topology_key) else {
                 continue;
             };
             if NodeAffinity::required_ok(pod, node) {
@@ -201,26 +201,13 @@ fn count_for_scoring(
             let mut counts: HashMap<String, i64> = HashMap::new();
             let hostname = c.topology_key == "kubernetes.io/hostname";
             if let Some(nodes) = indexed(pod, c, cache) {
-                let chosen: std::collections::HashSet<&str> = candidates
-                    .iter()
-                    .filter_map(|n| {
-                        if hostname {
-                            Some(n.name.as_str())
-                        } else {
-                            n.labels().get(&c.topology_key).map(String::as_str)
-                        }
-                    })
-                    .collect();
+                // Only the candidates' domains are ever looked up (`score`), so a domain
+                // without candidates may be counted too: that costs less than finding out.
                 for node in nodes {
-                    let Some(v) = node.labels().get(&c.topology_key) else {
+                    let Some(v) = node.label(&c.topology_key) else {
                         continue;
                     };
-                    let counted = if hostname {
-                        chosen.contains(node.name.as_str())
-                    } else {
-                        chosen.contains(v.as_str()) && NodeAffinity::required_ok(pod, node)
-                    };
-                    if counted {
+                    if hostname || NodeAffinity::required_ok(pod, node) {
                         *counts.entry(v.clone()).or_default() += 1;
                     }
                 }
@@ -228,7 +215,7 @@ fn count_for_scoring(
             }
             if hostname {
                 for node in candidates {
-                    if let Some(v) = node.labels().get(&c.topology_key) {
+                    if let Some(v) = node.label(&c.topology_key) {
                         *counts.entry(v.clone()).or_default() += matching_on(pod, c, node);
                     }
                 }
@@ -236,13 +223,13 @@ fn count_for_scoring(
             }
             let wanted: std::collections::HashSet<&str> = candidates
                 .iter()
-                .filter_map(|n| n.labels().get(&c.topology_key).map(String::as_str))
+                .filter_map(|n| n.label(&c.topology_key).map(String::as_str))
                 .collect();
             if wanted.is_empty() {
                 return counts;
             }
             for node in &cache.nodes {
-                let Some(v) = node.labels().get(&c.topology_key) else {
+                let Some(v) = node.label(&c.topology_key) else {
                     continue;
                 };
                 if !wanted.contains(v.as_str()) || !NodeAffinity::required_ok(pod, node) {
@@ -298,7 +285,7 @@ impl Plugin for PodTopologySpread {
             return Status::success();
         };
         for (c, counts) in pre.constraints.iter().zip(&pre.counts) {
-            let Some(value) = node.labels().get(&c.topology_key) else {
+            let Some(value) = node.label(&c.topology_key) else {
                 return Status::unresolvable(
                     "node(s) didn't match pod topology spread constraints (missing required label)",
                 );
@@ -355,8 +342,7 @@ impl Plugin for PodTopologySpread {
             .iter()
             .zip(&pre.counts)
             .map(|(c, counts)| {
-                node.labels()
-                    .get(&c.topology_key)
+                node.label(&c.topology_key)
                     .and_then(|v| counts.get(v))
                     .copied()
                     .unwrap_or(0)
@@ -586,7 +572,16 @@ mod tests {
                 constraint("kubernetes.io/hostname", sel),
                 constraint("topology.kubernetes.io/zone", sel),
             ];
-            nonzero(count_for_scoring(&me, &cs, cache, &candidates))
+            // Only the candidates' domains are looked up: compare those.
+            let mut found = count_for_scoring(&me, &cs, cache, &candidates);
+            for (c, counts) in cs.iter().zip(found.iter_mut()) {
+                counts.retain(|v, _| {
+                    candidates
+                        .iter()
+                        .any(|n| n.label(&c.topology_key) == Some(v))
+                });
+            }
+            nonzero(found)
         };
         let map = |pairs: &[(&str, i64)]| -> BTreeMap<String, i64> {
             pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect()
