@@ -4,8 +4,9 @@
 //! - `log`: one row per write; its `id` (AUTOINCREMENT, never reused) *is* the revision.
 //!   A row carries the key, the value (empty for a delete), the key's create revision, and
 //!   `prev_revision`, the id of the row it superseded (for previous values in watches).
-//! - `kv`: the current value of every live key, so that reads and lists cost what they return,
-//!   not what the history holds.
+//! - `kv`: every live key with its create and mod revisions, so that reads and lists cost what
+//!   they return, not what the history holds. The value itself is the `log` row whose id is
+//!   the key's mod revision (compaction keeps each live key's newest row): one copy per write.
 //! - `meta`: the compacted revision.
 //!
 //! Write path (ordering matters): one writer thread owns the only write connection. It takes every
@@ -52,8 +53,7 @@ CREATE INDEX IF NOT EXISTS log_key_id ON log (key, id);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     create_revision INTEGER NOT NULL,
-    mod_revision INTEGER NOT NULL,
-    value BLOB NOT NULL
+    mod_revision INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 ";
@@ -217,6 +217,7 @@ impl SqliteStore {
             .execute_batch("PRAGMA auto_vacuum=INCREMENTAL;")
             .map_err(backend)?;
         write_conn.execute_batch(SCHEMA).map_err(backend)?;
+        drop_kv_values(&write_conn)?;
         let (current, compacted) = read_revisions(&write_conn)?;
         let mut readers = Vec::with_capacity(READ_POOL);
         for _ in 0..READ_POOL {
@@ -279,19 +280,41 @@ impl SqliteStore {
     }
 }
 
-fn current_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
-    conn.prepare_cached("SELECT create_revision, mod_revision, value FROM kv WHERE key = ?1")
+/// Databases written before values lived in `log` only kept a copy of each current value in
+/// `kv.value`: drop the column (every current value is also its key's newest `log` row, which
+/// compaction never removes). Once, on the first open.
+fn drop_kv_values(conn: &Connection) -> Result<()> {
+    let has_values: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('kv') WHERE name = 'value'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
         .map_err(backend)?
-        .query_row(params![key], |r| {
-            Ok(KeyValue {
-                key: key.to_string(),
-                create_revision: Revision(r.get(0)?),
-                mod_revision: Revision(r.get(1)?),
-                value: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-            })
+        > 0;
+    if has_values {
+        conn.execute_batch("ALTER TABLE kv DROP COLUMN value;")
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn current_kv(conn: &Connection, key: &str) -> Result<Option<KeyValue>> {
+    conn.prepare_cached(
+        "SELECT kv.create_revision, kv.mod_revision, log.value FROM kv CROSS JOIN log \
+         ON log.id = kv.mod_revision WHERE kv.key = ?1",
+    )
+    .map_err(backend)?
+    .query_row(params![key], |r| {
+        Ok(KeyValue {
+            key: key.to_string(),
+            create_revision: Revision(r.get(0)?),
+            mod_revision: Revision(r.get(1)?),
+            value: Bytes::from(r.get::<_, Vec<u8>>(2)?),
         })
-        .optional()
-        .map_err(backend)
+    })
+    .optional()
+    .map_err(backend)
 }
 
 /// A row of `(key, create_revision, mod_revision, value)`.
@@ -388,10 +411,10 @@ fn apply(
                 .execute(params![rev])
                 .map_err(backend)?;
             conn.prepare_cached(
-                "INSERT INTO kv (key, create_revision, mod_revision, value) VALUES (?1, ?2, ?2, ?3)",
+                "INSERT INTO kv (key, create_revision, mod_revision) VALUES (?1, ?2, ?2)",
             )
             .map_err(backend)?
-            .execute(params![key, rev, value.as_ref()])
+            .execute(params![key, rev])
             .map_err(backend)?;
             Ok(WriteReply::Written(Event {
                 kind: EventKind::Put,
@@ -419,9 +442,9 @@ fn apply(
                 cur.mod_revision.0,
                 value,
             )?;
-            conn.prepare_cached("UPDATE kv SET mod_revision = ?2, value = ?3 WHERE key = ?1")
+            conn.prepare_cached("UPDATE kv SET mod_revision = ?2 WHERE key = ?1")
                 .map_err(backend)?
-                .execute(params![key, rev, value.as_ref()])
+                .execute(params![key, rev])
                 .map_err(backend)?;
             Ok(WriteReply::Written(Event {
                 kind: EventKind::Put,
@@ -719,7 +742,8 @@ impl Store for SqliteStore {
                 }
                 let mut stmt = conn
                     .prepare_cached(
-                        "SELECT key, create_revision, mod_revision, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key",
+                        "SELECT kv.key, kv.create_revision, kv.mod_revision, log.value FROM kv CROSS JOIN log \
+                         ON log.id = kv.mod_revision WHERE kv.key >= ?1 AND kv.key < ?2 ORDER BY kv.key",
                     )
                     .map_err(backend)?;
                 let rows = stmt
@@ -854,9 +878,11 @@ fn range_in_txn(conn: &Connection, req: &RangeRequest) -> Result<RangeResponse> 
     let mut kvs = Vec::new();
     if at == 0 || at == current {
         let sql = if strict {
-            "SELECT key, create_revision, mod_revision, value FROM kv WHERE key > ?1 AND key < ?2 ORDER BY key LIMIT ?3"
+            "SELECT kv.key, kv.create_revision, kv.mod_revision, log.value FROM kv CROSS JOIN log \
+             ON log.id = kv.mod_revision WHERE kv.key > ?1 AND kv.key < ?2 ORDER BY kv.key LIMIT ?3"
         } else {
-            "SELECT key, create_revision, mod_revision, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3"
+            "SELECT kv.key, kv.create_revision, kv.mod_revision, log.value FROM kv CROSS JOIN log \
+             ON log.id = kv.mod_revision WHERE kv.key >= ?1 AND kv.key < ?2 ORDER BY kv.key LIMIT ?3"
         };
         let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
         let rows = stmt

@@ -103,3 +103,61 @@ async fn compaction_removes_superseded_history_in_steps() {
     let ev = w.next().await.unwrap().unwrap();
     assert_eq!(ev.prev.unwrap().value, kv.value);
 }
+
+#[tokio::test]
+async fn a_database_with_values_in_kv_opens_and_loses_the_copy() {
+    // The layout before values lived in `log` only: `kv` carried a copy of each.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA auto_vacuum=INCREMENTAL;
+             CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL,
+                 deleted INTEGER NOT NULL, create_revision INTEGER NOT NULL,
+                 prev_revision INTEGER NOT NULL, value BLOB NOT NULL);
+             CREATE INDEX log_key_id ON log (key, id);
+             CREATE TABLE kv (key TEXT PRIMARY KEY, create_revision INTEGER NOT NULL,
+                 mod_revision INTEGER NOT NULL, value BLOB NOT NULL) WITHOUT ROWID;
+             CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO log (key, deleted, create_revision, prev_revision, value) VALUES ('/m/a', 0, 1, 0, CAST('old' AS BLOB));
+             INSERT INTO log (key, deleted, create_revision, prev_revision, value) VALUES ('/m/a', 0, 1, 1, CAST('new' AS BLOB));
+             INSERT INTO log (key, deleted, create_revision, prev_revision, value) VALUES ('/m/b', 0, 3, 0, CAST('b' AS BLOB));
+             INSERT INTO kv VALUES ('/m/a', 1, 2, 'new'), ('/m/b', 3, 3, CAST('b' AS BLOB));",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    let a = s.get("/m/a").await.unwrap().unwrap();
+    assert_eq!(
+        (a.value, a.create_revision, a.mod_revision),
+        (b("new"), Revision(1), Revision(2))
+    );
+    let list = s
+        .range(RangeRequest {
+            prefix: "/m/".into(),
+            start_after: None,
+            limit: 0,
+            revision: None,
+        })
+        .await
+        .unwrap();
+    let values: Vec<Bytes> = list.kvs.into_iter().map(|kv| kv.value).collect();
+    assert_eq!(values, vec![b("new"), b("b")]);
+    let r = s.update("/m/b", b("b2"), Revision(3)).await.unwrap();
+    assert_eq!(r, Revision(4));
+    drop(s);
+    // The copy is gone, and the store reopens as it is now.
+    let conn = Connection::open(&path).unwrap();
+    let columns: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('kv') WHERE name = 'value'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(columns, 0);
+    drop(conn);
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.get("/m/b").await.unwrap().unwrap().value, b("b2"));
+}
