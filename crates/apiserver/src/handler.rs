@@ -1327,8 +1327,9 @@ impl Ctx {
                 .update_scale(name, body, content_type, Some(&apply))
                 .await;
         }
-        let pins_rv = patch_doc.to_string().contains("\"resourceVersion\"")
-            || patch_doc.to_string().contains("/metadata/resourceVersion");
+        let doc = patch_doc.to_string();
+        let pins_rv =
+            doc.contains("\"resourceVersion\"") || doc.contains("/metadata/resourceVersion");
         let warnings = std::sync::Mutex::new(Vec::new());
         let updated = self
             .guaranteed_update(name, sub, Some(&self.manager), |cur| {
