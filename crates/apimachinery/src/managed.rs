@@ -380,10 +380,16 @@ pub fn entries(obj: &Value) -> Vec<Entry> {
 }
 
 fn set_entries(obj: &mut Value, entries: Vec<Entry>) {
+    set_entries_keeping(obj, entries.into_iter().map(|e| (e, None)).collect());
+}
+
+/// Like `set_entries`, for entries that may come with their JSON as it was read (`Some`: the
+/// entry is unchanged, so that JSON is written back instead of rendering it again).
+fn set_entries_keeping(obj: &mut Value, entries: Vec<(Entry, Option<Value>)>) {
     let list: Vec<Value> = entries
-        .iter()
-        .filter(|e| !e.fields.is_empty())
-        .map(Entry::to_json)
+        .into_iter()
+        .filter(|(e, _)| !e.fields.is_empty())
+        .map(|(e, json)| json.unwrap_or_else(|| e.to_json()))
         .collect();
     if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         if list.is_empty() {
@@ -449,8 +455,16 @@ pub fn record_update(
     // (most of an object, in a status or binding update) are not walked at all.
     let differs = |k: &str| old.get(k) != new.get(k);
     let after = fields_under(new, meta, &differs);
+    // Each entry with its JSON as read: dropped (None) once the entry changes.
+    let mut list: Vec<(Entry, Option<Value>)> = old["metadata"]["managedFields"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| Some((Entry::from_json(v)?, Some(v.clone()))))
+                .collect()
+        })
+        .unwrap_or_default();
     let old = Some(old);
-    let mut list = old.map(entries).unwrap_or_default();
     let before = old
         .map(|o| fields_under(o, meta, &differs))
         .unwrap_or_default();
@@ -476,43 +490,51 @@ pub fn record_update(
         .filter(|l| !after.contains(l))
         .collect();
     if changed.is_empty() && removed.is_empty() {
-        set_entries(new, list);
+        set_entries_keeping(new, list);
         return;
     }
-    for e in list.iter_mut() {
+    for (e, json) in list.iter_mut() {
         // Removed fields are nobody's; changed fields now belong to this manager alone.
-        for p in &removed {
+        let others = !(e.manager == manager && e.operation == "Update");
+        let lost: Vec<&Vec<String>> = removed
+            .iter()
+            .chain(changed.iter().filter(|_| others))
+            .filter(|p| e.fields.contains(p))
+            .collect();
+        if !lost.is_empty() {
+            *json = None;
+        }
+        for p in lost {
             e.fields.remove(p);
         }
-        if !(e.manager == manager && e.operation == "Update") {
-            for p in &changed {
-                e.fields.remove(p);
-            }
-        }
     }
-    let mine = match list.iter_mut().position(|e| {
+    let mine = match list.iter_mut().position(|(e, _)| {
         e.manager == manager && e.operation == "Update" && e.subresource == subresource
     }) {
         Some(i) => &mut list[i],
         None => {
-            list.push(Entry {
-                manager: manager.into(),
-                operation: "Update".into(),
-                api_version: api_version.into(),
-                time: now.into(),
-                fields: FieldSet::default(),
-                subresource: subresource.into(),
-            });
+            list.push((
+                Entry {
+                    manager: manager.into(),
+                    operation: "Update".into(),
+                    api_version: api_version.into(),
+                    time: now.into(),
+                    fields: FieldSet::default(),
+                    subresource: subresource.into(),
+                },
+                None,
+            ));
             let last = list.len() - 1;
             &mut list[last]
         }
     };
-    mine.time = now.into();
-    mine.api_version = api_version.into();
+    mine.1 = None;
+    mine.0.time = now.into();
+    mine.0.api_version = api_version.into();
     for p in &changed {
-        mine.fields.insert(p);
+        mine.0.fields.insert(p);
     }
-    set_entries(new, list);
+    set_entries_keeping(new, list);
 }
 
 /// Server-side apply of `applied` by `manager` onto `live` (None: the object does not exist).

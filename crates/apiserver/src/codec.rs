@@ -109,7 +109,7 @@ pub fn roundtrip(kind: &Kind, input: &Value) -> Result<(Value, Vec<String>), Api
         ))
     })?;
     let mut unknown = Vec::new();
-    unknown_fields(input, &typed, String::new(), &mut unknown);
+    unknown_fields(input, &typed, &mut unknown);
     Ok((typed, unknown))
 }
 
@@ -153,7 +153,8 @@ macro_rules! typed {
     ($kind:expr, $input:expr ; { $($group:literal / $name:literal => $ty:ty),* $(,)? }) => {
         match ($kind.group, $kind.kind) {
             $(($group, $name) => {
-                let t: $ty = serde_json::from_value($input.clone())?;
+                // From the borrowed tree: no copy of the input first.
+                let t = <$ty as serde::Deserialize>::deserialize($input)?;
                 serde_json::to_value(&t)
             })*
             _ => Ok($input.clone()),
@@ -266,30 +267,52 @@ pub fn duplicate_fields(bytes: &[u8]) -> Vec<String> {
 }
 
 /// Fields present (and not null) in `input` but absent from the typed round trip.
-fn unknown_fields(input: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
-    match (input, typed) {
-        (Value::Object(i), Value::Object(t)) => {
-            // Free-form maps (labels, data, ...) round-trip whole, so only typed structs lose keys.
-            for (k, v) in i {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                match t.get(k) {
-                    Some(tv) => unknown_fields(v, tv, p, out),
-                    None if !v.is_null() => out.push(p),
-                    None => {}
+fn unknown_fields(input: &Value, typed: &Value, out: &mut Vec<String>) {
+    enum Seg<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+    // The path is kept as segments and printed only for a key that is reported.
+    fn walk<'a>(input: &'a Value, typed: &Value, path: &mut Vec<Seg<'a>>, out: &mut Vec<String>) {
+        match (input, typed) {
+            (Value::Object(i), Value::Object(t)) => {
+                // Free-form maps (labels, data, ...) round-trip whole, so only typed structs lose keys.
+                for (k, v) in i {
+                    path.push(Seg::Key(k));
+                    match t.get(k) {
+                        Some(tv) => walk(v, tv, path, out),
+                        None if !v.is_null() => out.push(render(path)),
+                        None => {}
+                    }
+                    path.pop();
                 }
             }
+            (Value::Array(i), Value::Array(t)) => {
+                for (n, (iv, tv)) in i.iter().zip(t.iter()).enumerate() {
+                    path.push(Seg::Index(n));
+                    walk(iv, tv, path, out);
+                    path.pop();
+                }
+            }
+            _ => {}
         }
-        (Value::Array(i), Value::Array(t)) => {
-            for (n, (iv, tv)) in i.iter().zip(t.iter()).enumerate() {
-                unknown_fields(iv, tv, format!("{path}[{n}]"), out);
+    }
+    fn render(path: &[Seg<'_>]) -> String {
+        let mut s = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(k) => {
+                    if !s.is_empty() {
+                        s.push('.');
+                    }
+                    s.push_str(k);
+                }
+                Seg::Index(n) => s.push_str(&format!("[{n}]")),
             }
         }
-        _ => {}
+        s
     }
+    walk(input, typed, &mut Vec::new(), out);
 }
 
 #[cfg(test)]
