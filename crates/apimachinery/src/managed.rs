@@ -455,19 +455,24 @@ pub fn record_update(
     // (most of an object, in a status or binding update) are not walked at all.
     let differs = |k: &str| old.get(k) != new.get(k);
     let after = fields_under(new, meta, &differs);
-    // Each entry with its JSON as read: dropped (None) once the entry changes.
-    let mut list: Vec<(Entry, Option<Value>)> = old["metadata"]["managedFields"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| Some((Entry::from_json(v)?, Some(v.clone()))))
-                .collect()
-        })
-        .unwrap_or_default();
+    let before = fields_under(old, meta, &differs);
+    // Each entry with its JSON as read: dropped (None) once the entry changes. The JSON is
+    // taken out of `new` when it is still the stored one (a patch or a status update starts
+    // from the stored object), copied otherwise; `new`'s own list is replaced below anyway.
+    let stored = old["metadata"]["managedFields"].as_array();
+    let carried = new
+        .get_mut("metadata")
+        .and_then(|m| m.get_mut("managedFields"))
+        .map(Value::take);
+    let read: Vec<Value> = match carried {
+        Some(Value::Array(a)) if Some(&a) == stored => a,
+        _ => stored.cloned().unwrap_or_default(),
+    };
+    let mut list: Vec<(Entry, Option<Value>)> = read
+        .into_iter()
+        .filter_map(|v| Some((Entry::from_json(&v)?, Some(v))))
+        .collect();
     let old = Some(old);
-    let before = old
-        .map(|o| fields_under(o, meta, &differs))
-        .unwrap_or_default();
     let mut changed = Vec::new();
     for leaf in after.leaves() {
         let differs = match old {
@@ -710,6 +715,18 @@ mod tests {
         assert_eq!(owned(&dave, "dave"), ["f:metadata/f:labels/f:tier"]);
         assert!(!owned(&dave, "alice").contains(&"f:metadata/f:labels/f:app".to_string()));
         assert_eq!(owned(&dave, "bob"), [image]);
+        // Whatever managedFields an update carries, the stored ones are what it starts from.
+        let mut erin = dave.clone();
+        erin["spec"]["replicas"] = json!(5);
+        let mut forged = erin.clone();
+        forged["metadata"]["managedFields"] = json!([{"manager": "x", "operation": "Update",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]);
+        for new in [&mut erin, &mut forged] {
+            record_update(Some(&dave), new, "erin", "apps/v1", "t5", "", deploy());
+        }
+        assert_eq!(entries(&forged), entries(&erin));
+        assert_eq!(owned(&erin, "erin"), ["f:spec/f:replicas"]);
+        assert_eq!(owned(&erin, "bob"), [image]);
     }
 
     #[test]

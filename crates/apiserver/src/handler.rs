@@ -384,6 +384,7 @@ async fn route(
         namespace: target.namespace.clone(),
         query,
         table: accepts_table(&headers),
+        written: Default::default(),
     };
     let name = target.name.clone().unwrap_or_default();
     if target.kind.review {
@@ -502,7 +503,14 @@ pub struct Ctx {
     pub namespace: Option<String>,
     pub query: Query,
     pub table: bool,
+    /// The resourceVersion and stored JSON of this request's last write, so that answering
+    /// with the object just written copies those bytes instead of serialising it again.
+    pub written: Written,
 }
+
+/// See `Ctx::written`.
+#[derive(Default)]
+pub struct Written(std::sync::Mutex<Option<(String, Bytes)>>);
 
 impl Ctx {
     pub fn ns(&self) -> Option<&str> {
@@ -527,6 +535,11 @@ impl Ctx {
 
     /// The response for one object: itself, or a one-row Table.
     fn object_response(&self, code: StatusCode, obj: &Value) -> Response<Body> {
+        if !self.table {
+            if let Some(json) = self.written_json(obj) {
+                return json_bytes_response(code, json);
+            }
+        }
         if self.table {
             let t = table::table(
                 self.kind,
@@ -538,6 +551,23 @@ impl Ctx {
             return json_response(code, &t);
         }
         json_response(code, obj)
+    }
+
+    /// Remember what a write stored (see `Ctx::written`).
+    fn remember(&self, rev: Revision, stored: Bytes) {
+        if let Ok(mut w) = self.written.0.lock() {
+            *w = Some((rev.0.to_string(), stored));
+        }
+    }
+
+    /// `obj` as JSON from the bytes stored for it, if it is what this request last wrote: a
+    /// resourceVersion names one write, and nothing changes an object after it is written.
+    fn written_json(&self, obj: &Value) -> Option<Bytes> {
+        let rv = obj["metadata"]["resourceVersion"].as_str()?;
+        let w = self.written.0.lock().ok()?;
+        let (written_rv, stored) = w.as_ref()?;
+        let rev = rv.parse::<i64>().ok()?;
+        (written_rv == rv).then(|| crate::object::Stored::from_store(stored, rev).json)
     }
 
     pub async fn load(&self, name: &str) -> Result<(Value, Revision), ApiError> {
@@ -1014,14 +1044,18 @@ impl Ctx {
             return Ok(obj);
         }
         drop_empty_metadata(&mut obj);
-        let bytes = serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?;
+        let bytes =
+            Bytes::from(serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?);
         let rev = match self
             .state
             .store
-            .create(&self.key(&name), Bytes::from(bytes))
+            .create(&self.key(&name), bytes.clone())
             .await
         {
-            Ok(rev) => rev,
+            Ok(rev) => {
+                self.remember(rev, bytes);
+                rev
+            }
             Err(e) => {
                 release(&self.state);
                 return Err(self.err(&name, e));
@@ -1235,12 +1269,14 @@ impl Ctx {
             m.remove("resourceVersion");
         }
         drop_empty_metadata(obj);
-        let bytes = serde_json::to_vec(&*obj).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let bytes =
+            Bytes::from(serde_json::to_vec(&*obj).map_err(|e| StoreError::Backend(e.to_string()))?);
         let rev = self
             .state
             .store
-            .update(&self.key(name), Bytes::from(bytes), expected)
+            .update(&self.key(name), bytes.clone(), expected)
             .await?;
+        self.remember(rev, bytes);
         obj["metadata"]["resourceVersion"] = json!(rev.0.to_string());
         Ok(())
     }
@@ -1998,6 +2034,7 @@ impl Ctx {
                 },
                 query: Query(HashMap::new()),
                 table: false,
+                written: Default::default(),
             };
             match ctx.delete_object(&name, &opts).await {
                 Ok((obj, _)) => deleted.push(obj),
@@ -2188,6 +2225,7 @@ pub async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
             namespace: None,
             query: Query(HashMap::new()),
             table: false,
+            written: Default::default(),
         };
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
         match ctx.create_object(obj).await {
@@ -2270,6 +2308,7 @@ pub async fn publish_self(
             namespace: Some("default".into()),
             query: Query(HashMap::new()),
             table: false,
+            written: Default::default(),
         };
         match ctx.create_object(obj.clone()).await {
             Ok(_) => {}
