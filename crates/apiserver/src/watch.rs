@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use apimachinery::ApiError;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -26,6 +26,8 @@ use crate::watchcache::{from_store_event, CachedEvent, Subscription};
 /// Upstream's default request timeout for watches (it adds jitter; we do not need to).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
+/// Events already waiting for a watcher are sent together, up to about this many bytes.
+const CHUNK_BYTES: usize = 256 * 1024;
 
 enum Source {
     Cache(broadcast::Receiver<Arc<CachedEvent>>),
@@ -47,6 +49,19 @@ impl Source {
             },
         }
     }
+
+    /// What `next` would return if it is ready now; `None` if it would have to wait.
+    fn try_next(&mut self) -> Option<Option<Result<Arc<CachedEvent>, ApiError>>> {
+        use broadcast::error::TryRecvError;
+        match self {
+            Source::Cache(rx) => match rx.try_recv() {
+                Ok(ev) => Some(Some(Ok(ev))),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Lagged(_) | TryRecvError::Closed) => Some(None),
+            },
+            Source::Store(_) => self.next().now_or_never(),
+        }
+    }
 }
 
 struct Encoder {
@@ -57,6 +72,21 @@ struct Encoder {
 }
 
 impl Encoder {
+    /// Appends one event's line to `out`.
+    fn append(&mut self, out: &mut Vec<u8>, ty: &str, obj: &Stored) {
+        if self.table {
+            out.extend_from_slice(&self.event(ty, obj));
+            return;
+        }
+        // The common case: no parsing, the stored bytes go out as they are.
+        out.reserve(obj.json.len() + 32);
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(ty.as_bytes());
+        out.extend_from_slice(b"\",\"object\":");
+        out.extend_from_slice(&obj.json);
+        out.extend_from_slice(b"}\n");
+    }
+
     fn event(&mut self, ty: &str, obj: &Stored) -> Bytes {
         if self.table {
             let t = table::table(
@@ -69,13 +99,8 @@ impl Encoder {
             self.headers_sent = true;
             return line(&json!({"type": ty, "object": t}));
         }
-        // The common case: no parsing, the stored bytes go out as they are.
-        let mut b = Vec::with_capacity(obj.json.len() + 32);
-        b.extend_from_slice(b"{\"type\":\"");
-        b.extend_from_slice(ty.as_bytes());
-        b.extend_from_slice(b"\",\"object\":");
-        b.extend_from_slice(&obj.json);
-        b.extend_from_slice(b"}\n");
+        let mut b = Vec::new();
+        self.append(&mut b, ty, obj);
         Bytes::from(b)
     }
 
@@ -221,17 +246,49 @@ pub async fn serve(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
                     },
                 }
             };
-            if ev.revision <= last {
-                continue;
+            // This event and every one already waiting go out as one chunk: one wake-up of
+            // the connection and one write for the lot, not one per event.
+            let mut out = Vec::new();
+            let mut next = Some(ev);
+            let mut end = None;
+            while let Some(ev) = next.take() {
+                if ev.revision > last {
+                    last = ev.revision;
+                    if ev.key.starts_with(&prefix) {
+                        if let Some((ty, obj)) = filter.translate(&ev) {
+                            encoder.append(&mut out, ty, obj);
+                        }
+                    }
+                }
+                if out.len() >= CHUNK_BYTES {
+                    break;
+                }
+                next = match replay.next() {
+                    Some(ev) => Some(ev),
+                    None => match source.try_next() {
+                        None => None,
+                        Some(Some(Ok(ev))) => Some(ev),
+                        Some(Some(Err(e))) => {
+                            end = Some(Some(e));
+                            None
+                        }
+                        Some(None) => {
+                            end = Some(None);
+                            None
+                        }
+                    },
+                };
             }
-            last = ev.revision;
-            if !ev.key.starts_with(&prefix) {
-                continue;
+            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                return;
             }
-            if let Some((ty, obj)) = filter.translate(&ev) {
-                if tx.send(encoder.event(ty, obj)).await.is_err() {
+            match end {
+                None => {}
+                Some(Some(e)) => {
+                    let _ = tx.send(error_event(&e)).await;
                     return;
                 }
+                Some(None) => return,
             }
         }
     });

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use apimachinery::slim::Slim;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::watcher::{self, watcher, Event};
@@ -237,19 +238,16 @@ where
         else {
             return;
         };
-        let mut stream = watcher(api, config).default_backoff().boxed();
+        // managedFields are for apply, not for controllers: not even decoded (upstream's
+        // controller manager and scheduler drop them from their informers too).
+        let mut stream = watcher(Slim::api(&api), config).default_backoff().boxed();
         let mut relist: Option<HashMap<String, Arc<K>>> = None;
         while let Some(ev) = stream.next().await {
             let Some(this) = weak.upgrade() else {
                 return;
             };
             let ev = match ev {
-                // managedFields are for apply, not for controllers: not kept (upstream's
-                // controller manager and scheduler trim them from their informers too).
-                Ok(ev) => ev.modify(|o| {
-                    o.meta_mut().managed_fields = None;
-                    trim(o);
-                }),
+                Ok(ev) => Slim::event(ev).modify(trim),
                 Err(e) => {
                     tracing::debug!(error = %e, kind = %K::kind(&()), "watch error");
                     continue;

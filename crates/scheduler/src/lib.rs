@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use apimachinery::slim::Slim;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -676,14 +677,19 @@ async fn inform<K>(
     mut resync: impl FnMut(HashSet<String>),
     synced: tokio::sync::oneshot::Sender<()>,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
     let mut synced = Some(synced);
     let mut seen: Option<HashSet<String>> = None;
-    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    // managedFields are never read here: not even decoded.
+    let mut stream = watcher(Slim::api(&api), watcher::Config::default()).boxed();
     while let Some(ev) = stream.next().await {
-        // managedFields are never read here: not kept.
-        let ev = ev.map(|e| e.modify(|o| o.meta_mut().managed_fields = None));
+        let ev = ev.map(Slim::event);
         match ev {
             Ok(watcher::Event::Init) => seen = Some(HashSet::new()),
             Ok(watcher::Event::InitApply(o)) => {

@@ -533,11 +533,18 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<Shared>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        let drain = |batch: &mut Vec<WriteRequest>| {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
             }
+        };
+        drain(&mut batch);
+        if batch.len() > 1 {
+            std::thread::sleep(std::time::Duration::from_micros(300));
+            drain(&mut batch);
         }
         if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
             for r in batch {
