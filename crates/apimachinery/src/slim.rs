@@ -5,7 +5,8 @@
 //! part of decoding a pod off a watch. `Slim<K>` decodes a `K` with the serde adapter below,
 //! which passes over `metadata.managedFields` without building anything (as upstream's
 //! components drop them from their informers, only sooner). Watch `Api<Slim<K>>` and take the
-//! `K` out with [`Slim::event`].
+//! `K` out with [`Slim::event`]; write through one when the answer is read but its
+//! managedFields are not.
 //!
 //! The adapter wraps the deserializer of the whole object and, inside it, the one of its
 //! `metadata`; everything else reaches `K`'s own `Deserialize` untouched.
@@ -37,6 +38,14 @@ pub struct Slim<K>(pub K);
 impl<'de, K: Deserialize<'de>> Deserialize<'de> for Slim<K> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         without_managed_fields(d).map(Slim)
+    }
+}
+
+/// Serialized as the `K` it holds, so that writes through an `Api<Slim<K>>` send `K` and
+/// decode the answer slim.
+impl<K: serde::Serialize> serde::Serialize for Slim<K> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
     }
 }
 

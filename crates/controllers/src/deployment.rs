@@ -6,6 +6,7 @@
 //! Rollback is `kubectl rollout undo` putting an old template back: the ReplicaSet with that
 //! template becomes the new one again and gets the next revision.
 
+use apimachinery::slim::Slim;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1146,7 +1147,8 @@ impl DeploymentController {
                 .remove("collisionCount");
         }
         ok_or_gone(
-            api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            Slim::api(&api)
+                .patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
                 .await,
         )?;
         Ok(())

@@ -3,6 +3,7 @@
 //! and release of pods by selector and controller reference, the right victims first on
 //! scale-down, and full status.
 
+use apimachinery::slim::Slim;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -346,12 +347,13 @@ impl<K: Replicated> ReplicaController<K> {
         if status_changed(&v.status, &status) {
             let api: Api<K> = Api::namespaced(self.client.clone(), ns);
             ok_or_gone(
-                api.patch_status(
-                    name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"status": status})),
-                )
-                .await,
+                Slim::api(&api)
+                    .patch_status(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"status": status})),
+                    )
+                    .await,
             )?
         }
         if let Some(e) = create_error {
@@ -367,8 +369,12 @@ impl<K: Replicated> ReplicaController<K> {
     async fn create_pods(&self, key: &str, owner: &K, v: &View, want: usize) -> anyhow::Result<()> {
         self.expectations.expect(key, want as i64, 0);
         let ns = owner.namespace().unwrap_or_default();
-        let api = self.api_pods(&ns);
-        let pod = pods::from_template(&v.template, &owner.name_any(), owner_ref(owner, &v.uid));
+        let api = Slim::api(&self.api_pods(&ns));
+        let pod = Slim(pods::from_template(
+            &v.template,
+            &owner.name_any(),
+            owner_ref(owner, &v.uid),
+        ));
         let pp = PostParams::default();
         let mut done = 0;
         let mut batch = 1;

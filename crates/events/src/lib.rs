@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Event, ObjectReference};
-use kube::api::{Api, PostParams};
+use kube::api::PostParams;
 use kube::{Client, Resource, ResourceExt};
 
 /// Records events for one component (`source.component`).
@@ -39,9 +39,7 @@ impl Recorder {
                 let client = client.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let ns = ev.metadata.namespace.clone().unwrap_or_default();
-                    let api: Api<Event> = Api::namespaced(client, &ns);
-                    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                    if let Err(e) = post(&client, &ev).await {
                         tracing::debug!(error = %e, "could not record an event");
                     }
                 });
@@ -126,6 +124,17 @@ impl Recorder {
         // A full queue drops the event, as upstream's broadcaster does.
         let _ = self.tx.try_send(ev);
     }
+}
+
+/// POST one Event. The created Event the server answers with is not decoded: nobody reads it.
+async fn post(client: &Client, ev: &Event) -> Result<(), kube::Error> {
+    let ns = ev.metadata.namespace.as_deref().unwrap_or_default();
+    let url = Event::url_path(&(), Some(ns));
+    let body = serde_json::to_vec(ev).map_err(kube::Error::SerdeError)?;
+    let req = kube::core::Request::new(url)
+        .create(&PostParams::default(), body)
+        .map_err(kube::Error::BuildRequest)?;
+    client.request_text(req).await.map(drop)
 }
 
 /// The reference an event about `obj` carries (add a `field_path` to point into it).

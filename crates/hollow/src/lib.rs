@@ -9,6 +9,7 @@
 //! Test hooks, as annotations on a pod: `hollow.rkube.io/ready: "false"` keeps it not Ready,
 //! `hollow.rkube.io/phase: Succeeded|Failed` ends it.
 
+use apimachinery::slim::Slim;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -367,15 +368,16 @@ impl Shared {
         if same_status(&current, &status) {
             return Ok(None);
         }
-        api.patch_status(
-            name,
-            &PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await?;
+        Slim::api(&api)
+            .patch_status(
+                name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await?;
         Ok(None)
     }
 }
