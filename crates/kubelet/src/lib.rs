@@ -254,7 +254,10 @@ async fn pod_network(
 async fn sync_pods(k: Arc<pods::Kubelet>) -> anyhow::Result<()> {
     let api: Api<Pod> = Api::all(k.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", k.node));
-    let mut stream = watcher(api, cfg).boxed();
+    // managedFields are never read here: not even decoded.
+    let mut stream = watcher(apimachinery::slim::Slim::api(&api), cfg)
+        .map(|ev| ev.map(apimachinery::slim::Slim::event))
+        .boxed();
     let mut workers: HashMap<String, watch::Sender<Option<Arc<Pod>>>> = HashMap::new();
     let mut listing: Option<std::collections::HashSet<String>> = None;
     let mut gc = tokio::time::interval(Duration::from_secs(60));

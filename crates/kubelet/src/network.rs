@@ -84,9 +84,13 @@ pub async fn keep_routes(
     installed: Arc<Mutex<Routes>>,
 ) {
     let api: Api<Node> = Api::all(client);
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut stream = watcher(
+        apimachinery::slim::Slim::api(&api),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|ev| ev.map(apimachinery::slim::Slim::event))
+    .boxed();
     let mut nodes = Remotes::new();
     let mut fresh: Option<Remotes> = None;
     // Next hops found not to be on a link, not tried again until the node changes.

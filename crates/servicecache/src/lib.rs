@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use apimachinery::slim::Slim;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -144,14 +145,22 @@ impl ServiceCache {
 /// then whoever waits on changes is woken.
 async fn run_watch<K, F>(api: Api<K>, cache: std::sync::Weak<ServiceCache>, mut on: F)
 where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
     F: FnMut(&ServiceCache, &mut Inner, Event<K>),
 {
-    let mut stream = watcher(api, watcher::Config::default())
+    // managedFields are never read here: not even decoded.
+    let mut stream = watcher(Slim::api(&api), watcher::Config::default())
         .default_backoff()
         .boxed();
     while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
+        let Ok(ev) = ev.map(Slim::event) else {
+            continue;
+        };
         let Some(cache) = cache.upgrade() else { return };
         on(&cache, &mut cache.lock(), ev);
         cache.wake.notify_one();
