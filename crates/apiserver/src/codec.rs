@@ -113,6 +113,71 @@ pub fn roundtrip(kind: &Kind, input: &Value) -> Result<(Value, Vec<String>), Api
     Ok((typed, unknown))
 }
 
+/// `roundtrip` for an object of which only the top-level fields `parts` can differ from a
+/// version that was itself round-tripped (a patch of a stored object): only those fields go
+/// through the typed representation, the rest stays as it is. The answer is the one
+/// `roundtrip` gives for the whole object: typed decoding treats top-level fields
+/// independently, and a normalised field comes back unchanged.
+pub fn roundtrip_parts(
+    kind: &Kind,
+    mut input: Value,
+    parts: &[String],
+) -> Result<(Value, Vec<String>), ApiError> {
+    let Some(whole) = input.as_object_mut() else {
+        return roundtrip(kind, &input);
+    };
+    let mut part = serde_json::Map::new();
+    for k in ["apiVersion", "kind"] {
+        if let Some(v) = whole.get(k) {
+            part.insert(k.to_string(), v.clone());
+        }
+    }
+    for k in parts {
+        if let Some(v) = whole.remove(k) {
+            part.insert(k.clone(), v);
+        }
+    }
+    let (typed, unknown) = roundtrip(kind, &Value::Object(part))?;
+    let Value::Object(mut typed) = typed else {
+        return Err(ApiError::internal("a typed object is not a JSON object"));
+    };
+    for k in parts {
+        if let Some(v) = typed.remove(k) {
+            whole.insert(k.clone(), v);
+        }
+    }
+    Ok((input, unknown))
+}
+
+/// The top-level fields a patch document can change, or `None` when that is not plain from
+/// the document (a JSON patch on the root, strategic-merge directives at the top).
+pub fn patched_parts(json_patch: bool, doc: &Value) -> Option<Vec<String>> {
+    let mut parts: Vec<String> = Vec::new();
+    if json_patch {
+        for op in doc.as_array()? {
+            for field in ["path", "from"] {
+                let Some(path) = op.get(field) else { continue };
+                let first = path.as_str()?.strip_prefix('/')?.split('/').next()?;
+                if first.is_empty() {
+                    return None;
+                }
+                parts.push(first.replace("~1", "/").replace("~0", "~"));
+            }
+        }
+    } else {
+        for k in doc.as_object()?.keys() {
+            if k.starts_with('$') {
+                return None;
+            }
+            parts.push(k.clone());
+        }
+    }
+    parts.retain(|k| k != "apiVersion" && k != "kind");
+    parts.sort();
+    parts.dedup();
+    Some(parts)
+}
+
 /// The k8s-openapi type of every kind in the registry, in one list: `$m!` is called with it.
 macro_rules! with_kind_types {
     ($m:ident, $($arg:expr),*) => {{
@@ -320,6 +385,73 @@ mod tests {
     use super::*;
     use crate::registry::lookup;
     use serde_json::json;
+
+    #[test]
+    fn a_patched_part_checks_as_the_whole_object_does() {
+        let pods = lookup("", "v1", "pods").unwrap();
+        let stored = roundtrip(
+            pods,
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "p", "namespace": "default", "labels": {"a": "b"},
+                                 "managedFields": [{"manager": "m", "operation": "Update",
+                                                    "fieldsType": "FieldsV1",
+                                                    "fieldsV1": {"f:spec": {}}}]},
+                    "spec": {"containers": [{"name": "c", "image": "busybox",
+                                             "resources": {"limits": {"cpu": "1"}}}]},
+                    "status": {"phase": "Pending"}}),
+        )
+        .unwrap()
+        .0;
+        let patches = [
+            json!({"status": {"phase": "Running", "podIP": "10.0.0.1",
+                              "conditions": [{"type": "Ready", "status": "True"}]}}),
+            json!({"status": {"phase": "Running", "madeUp": 1}}),
+            json!({"status": {"phase": 5}}),
+            json!({"status": null}),
+            json!({"metadata": {"labels": {"a": null, "c": "d"}, "extra": true}}),
+            json!({"metadata": null}),
+            json!({"spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x",
+                                                              "unknownThing": {}}]}}),
+            json!({"spec": {"containers": "not a list"}}),
+            json!({"topLevelUnknown": {"x": 1}, "status": {"phase": "Failed"}}),
+        ];
+        for patch in patches {
+            let mut patched = stored.clone();
+            apimachinery::patch::merge_patch(&mut patched, &patch);
+            let parts = patched_parts(false, &patch).unwrap();
+            let whole = roundtrip(pods, &patched);
+            let part = roundtrip_parts(pods, patched.clone(), &parts);
+            match (whole, part) {
+                (Ok(w), Ok(p)) => assert_eq!(w, p, "{patch}"),
+                (Err(w), Err(p)) => assert_eq!(w.to_status(), p.to_status(), "{patch}"),
+                (w, p) => panic!("{patch}: whole {:?}, part {:?}", w.is_ok(), p.is_ok()),
+            }
+        }
+    }
+
+    #[test]
+    fn the_parts_a_patch_names() {
+        let parts = |json, doc: serde_json::Value| patched_parts(json, &doc);
+        assert_eq!(
+            parts(false, json!({"status": {}, "metadata": {}, "kind": "Pod"})),
+            Some(vec!["metadata".to_string(), "status".to_string()])
+        );
+        assert_eq!(parts(false, json!({"$patch": "replace"})), None);
+        assert_eq!(parts(false, json!([1])), None);
+        assert_eq!(
+            parts(
+                true,
+                json!([{"op": "replace", "path": "/spec/replicas", "value": 1},
+                       {"op": "move", "from": "/a~1b/x", "path": "/status/y"}])
+            ),
+            Some(vec!["a/b".to_string(), "spec".into(), "status".into()])
+        );
+        assert_eq!(
+            parts(true, json!([{"op": "replace", "path": "", "value": {}}])),
+            None
+        );
+        assert_eq!(parts(true, json!([{"op": "add", "path": 5}])), None);
+    }
 
     #[test]
     fn duplicate_fields_by_path() {

@@ -817,18 +817,21 @@ impl Ctx {
         } else {
             Vec::new()
         };
-        self.check_object_with(input, &duplicates)
+        self.check_object_with(input, &duplicates, None)
     }
 
     fn check_object(&self, input: Value) -> Result<(Value, Vec<String>), ApiError> {
-        self.check_object_with(input, &[])
+        self.check_object_with(input, &[], None)
     }
 
     /// `duplicates`: paths of keys the body repeated (found before parsing dropped them).
+    /// `parts`: when `input` is a stored object with only these top-level fields changed (a
+    /// patch), only they need the typed check (`codec::roundtrip_parts`).
     fn check_object_with(
         &self,
         input: Value,
         duplicates: &[String],
+        parts: Option<&[String]>,
     ) -> Result<(Value, Vec<String>), ApiError> {
         if !input.is_object() {
             return Err(ApiError::bad_request(
@@ -864,7 +867,10 @@ impl Ctx {
             ))
             .on(self.kind.group, self.kind.plural, ""));
         }
-        let (typed, unknown) = codec::roundtrip(self.kind, &input)?;
+        let (typed, unknown) = match parts {
+            Some(parts) => codec::roundtrip_parts(self.kind, input, parts)?,
+            None => codec::roundtrip(self.kind, &input)?,
+        };
         let mut warnings = Vec::new();
         let mut problems: Vec<String> = unknown
             .iter()
@@ -1363,6 +1369,7 @@ impl Ctx {
                 .update_scale(name, body, content_type, Some(&apply))
                 .await;
         }
+        let parts = codec::patched_parts(media == Media::JsonPatch, &patch_doc);
         let doc = patch_doc.to_string();
         let pins_rv =
             doc.contains("\"resourceVersion\"") || doc.contains("/metadata/resourceVersion");
@@ -1378,7 +1385,7 @@ impl Ctx {
                         m.remove("resourceVersion");
                     }
                 }
-                let (obj, w) = self.check_object(target)?;
+                let (obj, w) = self.check_object_with(target, &[], parts.as_deref())?;
                 if let Ok(mut ws) = warnings.lock() {
                     *ws = w;
                 }
