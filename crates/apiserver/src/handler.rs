@@ -456,13 +456,20 @@ fn tracks_generation(kind: &Kind) -> bool {
 }
 
 /// Everything but metadata and status: what a generation counts changes of.
-fn spec_part(obj: &Value) -> Value {
-    let mut o = obj.clone();
-    if let Some(m) = o.as_object_mut() {
-        m.remove("metadata");
-        m.remove("status");
+/// Whether `a` and `b` differ outside `metadata` and `status` (what bumps `generation`),
+/// compared in place.
+fn spec_differs(a: &Value, b: &Value) -> bool {
+    fn spec(o: &Value) -> Option<Vec<(&String, &Value)>> {
+        o.as_object().map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k != "metadata" && *k != "status")
+                .collect()
+        })
     }
-    o
+    match (spec(a), spec(b)) {
+        (Some(x), Some(y)) => x != y,
+        _ => a != b,
+    }
 }
 
 fn pod_qos(pod: &Value) -> &'static str {
@@ -1175,7 +1182,7 @@ impl Ctx {
             if is_service(kind) {
                 servicealloc::carry_allocated(&cur, &mut new);
             }
-            if tracks_generation(kind) && spec_part(&new) != spec_part(&cur) {
+            if tracks_generation(kind) && spec_differs(&new, &cur) {
                 let g = cur["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
                 new["metadata"]["generation"] = json!(g);
             }
@@ -2354,6 +2361,25 @@ fn is_service(kind: &Kind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_changes_outside_metadata_and_status_bump_the_generation() {
+        let d = json!({"metadata": {"name": "d", "generation": 1}, "spec": {"replicas": 1},
+                       "status": {"replicas": 0}});
+        let mut status = d.clone();
+        status["status"]["replicas"] = json!(1);
+        status["metadata"]["labels"] = json!({"a": "b"});
+        assert!(!spec_differs(&d, &status));
+        let mut spec = d.clone();
+        spec["spec"]["replicas"] = json!(2);
+        assert!(spec_differs(&d, &spec));
+        let mut added = d.clone();
+        added["template"] = json!({});
+        assert!(spec_differs(&d, &added));
+        let mut removed = d.clone();
+        removed.as_object_mut().unwrap().remove("spec");
+        assert!(spec_differs(&d, &removed));
+    }
 
     #[test]
     fn continue_tokens_round_trip_and_reject_garbage() {
