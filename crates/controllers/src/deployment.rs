@@ -6,11 +6,11 @@
 //! Rollback is `kubectl rollout undo` putting an old template back: the ReplicaSet with that
 //! template becomes the new one again and gets the next revision.
 
-use apimachinery::slim::Slim;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use apimachinery::slim::Slim;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;

@@ -3,11 +3,11 @@
 //! and release of pods by selector and controller reference, the right victims first on
 //! scale-down, and full status.
 
-use apimachinery::slim::Slim;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use apimachinery::slim::Slim;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;

@@ -9,11 +9,11 @@
 //! Test hooks, as annotations on a pod: `hollow.rkube.io/ready: "false"` keeps it not Ready,
 //! `hollow.rkube.io/phase: Succeeded|Failed` ends it.
 
-use apimachinery::slim::Slim;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use apimachinery::slim::Slim;
 use controllers::runtime::{self, Queue};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};

@@ -62,6 +62,8 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) 
 const BROADCAST_CAPACITY: usize = 8192;
 /// How many writes the writer takes into one transaction at most.
 const MAX_BATCH: usize = 1024;
+/// How long a batch that already holds more than one write waits for more.
+const GATHER: std::time::Duration = std::time::Duration::from_micros(300);
 const READ_POOL: usize = 4;
 /// Revisions compacted per transaction.
 const COMPACT_STEP: i64 = 10_000;
@@ -542,8 +544,11 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<WriteRequest>, shared: Arc<S
             }
         };
         drain(&mut batch);
+        // Writes are arriving together: let the rest of them in before committing, so that
+        // they share one commit (one fsync and one rewrite of the pages they share). A lone
+        // write (one kubectl's) does not wait.
         if batch.len() > 1 {
-            std::thread::sleep(std::time::Duration::from_micros(300));
+            std::thread::sleep(GATHER);
             drain(&mut batch);
         }
         if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
