@@ -455,7 +455,6 @@ fn tracks_generation(kind: &Kind) -> bool {
     kind.status && !matches!(kind.kind, "Node" | "Namespace")
 }
 
-/// Everything but metadata and status: what a generation counts changes of.
 /// Whether `a` and `b` differ outside `metadata` and `status` (what bumps `generation`),
 /// compared in place.
 fn spec_differs(a: &Value, b: &Value) -> bool {
