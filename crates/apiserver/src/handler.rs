@@ -516,7 +516,7 @@ pub struct Ctx {
 
 /// See `Ctx::written`.
 #[derive(Default)]
-pub struct Written(std::sync::Mutex<Option<(String, Bytes)>>);
+pub struct Written(std::sync::Mutex<Option<(Revision, Bytes)>>);
 
 impl Ctx {
     pub fn ns(&self) -> Option<&str> {
@@ -562,18 +562,20 @@ impl Ctx {
     /// Remember what a write stored (see `Ctx::written`).
     fn remember(&self, rev: Revision, stored: Bytes) {
         if let Ok(mut w) = self.written.0.lock() {
-            *w = Some((rev.0.to_string(), stored));
+            *w = Some((rev, stored));
         }
     }
 
     /// `obj` as JSON from the bytes stored for it, if it is what this request last wrote: a
     /// resourceVersion names one write, and nothing changes an object after it is written.
     fn written_json(&self, obj: &Value) -> Option<Bytes> {
-        let rv = obj["metadata"]["resourceVersion"].as_str()?;
+        let rev = obj["metadata"]["resourceVersion"]
+            .as_str()?
+            .parse::<i64>()
+            .ok()?;
         let w = self.written.0.lock().ok()?;
-        let (written_rv, stored) = w.as_ref()?;
-        let rev = rv.parse::<i64>().ok()?;
-        (written_rv == rv).then(|| crate::object::Stored::from_store(stored, rev).json)
+        let (written, stored) = w.as_ref()?;
+        (written.0 == rev).then(|| crate::object::Stored::from_store(stored, rev).json)
     }
 
     pub async fn load(&self, name: &str) -> Result<(Value, Revision), ApiError> {
