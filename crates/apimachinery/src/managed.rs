@@ -105,25 +105,26 @@ impl FieldSet {
     }
 }
 
-/// Top-level fields that no manager owns: identity and server-set metadata.
-fn ignored(path: &[&str]) -> bool {
-    matches!(path, ["apiVersion"] | ["kind"] | ["status"])
-        || matches!(
-            path,
-            [
-                "metadata",
-                "name"
-                    | "namespace"
-                    | "uid"
-                    | "resourceVersion"
-                    | "generation"
-                    | "creationTimestamp"
-                    | "deletionTimestamp"
-                    | "deletionGracePeriodSeconds"
-                    | "managedFields"
-                    | "selfLink"
-            ]
-        )
+/// Fields that no manager owns: identity and server-set metadata. `parent` is the path to
+/// the field's parent, `field` its name.
+fn ignored(parent: &[String], field: &str) -> bool {
+    match parent {
+        [] => matches!(field, "apiVersion" | "kind" | "status"),
+        [m] if m == "metadata" => matches!(
+            field,
+            "name"
+                | "namespace"
+                | "uid"
+                | "resourceVersion"
+                | "generation"
+                | "creationTimestamp"
+                | "deletionTimestamp"
+                | "deletionGracePeriodSeconds"
+                | "managedFields"
+                | "selfLink"
+        ),
+        _ => false,
+    }
 }
 
 fn key_of(element: &Value, key: &str) -> Option<String> {
@@ -161,12 +162,7 @@ fn fields_under(
             if path.is_empty() && !top(k) {
                 continue;
             }
-            let here: Vec<&str> = path
-                .iter()
-                .map(String::as_str)
-                .chain([k.as_str()])
-                .collect();
-            if ignored(&here) || v.is_null() {
+            if v.is_null() || ignored(path, k) {
                 continue;
             }
             let (list, ty) = field_meta(meta, k);
@@ -391,6 +387,11 @@ fn set_entries_keeping(obj: &mut Value, entries: Vec<(Entry, Option<Value>)>) {
         .filter(|(e, _)| !e.fields.is_empty())
         .map(|(e, json)| json.unwrap_or_else(|| e.to_json()))
         .collect();
+    set_list(obj, list);
+}
+
+/// `metadata.managedFields` = `list` (removed when empty).
+fn set_list(obj: &mut Value, list: Vec<Value>) {
     if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         if list.is_empty() {
             m.remove("managedFields");
@@ -468,10 +469,6 @@ pub fn record_update(
         Some(Value::Array(a)) if Some(&a) == stored => a,
         _ => stored.cloned().unwrap_or_default(),
     };
-    let mut list: Vec<(Entry, Option<Value>)> = read
-        .into_iter()
-        .filter_map(|v| Some((Entry::from_json(&v)?, Some(v))))
-        .collect();
     let old = Some(old);
     let mut changed = Vec::new();
     for leaf in after.leaves() {
@@ -495,9 +492,21 @@ pub fn record_update(
         .filter(|l| !after.contains(l))
         .collect();
     if changed.is_empty() && removed.is_empty() {
-        set_entries_keeping(new, list);
+        // No entry changes: the entries go back as they were read, unparsed (less the ones
+        // `Entry::from_json` and `set_entries_keeping` would drop: no manager, no fields).
+        let kept: Vec<Value> = read
+            .into_iter()
+            .filter(|v| {
+                v["manager"].is_string() && v["fieldsV1"].as_object().is_some_and(|m| !m.is_empty())
+            })
+            .collect();
+        set_list(new, kept);
         return;
     }
+    let mut list: Vec<(Entry, Option<Value>)> = read
+        .into_iter()
+        .filter_map(|v| Some((Entry::from_json(&v)?, Some(v))))
+        .collect();
     for (e, json) in list.iter_mut() {
         // Removed fields are nobody's; changed fields now belong to this manager alone.
         let others = !(e.manager == manager && e.operation == "Update");

@@ -1014,7 +1014,7 @@ impl Ctx {
             );
         }
         pipeline::admit(
-            &self.state.store,
+            &self.state,
             &Attributes {
                 verb: "create",
                 kind,
@@ -1067,6 +1067,7 @@ impl Ctx {
             .await
         {
             Ok(rev) => {
+                self.state.cache.written(&self.key(&name));
                 self.remember(rev, bytes);
                 rev
             }
@@ -1237,6 +1238,7 @@ impl Ctx {
                     .await;
                 match res {
                     Ok(_) => {
+                        self.state.cache.written(&self.key(name));
                         if is_service(kind) {
                             services.release(&services.holding(&cur));
                         }
@@ -1290,6 +1292,7 @@ impl Ctx {
             .store
             .update(&self.key(name), bytes.clone(), expected)
             .await?;
+        self.state.cache.written(&self.key(name));
         self.remember(rev, bytes);
         obj["metadata"]["resourceVersion"] = json!(rev.0.to_string());
         Ok(())
@@ -1750,20 +1753,10 @@ impl Ctx {
             .to_string();
         let generation = self.state.cache.admission_generation();
         let cached: Option<Option<Value>> = {
-            let mut c = self
-                .state
-                .priority_classes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if c.generation != generation {
-                *c = crate::PriorityCache {
-                    generation,
-                    ..Default::default()
-                };
-            }
+            let c = crate::AdmissionCache::at(&self.state.admission, generation);
             match wanted.as_str() {
-                "" => c.default.clone(),
-                name => c.by_name.get(name).cloned().map(Some),
+                "" => c.default_priority.clone(),
+                name => c.priority_by_name.get(name).cloned().map(Some),
             }
         };
         let class: Option<Value> = match (wanted.as_str(), cached) {
@@ -1786,14 +1779,8 @@ impl Ctx {
                     .iter()
                     .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
                     .find(|c| c["globalDefault"] == json!(true));
-                let mut c = self
-                    .state
-                    .priority_classes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if c.generation == generation {
-                    c.default = Some(found.clone());
-                }
+                crate::AdmissionCache::at(&self.state.admission, generation).default_priority =
+                    Some(found.clone());
                 found
             }
             (name, None) => {
@@ -1805,14 +1792,9 @@ impl Ctx {
                     .map_err(|e| store_error(classes, name, e))?;
                 match kv.and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok()) {
                     Some(found) => {
-                        let mut c = self
-                            .state
-                            .priority_classes
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner());
-                        if c.generation == generation {
-                            c.by_name.insert(name.to_string(), found.clone());
-                        }
+                        crate::AdmissionCache::at(&self.state.admission, generation)
+                            .priority_by_name
+                            .insert(name.to_string(), found.clone());
                         Some(found)
                     }
                     None => {
@@ -1921,7 +1903,7 @@ impl Ctx {
         let kind = self.kind;
         let dry_run = opts["dryRun"].as_array().is_some_and(|a| !a.is_empty());
         pipeline::admit(
-            &self.state.store,
+            &self.state,
             &Attributes {
                 verb: "delete",
                 kind,
@@ -2007,6 +1989,7 @@ impl Ctx {
                 .await
             {
                 Ok((rev, _)) => {
+                    self.state.cache.written(&self.key(name));
                     if is_service(kind) {
                         let services = &self.state.services;
                         services.release(&services.holding(&cur));

@@ -42,8 +42,8 @@ pub use tokens::TokenSigner;
 pub struct State {
     pub store: Arc<dyn Store>,
     pub cache: Arc<watchcache::WatchCache>,
-    /// PriorityClasses as Priority admission last read them, at a watch cache generation.
-    pub priority_classes: std::sync::Mutex<PriorityCache>,
+    /// What admission last read (PriorityClasses, namespaces), at a watch cache generation.
+    pub admission: std::sync::Mutex<AdmissionCache>,
     /// Signs and verifies service account tokens.
     pub signer: TokenSigner,
     pub shutdown: tokio_watch::Receiver<bool>,
@@ -57,14 +57,37 @@ pub struct State {
     pub metrics: metrics::Metrics,
 }
 
-/// Priority admission's copy of the PriorityClasses it looked up (found ones only, so that a
-/// class created a moment ago is never refused from a stale "not found").
+/// Admission's copies of the objects it looked up: the PriorityClasses Priority admission
+/// read and the namespaces NamespaceLifecycle read. Found objects only, so that one created a
+/// moment ago is never refused from a stale "not found". Every change to a PriorityClass or a
+/// namespace, by any writer, bumps the watch cache's admission generation, and a copy taken at
+/// an older generation is dropped: as upstream's informer-backed admission, a copy lags a
+/// change by no more than the watch cache does.
 #[derive(Default)]
-pub struct PriorityCache {
+pub struct AdmissionCache {
     pub generation: u64,
     /// The global default class (None inside: there is none).
-    pub default: Option<Option<serde_json::Value>>,
-    pub by_name: HashMap<String, serde_json::Value>,
+    pub default_priority: Option<Option<serde_json::Value>>,
+    pub priority_by_name: HashMap<String, serde_json::Value>,
+    /// Namespace name -> whether it is terminating.
+    pub namespaces: HashMap<String, bool>,
+}
+
+impl AdmissionCache {
+    /// The cache at `generation`, emptied first if it was filled at another one.
+    pub fn at(
+        cache: &std::sync::Mutex<AdmissionCache>,
+        generation: u64,
+    ) -> std::sync::MutexGuard<'_, AdmissionCache> {
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.generation != generation {
+            *c = AdmissionCache {
+                generation,
+                ..Default::default()
+            };
+        }
+        c
+    }
 }
 
 /// A running API server.
@@ -90,7 +113,7 @@ impl ApiServer {
         let state = Arc::new(State {
             store,
             cache,
-            priority_classes: Default::default(),
+            admission: Default::default(),
             signer,
             shutdown: shutdown_rx.clone(),
             node_token: Default::default(),

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use apimachinery::ApiError;
 use rustls::pki_types::CertificateDer;
-use store::Store;
 
 use crate::registry::{lookup, Kind};
+use crate::AdmissionCache;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {
@@ -238,7 +238,7 @@ pub const IMMORTAL_NAMESPACES: &[&str] = &["default", "kube-system", "kube-publi
 /// NamespaceLifecycle: no new objects in a namespace that is missing or terminating; the
 /// built-in namespaces cannot be deleted.
 pub async fn admit(
-    store: &Arc<dyn Store>,
+    state: &crate::State,
     attrs: &Attributes<'_>,
     name: &str,
 ) -> Result<(), ApiError> {
@@ -257,18 +257,34 @@ pub async fn admit(
     let Some(ns) = attrs.namespace else {
         return Ok(());
     };
-    let namespaces =
-        lookup("", "v1", "namespaces").ok_or_else(|| ApiError::internal("no namespaces kind"))?;
-    let kv = store
-        .get(&namespaces.key(None, ns))
-        .await
-        .map_err(|e| crate::handler::store_error(namespaces, "", e))?;
-    let Some(kv) = kv else {
-        return Err(ApiError::not_found("namespaces", ns).on("", "namespaces", ns));
+    // The namespace as admission last read it (see `AdmissionCache`), else from the store.
+    let generation = state.cache.admission_generation();
+    let cached = AdmissionCache::at(&state.admission, generation)
+        .namespaces
+        .get(ns)
+        .copied();
+    let terminating = match cached {
+        Some(t) => t,
+        None => {
+            let namespaces = lookup("", "v1", "namespaces")
+                .ok_or_else(|| ApiError::internal("no namespaces kind"))?;
+            let kv = state
+                .store
+                .get(&namespaces.key(None, ns))
+                .await
+                .map_err(|e| crate::handler::store_error(namespaces, "", e))?;
+            let Some(kv) = kv else {
+                return Err(ApiError::not_found("namespaces", ns).on("", "namespaces", ns));
+            };
+            let obj: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+            let t = obj["status"]["phase"] == "Terminating"
+                || !obj["metadata"]["deletionTimestamp"].is_null();
+            AdmissionCache::at(&state.admission, generation)
+                .namespaces
+                .insert(ns.to_string(), t);
+            t
+        }
     };
-    let obj: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
-    let terminating =
-        obj["status"]["phase"] == "Terminating" || !obj["metadata"]["deletionTimestamp"].is_null();
     // Events may still be written into a terminating namespace, as upstream allows.
     if terminating && attrs.kind.kind != "Event" {
         let mut e = ApiError::forbidden(format!(

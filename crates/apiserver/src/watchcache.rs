@@ -74,13 +74,13 @@ impl Ring {
 pub struct WatchCache {
     ring: RwLock<Ring>,
     revision: watch::Sender<i64>,
-    /// Bumped by every change to an object admission keeps a copy of (PriorityClasses), from
-    /// any writer: a cached copy taken at an older generation is stale.
+    /// Bumped by every change to an object admission keeps a copy of (PriorityClasses,
+    /// namespaces), from any writer: a cached copy taken at an older generation is stale.
     admission_generation: std::sync::atomic::AtomicU64,
 }
 
 /// Key prefixes whose objects admission caches.
-const ADMISSION_PREFIXES: &[&str] = &["/registry/priorityclasses/"];
+const ADMISSION_PREFIXES: &[&str] = &["/registry/priorityclasses/", "/registry/namespaces/"];
 
 /// The longest pause between attempts to resume the store watch.
 const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -175,12 +175,19 @@ impl WatchCache {
         self.revision.send_replace(revision);
     }
 
-    fn push(&self, ev: Arc<CachedEvent>) {
-        let rev = ev.revision;
-        if ADMISSION_PREFIXES.iter().any(|p| ev.key.starts_with(p)) {
+    /// A write to `key` was made (by this server, or seen on the store's watch): admission's
+    /// copies of such objects are stale. This server's own writes call it as soon as they are
+    /// committed, so that its next request does not wait for the watch to deliver them.
+    pub fn written(&self, key: &str) {
+        if ADMISSION_PREFIXES.iter().any(|p| key.starts_with(p)) {
             self.admission_generation
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    fn push(&self, ev: Arc<CachedEvent>) {
+        let rev = ev.revision;
+        self.written(&ev.key);
         if let Ok(mut ring) = self.ring.write() {
             if ring.events.len() >= RING_CAPACITY {
                 if let Some(old) = ring.events.pop_front() {

@@ -23,9 +23,11 @@ use kube::discovery::{verbs, ApiResource, Discovery, Scope};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
+use serde::de::DeserializeOwned;
 use serde_json::json;
+use tokio::sync::mpsc;
 
-use crate::runtime::Queue;
+use crate::runtime::{Informer, Queue};
 
 const ORPHAN: &str = "orphan";
 const FOREGROUND: &str = "foregroundDeletion";
@@ -144,11 +146,62 @@ enum Change {
     Delete(ObjectMeta),
 }
 
+/// The metadata the graph reads (as `Lean` decodes it).
+fn lean_meta(m: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone(),
+        owner_references: m.owner_references.clone(),
+        finalizers: m.finalizers.clone(),
+        deletion_timestamp: m.deletion_timestamp.clone(),
+        ..Default::default()
+    }
+}
+
+type Feed = Box<dyn FnOnce(mpsc::UnboundedSender<Change>, Resource) + Send>;
+
+/// Kinds the controller manager already watches cluster-wide: the collector follows those
+/// informers instead of opening a second watch of the same objects (upstream's collector
+/// shares the controller manager's informers too). Every other kind gets its own watch.
+#[derive(Default)]
+pub struct Shared {
+    feeds: HashMap<(String, String), Feed>,
+}
+
+impl Shared {
+    pub fn add<K>(&mut self, informer: &Arc<Informer<K>>)
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let informer = informer.clone();
+        let feed: Feed = Box::new(move |tx, r| {
+            informer.on_each(move |old, new| {
+                let change = match (old, new) {
+                    (_, Some(o)) => Change::Upsert(r.clone(), lean_meta(o.meta())),
+                    (Some(o), None) => Change::Delete(lean_meta(o.meta())),
+                    (None, None) => return,
+                };
+                let _ = tx.send(change);
+            })
+        });
+        let key = (K::api_version(&()).into_owned(), K::kind(&()).into_owned());
+        self.feeds.insert(key, feed);
+    }
+}
+
 /// Kinds whose objects never own or are owned in practice, and churn a lot (upstream skips
 /// events too).
 const IGNORED: &[&str] = &["events"];
 
-pub async fn run(client: Client) -> anyhow::Result<()> {
+pub async fn run(client: Client, mut shared: Shared) -> anyhow::Result<()> {
     let discovery = Discovery::new(client.clone()).run().await?;
     let mut resources = HashMap::new();
     for group in discovery.groups() {
@@ -173,8 +226,16 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         delete_queue: Queue::new(),
         orphan_queue: Queue::new(),
     });
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Change>(4096);
+    let (tx, mut rx) = mpsc::channel::<Change>(4096);
+    // Changes from shared informers: their handlers cannot wait, so this channel is unbounded
+    // (it holds what the informers already hold in their caches, at most).
+    let (shared_tx, mut shared_rx) = mpsc::unbounded_channel::<Change>();
     for r in resources.values().cloned() {
+        let key = (r.ar.api_version.clone(), r.ar.kind.clone());
+        if let Some(feed) = shared.feeds.remove(&key) {
+            feed(shared_tx.clone(), r);
+            continue;
+        }
         let (client, tx) = (client.clone(), tx.clone());
         tokio::spawn(async move {
             let api: Api<Lean> = Api::all_with(client, &r.ar);
@@ -240,9 +301,15 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
         });
     }
     drop(tx);
+    drop(shared_tx);
     let g = gc.clone();
     let builder = async move {
-        while let Some(c) = rx.recv().await {
+        loop {
+            let c = tokio::select! {
+                Some(c) = rx.recv() => c,
+                Some(c) = shared_rx.recv() => c,
+                else => break,
+            };
             g.process(c);
         }
     };

@@ -63,58 +63,81 @@ pub async fn run(
         let (client, config) = (client.clone(), config.clone());
         async move {
             let recorder = events::Recorder::new(client.clone(), "controller-manager");
+            // The garbage collector follows these informers instead of watching again.
+            let mut shared = gc::Shared::default();
             let pods = runtime::start_trimmed(
                 Api::<Pod>::all(client.clone()),
                 Default::default(),
                 pods::trim_for_controllers,
             );
+            shared.add(&pods);
             let replicasets =
                 runtime::start(Api::<ReplicaSet>::all(client.clone()), Default::default());
+            shared.add(&replicasets);
             let rs = replicaset::ReplicaController::new(
                 client.clone(),
                 replicasets.clone(),
                 pods.clone(),
                 recorder.named("replicaset-controller"),
             );
+            let deployment_informer =
+                runtime::start(Api::<Deployment>::all(client.clone()), Default::default());
+            shared.add(&deployment_informer);
             let deployments = deployment::DeploymentController::new(
                 client.clone(),
-                runtime::start(Api::<Deployment>::all(client.clone()), Default::default()),
+                deployment_informer,
                 replicasets,
                 pods.clone(),
                 recorder.named("deployment-controller"),
             );
+            let rcs = runtime::start(
+                Api::<ReplicationController>::all(client.clone()),
+                Default::default(),
+            );
+            shared.add(&rcs);
             let rc = replicaset::ReplicaController::new(
                 client.clone(),
-                runtime::start(
-                    Api::<ReplicationController>::all(client.clone()),
-                    Default::default(),
-                ),
+                rcs,
                 pods.clone(),
                 recorder.named("replication-controller"),
             );
             let nodes = runtime::start(Api::<Node>::all(client.clone()), Default::default());
+            shared.add(&nodes);
+            let daemonset_informer =
+                runtime::start(Api::<DaemonSet>::all(client.clone()), Default::default());
+            shared.add(&daemonset_informer);
+            let revisions = runtime::start(
+                Api::<ControllerRevision>::all(client.clone()),
+                Default::default(),
+            );
+            shared.add(&revisions);
             let daemonsets = daemonset::DaemonSetController::new(
                 client.clone(),
-                runtime::start(Api::<DaemonSet>::all(client.clone()), Default::default()),
+                daemonset_informer,
                 nodes.clone(),
                 pods.clone(),
-                runtime::start(
-                    Api::<ControllerRevision>::all(client.clone()),
-                    Default::default(),
-                ),
+                revisions,
                 recorder.named("daemonset-controller"),
             );
+            let services = runtime::start(Api::<Service>::all(client.clone()), Default::default());
+            shared.add(&services);
+            let endpoint_informer =
+                runtime::start(Api::<Endpoints>::all(client.clone()), Default::default());
+            shared.add(&endpoint_informer);
+            let slices = runtime::start(
+                Api::<EndpointSlice>::all(client.clone()),
+                Default::default(),
+            );
+            shared.add(&slices);
             let endpoints = endpoints::EndpointsController::new(
                 client.clone(),
-                runtime::start(Api::<Service>::all(client.clone()), Default::default()),
+                services,
                 pods.clone(),
                 nodes.clone(),
-                runtime::start(Api::<Endpoints>::all(client.clone()), Default::default()),
-                runtime::start(
-                    Api::<EndpointSlice>::all(client.clone()),
-                    Default::default(),
-                ),
+                endpoint_informer,
+                slices,
             );
+            // Leases: only kube-node-lease's are watched here, so the collector keeps its own.
             let lifecycle = nodelifecycle::NodeLifecycle::new(
                 client.clone(),
                 config.node_lifecycle.clone(),
@@ -130,7 +153,7 @@ pub async fn run(
                 _ = lifecycle.run() => {}
                 _ = endpoints.run(WORKERS) => {}
                 _ = daemonsets.run(WORKERS) => {}
-                r = gc::run(client.clone()) => {
+                r = gc::run(client.clone(), shared) => {
                     if let Err(e) = r {
                         tracing::error!(error = %e, "garbage collector stopped");
                     }

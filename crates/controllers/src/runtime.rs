@@ -156,6 +156,17 @@ where
         self.handlers.lock().unwrap().push(Box::new(f));
     }
 
+    /// `on`, first calling `f(None, Some(obj))` for every object already cached: a late
+    /// subscriber sees every object once, then every change, in order (registered under the
+    /// handlers' lock, which every change's notification takes after updating the cache).
+    pub fn on_each(&self, f: impl Fn(Option<&K>, Option<&K>) + Send + Sync + 'static) {
+        let mut handlers = self.handlers.lock().unwrap();
+        for obj in self.list() {
+            f(None, Some(&obj));
+        }
+        handlers.push(Box::new(f));
+    }
+
     pub fn get(&self, key: &str) -> Option<Arc<K>> {
         self.cache.read().unwrap().objects.get(key).cloned()
     }
@@ -562,6 +573,50 @@ mod tests {
         c.remove("a/mine");
         assert_eq!(inf_keys(&c, "a", "u2"), ["a/theirs"]);
         assert_eq!(c.by_namespace["a"].len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_late_subscriber_sees_every_cached_object_once_then_every_change() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        // The informer is never run: its cache is filled by hand, so no server is needed.
+        let service = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no server here"))
+        });
+        let client = kube::Client::new(service, "default");
+        let inf = Informer::trimming(Api::<ConfigMap>::all(client), Default::default(), |_| {});
+        let cm = |name: &str| -> Arc<ConfigMap> {
+            Arc::new(
+                serde_json::from_value(
+                    serde_json::json!({"metadata": {"name": name, "namespace": "ns"}}),
+                )
+                .unwrap(),
+            )
+        };
+        for name in ["a", "b"] {
+            inf.cache.write().unwrap().insert(cm(name));
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        inf.on_each(move |old, new| {
+            let name = |o: Option<&ConfigMap>| o.and_then(|o| o.metadata.name.clone());
+            s.lock().unwrap().push((name(old), name(new)));
+        });
+        seen.lock().unwrap().sort();
+        let c = cm("c");
+        inf.cache.write().unwrap().insert(c.clone());
+        inf.notify(None, Some(&c));
+        let a = inf.cache.write().unwrap().remove("ns/a").unwrap();
+        inf.notify(Some(&a), None);
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                (None, some("a")),
+                (None, some("b")),
+                (None, some("c")),
+                (some("a"), None)
+            ]
+        );
     }
 
     #[test]

@@ -329,21 +329,41 @@ fn row_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
     })
 }
 
+/// Append a row to the log; its id is the next revision. `create_revision` None: the row
+/// creates the key, so its create revision is its own id.
 fn append_log(
     conn: &Connection,
     key: &str,
     deleted: bool,
-    create_revision: i64,
+    create_revision: Option<i64>,
     prev_revision: i64,
     value: &[u8],
 ) -> Result<i64> {
+    // The id AUTOINCREMENT would pick: one past the largest ever used (the writer is the only
+    // writer, inside its transaction). Naming it lets a create store its own id as its create
+    // revision in the same insert, instead of rewriting the row (value and all) afterwards.
+    let id = conn
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'log'")
+        .map_err(backend)?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(backend)?
+        .unwrap_or(0)
+        + 1;
     conn.prepare_cached(
-        "INSERT INTO log (key, deleted, create_revision, prev_revision, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO log (id, key, deleted, create_revision, prev_revision, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
     .map_err(backend)?
-    .execute(params![key, deleted as i64, create_revision, prev_revision, value])
+    .execute(params![
+        id,
+        key,
+        deleted as i64,
+        create_revision.unwrap_or(id),
+        prev_revision,
+        value
+    ])
     .map_err(backend)?;
-    Ok(conn.last_insert_rowid())
+    Ok(id)
 }
 
 /// Keys written by the ops of the open transaction that succeeded so far, with their new state.
@@ -407,11 +427,7 @@ fn apply(
                 .query_row(params![key], |r| r.get::<_, Option<i64>>(0))
                 .map_err(backend)?
                 .unwrap_or(0);
-            let rev = append_log(conn, key, false, 0, prev, value)?;
-            conn.prepare_cached("UPDATE log SET create_revision = ?1 WHERE id = ?1")
-                .map_err(backend)?
-                .execute(params![rev])
-                .map_err(backend)?;
+            let rev = append_log(conn, key, false, None, prev, value)?;
             conn.prepare_cached(
                 "INSERT INTO kv (key, create_revision, mod_revision) VALUES (?1, ?2, ?2)",
             )
@@ -440,7 +456,7 @@ fn apply(
                 conn,
                 key,
                 false,
-                cur.create_revision.0,
+                Some(cur.create_revision.0),
                 cur.mod_revision.0,
                 value,
             )?;
@@ -465,7 +481,7 @@ fn apply(
                 conn,
                 key,
                 true,
-                cur.create_revision.0,
+                Some(cur.create_revision.0),
                 cur.mod_revision.0,
                 &[],
             )?;

@@ -117,6 +117,7 @@ conformance!(
     values_up_to_the_limit_and_a_clear_error_beyond,
     future_revisions_are_refused,
     reads_follow_writes_concurrent_with_them,
+    revisions_are_never_reused_after_compaction_and_restart,
 );
 
 /// Every read that starts after a write was answered sees that write (or a later one), for keys
@@ -505,6 +506,27 @@ async fn watch_resumes_across_a_restart(mut be: Backend) {
     );
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len());
+}
+
+/// The newest revisions compacted away (a delete and what it deleted), then a restart: the next
+/// write still gets a revision past every earlier one, and a create's create revision is its own.
+async fn revisions_are_never_reused_after_compaction_and_restart(mut be: Backend) {
+    let s = be.store();
+    s.create("/n/a", b("1")).await.unwrap();
+    s.create("/n/b", b("1")).await.unwrap();
+    let (deleted, _) = s.delete("/n/b", None).await.unwrap();
+    s.compact(deleted).await.unwrap();
+    drop(s);
+    be.restart().await;
+    let s = be.store();
+    let again = s.create("/n/b", b("2")).await.unwrap();
+    assert!(again > deleted, "{again:?} after {deleted:?}");
+    let kv = s.get("/n/b").await.unwrap().unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision), (again, again));
+    let next = s.update("/n/b", b("3"), again).await.unwrap();
+    assert_eq!(next.0, again.0 + 1);
+    let kv = s.get("/n/b").await.unwrap().unwrap();
+    assert_eq!((kv.create_revision, kv.mod_revision), (again, next));
 }
 
 async fn values_up_to_the_limit_and_a_clear_error_beyond(be: Backend) {
