@@ -48,6 +48,16 @@ impl FieldSet {
         )
     }
 
+    /// `to_json`, moving the path elements instead of copying them.
+    pub fn into_json(self) -> Value {
+        Value::Object(
+            self.0
+                .into_iter()
+                .map(|(k, v)| (k, v.into_json()))
+                .collect(),
+        )
+    }
+
     /// Every path to a leaf (a node with no children), as lists of path elements.
     pub fn leaves(&self) -> Vec<Vec<String>> {
         let mut out = Vec::new();
@@ -352,14 +362,14 @@ impl Entry {
         })
     }
 
-    fn to_json(&self) -> Value {
+    fn into_json(self) -> Value {
         let mut v = json!({
             "manager": self.manager,
             "operation": self.operation,
             "apiVersion": self.api_version,
             "time": self.time,
             "fieldsType": "FieldsV1",
-            "fieldsV1": self.fields.to_json(),
+            "fieldsV1": self.fields.into_json(),
         });
         if !self.subresource.is_empty() {
             v["subresource"] = json!(self.subresource);
@@ -385,7 +395,7 @@ fn set_entries_keeping(obj: &mut Value, entries: Vec<(Entry, Option<Value>)>) {
     let list: Vec<Value> = entries
         .into_iter()
         .filter(|(e, _)| !e.fields.is_empty())
-        .map(|(e, json)| json.unwrap_or_else(|| e.to_json()))
+        .map(|(e, json)| json.unwrap_or_else(|| e.into_json()))
         .collect();
     set_list(obj, list);
 }
@@ -659,6 +669,7 @@ mod tests {
             ]
         );
         assert_eq!(FieldSet::from_json(&fs.to_json()), fs);
+        assert_eq!(FieldSet::from_json(&fs.clone().into_json()), fs);
         assert_eq!(
             render_path(&fs.leaves()[3]),
             ".spec.template.spec.containers[name=\"web\"].image"

@@ -46,15 +46,24 @@ pub fn media_type(content_type: Option<&str>) -> Result<Media, ApiError> {
 
 /// Parse JSON or YAML into a value, refusing what is malformed, too deep, or an alias bomb.
 pub fn parse_body(bytes: &[u8], media: Media) -> Result<Value, ApiError> {
+    parse_body_reporting_duplicates(bytes, media).map(|(v, _)| v)
+}
+
+/// `parse_body`, with the paths of the keys a JSON body repeated (see `parse_json`; none for
+/// YAML, whose parser refuses them).
+pub fn parse_body_reporting_duplicates(
+    bytes: &[u8],
+    media: Media,
+) -> Result<(Value, Vec<String>), ApiError> {
     if bytes.len() > MAX_BODY_BYTES {
         return Err(ApiError::too_large("the request entity is too large"));
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the request body is empty"));
     }
-    let value = match media {
-        Media::Yaml | Media::ApplyPatch => parse_yaml(bytes)?,
-        _ => serde_json::from_slice::<Value>(bytes).map_err(|e| {
+    let (value, duplicates) = match media {
+        Media::Yaml | Media::ApplyPatch => (parse_yaml(bytes)?, Vec::new()),
+        _ => parse_json(bytes).map_err(|e| {
             ApiError::bad_request(format!(
                 "the body of the request could not be decoded as JSON: {e}"
             ))
@@ -65,7 +74,7 @@ pub fn parse_body(bytes: &[u8], media: Media) -> Result<Value, ApiError> {
             "the body of the request is nested more than {MAX_DEPTH} levels deep"
         )));
     }
-    Ok(value)
+    Ok((value, duplicates))
 }
 
 fn parse_yaml(bytes: &[u8]) -> Result<Value, ApiError> {
@@ -246,89 +255,120 @@ pub fn schema_for(kind: &Kind, gen: &mut schemars::SchemaGenerator) -> Option<sc
     with_kind_types!(schema, kind, gen)
 }
 
-/// Paths of keys that appear more than once in one JSON object of `bytes` (serde_json keeps the
-/// last silently; `fieldValidation` wants to know). Empty if `bytes` is not valid JSON.
-pub fn duplicate_fields(bytes: &[u8]) -> Vec<String> {
+/// Parse JSON into a `Value` (as `serde_json::from_slice` does: a repeated key keeps its last
+/// value) and, in the same pass, the paths of the keys an object repeated (`spec.x[0].n`):
+/// `fieldValidation` reports them. The path of a key is printed only when it repeats.
+pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
     use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::map::Entry;
+    use serde_json::Map;
     use std::cell::RefCell;
 
-    struct Walk<'a> {
-        path: String,
-        out: &'a RefCell<Vec<String>>,
+    /// Where a value sits: its parent and its key or index there.
+    enum At<'a> {
+        Root,
+        Key(&'a At<'a>, &'a str),
+        Index(&'a At<'a>, usize),
     }
-    impl<'de> DeserializeSeed<'de> for Walk<'_> {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    fn render(at: &At<'_>, out: &mut String) {
+        match at {
+            At::Root => {}
+            At::Key(parent, k) => {
+                render(parent, out);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            At::Index(parent, i) => {
+                render(parent, out);
+                out.push_str(&format!("[{i}]"));
+            }
+        }
+    }
+    struct Build<'a> {
+        at: &'a At<'a>,
+        duplicates: &'a RefCell<Vec<String>>,
+    }
+    impl<'de> DeserializeSeed<'de> for Build<'_> {
+        type Value = Value;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
             d.deserialize_any(self)
         }
     }
-    impl<'de> Visitor<'de> for Walk<'_> {
-        type Value = ();
+    impl<'de> Visitor<'de> for Build<'_> {
+        type Value = Value;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("any JSON value")
         }
-        fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<(), M::Error> {
-            let mut seen = std::collections::HashSet::new();
+        fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Value, M::Error> {
+            let mut map = Map::new();
             while let Some(k) = m.next_key::<String>()? {
-                let p = if self.path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{}.{k}", self.path)
-                };
-                if !seen.insert(k) {
-                    self.out.borrow_mut().push(p.clone());
-                }
-                m.next_value_seed(Walk {
-                    path: p,
-                    out: self.out,
+                let v = m.next_value_seed(Build {
+                    at: &At::Key(self.at, &k),
+                    duplicates: self.duplicates,
                 })?;
+                match map.entry(k) {
+                    Entry::Vacant(e) => {
+                        e.insert(v);
+                    }
+                    Entry::Occupied(mut e) => {
+                        let mut path = String::new();
+                        render(&At::Key(self.at, e.key()), &mut path);
+                        self.duplicates.borrow_mut().push(path);
+                        e.insert(v);
+                    }
+                }
             }
-            Ok(())
+            Ok(Value::Object(map))
         }
-        fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<(), S::Error> {
-            let mut i = 0;
-            while s
-                .next_element_seed(Walk {
-                    path: format!("{}[{i}]", self.path),
-                    out: self.out,
-                })?
-                .is_some()
-            {
-                i += 1;
+        fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<Value, S::Error> {
+            let mut items = Vec::with_capacity(s.size_hint().unwrap_or(0).min(4096));
+            while let Some(v) = s.next_element_seed(Build {
+                at: &At::Index(self.at, items.len()),
+                duplicates: self.duplicates,
+            })? {
+                items.push(v);
             }
-            Ok(())
+            Ok(Value::Array(items))
         }
-        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-            Ok(())
+        fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+            Ok(Value::Bool(b))
         }
-        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-            Ok(())
+        fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+            Ok(Value::Number(n.into()))
         }
-        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-            Ok(())
+        fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+            Ok(Value::Number(n.into()))
         }
-        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-            Ok(())
+        fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+            Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
         }
-        fn visit_str<E>(self, _: &str) -> Result<(), E> {
-            Ok(())
+        fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+            Ok(Value::String(s.to_owned()))
         }
-        fn visit_unit<E>(self) -> Result<(), E> {
-            Ok(())
+        fn visit_string<E>(self, s: String) -> Result<Value, E> {
+            Ok(Value::String(s))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
         }
     }
-    let out = RefCell::new(Vec::new());
+    let duplicates = RefCell::new(Vec::new());
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    if (Walk {
-        path: String::new(),
-        out: &out,
-    })
-    .deserialize(&mut de)
-    .is_err()
-    {
-        return Vec::new();
+    let value = Build {
+        at: &At::Root,
+        duplicates: &duplicates,
     }
-    out.into_inner()
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok((value, duplicates.into_inner()))
 }
 
 /// Fields present (and not null) in `input` but absent from the typed round trip.
@@ -455,18 +495,39 @@ mod tests {
 
     #[test]
     fn duplicate_fields_by_path() {
-        let cases: [(&str, &[&str]); 4] = [
+        let cases: [(&str, &[&str]); 5] = [
             (r#"{"a":1,"b":2}"#, &[]),
             (r#"{"a":1,"a":2}"#, &["a"]),
             (
                 r#"{"spec":{"replicas":1,"x":[{"n":1,"n":2}],"replicas":2}}"#,
                 &["spec.x[0].n", "spec.replicas"],
             ),
-            ("{", &[]),
+            (r#"[[0, {"a":{"b":1,"b":2}}]]"#, &["[0][1].a.b"]),
+            (r#"{"a\u0062":1,"ab":2}"#, &["ab"]),
         ];
         for (input, want) in cases {
-            assert_eq!(duplicate_fields(input.as_bytes()), want, "{input}");
+            let (value, duplicates) = parse_json(input.as_bytes()).unwrap();
+            assert_eq!(duplicates, want, "{input}");
+            // The value is what serde_json makes of it (the last of repeated keys wins).
+            assert_eq!(
+                value,
+                serde_json::from_str::<Value>(input).unwrap(),
+                "{input}"
+            );
         }
+        for bad in ["{", r#"{"a":1} x"#, "[1,]", r#"{"a":1e999}"#, ""] {
+            assert_eq!(
+                parse_json(bad.as_bytes()).is_err(),
+                serde_json::from_str::<Value>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let odd =
+            r#"{"n":[-1, 18446744073709551615, 1.5, -0.0, 1e300, null, true, "é\n"], "o":{}}"#;
+        assert_eq!(
+            parse_json(odd.as_bytes()).unwrap().0,
+            serde_json::from_str::<Value>(odd).unwrap()
+        );
     }
 
     #[test]

@@ -819,12 +819,7 @@ impl Ctx {
         if media == Media::Protobuf {
             return self.check_object(protobuf::to_json(self.kind, body)?);
         }
-        let input = codec::parse_body(body, media)?;
-        let duplicates = if media == Media::Json {
-            codec::duplicate_fields(body)
-        } else {
-            Vec::new()
-        };
+        let (input, duplicates) = codec::parse_body_reporting_duplicates(body, media)?;
         self.check_object_with(input, &duplicates, None)
     }
 

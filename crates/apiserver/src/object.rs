@@ -134,14 +134,15 @@ fn skip_ws(json: &[u8], mut i: usize) -> usize {
 }
 
 /// `i` at an opening quote; returns the index after the closing quote.
-fn skip_string(json: &[u8], mut i: usize) -> Option<usize> {
-    i += 1;
+fn skip_string(json: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
     loop {
-        match json.get(i)? {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
+        j += memchr::memchr2(b'"', b'\\', json.get(j..)?)?;
+        if json[j] == b'"' {
+            return Some(j + 1);
         }
+        // An escape: the next byte is escaped, whatever it is.
+        j += 2;
     }
 }
 
@@ -149,23 +150,27 @@ fn skip_string(json: &[u8], mut i: usize) -> Option<usize> {
 fn skip_value(json: &[u8], i: usize) -> Option<usize> {
     match json.get(i)? {
         b'"' => skip_string(json, i),
-        b'{' | b'[' => {
+        &open @ (b'{' | b'[') => {
+            // Only this value's own kind of bracket can close it (the other kind nests inside
+            // and balances by itself), and strings are skipped whole: the scan jumps from one
+            // of those three bytes to the next (memchr) instead of looking at every byte.
+            let close = if open == b'{' { b'}' } else { b']' };
             let mut depth = 0usize;
             let mut j = i;
             loop {
-                match json.get(j)? {
+                j += memchr::memchr3(b'"', open, close, json.get(j..)?)?;
+                match json[j] {
                     b'"' => {
                         j = skip_string(json, j)?;
                         continue;
                     }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
+                    c if c == open => depth += 1,
+                    _ => {
                         depth -= 1;
                         if depth == 0 {
                             return Some(j + 1);
                         }
                     }
-                    _ => {}
                 }
                 j += 1;
             }
@@ -502,6 +507,31 @@ mod tests {
         for input in [r#"{"kind":"X"}"#, "[1]", r#"{"metadata":"x"}"#, "{"] {
             let s = Stored::from_store(input.as_bytes(), 7);
             assert_eq!(&s.json[..], input.as_bytes());
+        }
+    }
+
+    #[test]
+    fn member_spans_agree_with_a_parser() {
+        let docs = [
+            json!({"a": [[1, [2]], {"b": "]}", "c": [{"d": "{["}]}], "metadata": {"x": "\\"}}),
+            json!({"metadata": {"n": "q\"}\\\"", "l": [[], {}]}, "z": {"y": [{"}": "]"}]}}),
+            json!({"e": "", "f": "\\\\", "metadata": {}, "g": [{"h": [[{"i": "é ✓"}]]}]}),
+        ];
+        for doc in &docs {
+            let text = serde_json::to_vec_pretty(doc).unwrap();
+            for (key, want) in doc.as_object().unwrap() {
+                let (a, b) = member_span(&text, 0, key.as_bytes()).unwrap();
+                let got: Value = serde_json::from_slice(&text[a..b]).unwrap();
+                assert_eq!(&got, want, "{key} in {doc}");
+            }
+            assert_eq!(member_span(&text, 0, b"missing"), None);
+        }
+        // Cut short anywhere: no span past the end, no panic.
+        let text = serde_json::to_vec(&docs[0]).unwrap();
+        for end in 0..text.len() {
+            if let Some((_, b)) = member_span(&text[..end], 0, b"metadata") {
+                assert!(b <= end);
+            }
         }
     }
 

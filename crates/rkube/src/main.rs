@@ -177,10 +177,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The API server's runtime uses every core. The components that only talk to it (the
+    // scheduler, the controller manager, hollow nodes) get one worker thread: they share the
+    // machine with the API server, and there one thread costs 6-8 % less CPU per pod than two
+    // (no wake-ups across threads, no work stealing; BENCHMARKS.md, `deployments`). Tokio's
+    // TOKIO_WORKER_THREADS sets either.
+    let api_client_only = matches!(
+        cli.command,
+        Command::Scheduler { .. } | Command::ControllerManager { .. } | Command::HollowNodes { .. }
+    );
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if api_client_only && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rkube: cannot start the async runtime: {e}");

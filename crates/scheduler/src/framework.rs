@@ -69,10 +69,14 @@ impl Status {
     }
 }
 
+/// A hash map for the scheduling cycle's lookups, made once per node per plugin: a fast
+/// (not DoS-resistant) hasher, as the keys are the cluster's own node labels and plugin names.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Data plugins compute in PreFilter/PreScore and read back in Filter/Score, keyed by plugin.
 #[derive(Default)]
 pub struct CycleState {
-    data: HashMap<&'static str, Box<dyn Any + Send + Sync>>,
+    data: FastMap<&'static str, Box<dyn Any + Send + Sync>>,
 }
 
 impl CycleState {

@@ -6,15 +6,13 @@
 //! per zone), selecting the pods of the Services, ReplicationControllers, ReplicaSets and
 //! StatefulSets that select it.
 
-use std::collections::HashMap;
-
 use k8s_openapi::api::core::v1::TopologySpreadConstraint;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::selectors::selector_matches;
 use super::NodeAffinity;
 use crate::cache::{Cache, NodeInfo, PodInfo};
-use crate::framework::{CycleState, Plugin, Status, MAX_NODE_SCORE};
+use crate::framework::{CycleState, FastMap, Plugin, Status, MAX_NODE_SCORE};
 
 const KEY: &str = "PodTopologySpread";
 
@@ -152,9 +150,9 @@ fn count(
     pod: &PodInfo,
     cs: &[TopologySpreadConstraint],
     cache: &Cache,
-) -> Vec<HashMap<String, i64>> {
+) -> Vec<FastMap<String, i64>> {
     let found: Vec<Option<Vec<&NodeInfo>>> = cs.iter().map(|c| indexed(pod, c, cache)).collect();
-    let mut out = vec![HashMap::new(); cs.len()];
+    let mut out = vec![FastMap::default(); cs.len()];
     for node in &cache.nodes {
         if !NodeAffinity::required_ok(pod, node) {
             continue;
@@ -195,10 +193,10 @@ fn count_for_scoring(
     cs: &[TopologySpreadConstraint],
     cache: &Cache,
     candidates: &[&NodeInfo],
-) -> Vec<HashMap<String, i64>> {
+) -> Vec<FastMap<String, i64>> {
     cs.iter()
         .map(|c| {
-            let mut counts: HashMap<String, i64> = HashMap::new();
+            let mut counts: FastMap<String, i64> = FastMap::default();
             let hostname = c.topology_key == "kubernetes.io/hostname";
             if let Some(nodes) = indexed(pod, c, cache) {
                 // Only the candidates' domains are ever looked up (`score`), so a domain
@@ -252,7 +250,7 @@ pub struct PodTopologySpread;
 
 struct Pre {
     constraints: Vec<TopologySpreadConstraint>,
-    counts: Vec<HashMap<String, i64>>,
+    counts: Vec<FastMap<String, i64>>,
 }
 
 impl Plugin for PodTopologySpread {
@@ -500,7 +498,7 @@ mod tests {
         )
     }
 
-    fn nonzero(counts: Vec<HashMap<String, i64>>) -> Vec<BTreeMap<String, i64>> {
+    fn nonzero(counts: Vec<FastMap<String, i64>>) -> Vec<BTreeMap<String, i64>> {
         counts
             .into_iter()
             .map(|m| m.into_iter().filter(|(_, n)| *n > 0).collect())
