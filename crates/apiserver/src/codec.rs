@@ -267,24 +267,17 @@ pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
     /// Where a value sits: its parent and its key or index there.
     enum At<'a> {
         Root,
-        Key(&'a At<'a>, &'a str),
-        Index(&'a At<'a>, usize),
+        In(&'a At<'a>, Seg<'a>),
     }
-    fn render(at: &At<'_>, out: &mut String) {
-        match at {
-            At::Root => {}
-            At::Key(parent, k) => {
-                render(parent, out);
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(k);
-            }
-            At::Index(parent, i) => {
-                render(parent, out);
-                out.push_str(&format!("[{i}]"));
-            }
+    fn path_of(at: &At<'_>) -> String {
+        let mut segs = Vec::new();
+        let mut cur = at;
+        while let At::In(parent, seg) = cur {
+            segs.push(seg);
+            cur = parent;
         }
+        segs.reverse();
+        render_path(segs)
     }
     struct Build<'a> {
         at: &'a At<'a>,
@@ -305,7 +298,7 @@ pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
             let mut map = Map::new();
             while let Some(k) = m.next_key::<String>()? {
                 let v = m.next_value_seed(Build {
-                    at: &At::Key(self.at, &k),
+                    at: &At::In(self.at, Seg::Key(&k)),
                     duplicates: self.duplicates,
                 })?;
                 match map.entry(k) {
@@ -313,8 +306,7 @@ pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
                         e.insert(v);
                     }
                     Entry::Occupied(mut e) => {
-                        let mut path = String::new();
-                        render(&At::Key(self.at, e.key()), &mut path);
+                        let path = path_of(&At::In(self.at, Seg::Key(e.key())));
                         self.duplicates.borrow_mut().push(path);
                         e.insert(v);
                     }
@@ -325,7 +317,7 @@ pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
         fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<Value, S::Error> {
             let mut items = Vec::with_capacity(s.size_hint().unwrap_or(0).min(4096));
             while let Some(v) = s.next_element_seed(Build {
-                at: &At::Index(self.at, items.len()),
+                at: &At::In(self.at, Seg::Index(items.len())),
                 duplicates: self.duplicates,
             })? {
                 items.push(v);
@@ -372,11 +364,30 @@ pub fn parse_json(bytes: &[u8]) -> serde_json::Result<(Value, Vec<String>)> {
 }
 
 /// Fields present (and not null) in `input` but absent from the typed round trip.
-fn unknown_fields(input: &Value, typed: &Value, out: &mut Vec<String>) {
-    enum Seg<'a> {
-        Key(&'a str),
-        Index(usize),
+/// One step of a path into a JSON value.
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// A path as field validation reports it: `spec.containers[0].name`.
+fn render_path<'s, 'a: 's>(path: impl IntoIterator<Item = &'s Seg<'a>>) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Seg::Index(n) => s.push_str(&format!("[{n}]")),
+        }
     }
+    s
+}
+
+fn unknown_fields(input: &Value, typed: &Value, out: &mut Vec<String>) {
     // The path is kept as segments and printed only for a key that is reported.
     fn walk<'a>(input: &'a Value, typed: &Value, path: &mut Vec<Seg<'a>>, out: &mut Vec<String>) {
         match (input, typed) {
@@ -386,7 +397,7 @@ fn unknown_fields(input: &Value, typed: &Value, out: &mut Vec<String>) {
                     path.push(Seg::Key(k));
                     match t.get(k) {
                         Some(tv) => walk(v, tv, path, out),
-                        None if !v.is_null() => out.push(render(path)),
+                        None if !v.is_null() => out.push(render_path(path.iter())),
                         None => {}
                     }
                     path.pop();
@@ -401,21 +412,6 @@ fn unknown_fields(input: &Value, typed: &Value, out: &mut Vec<String>) {
             }
             _ => {}
         }
-    }
-    fn render(path: &[Seg<'_>]) -> String {
-        let mut s = String::new();
-        for seg in path {
-            match seg {
-                Seg::Key(k) => {
-                    if !s.is_empty() {
-                        s.push('.');
-                    }
-                    s.push_str(k);
-                }
-                Seg::Index(n) => s.push_str(&format!("[{n}]")),
-            }
-        }
-        s
     }
     walk(input, typed, &mut Vec::new(), out);
 }

@@ -339,17 +339,24 @@ fn append_log(
     prev_revision: i64,
     value: &[u8],
 ) -> Result<i64> {
-    // The id AUTOINCREMENT would pick: one past the largest ever used (the writer is the only
-    // writer, inside its transaction). Naming it lets a create store its own id as its create
-    // revision in the same insert, instead of rewriting the row (value and all) afterwards.
-    let id = conn
-        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'log'")
-        .map_err(backend)?
-        .query_row([], |r| r.get::<_, i64>(0))
-        .optional()
-        .map_err(backend)?
-        .unwrap_or(0)
-        + 1;
+    // A create names its id: the one AUTOINCREMENT would pick, one past the largest ever used
+    // (the writer is the only writer, inside its transaction), so that its create revision (its
+    // own id) goes in with the row instead of rewriting the row, value and all, afterwards.
+    // Other writes leave the id NULL: AUTOINCREMENT picks it.
+    let (id, create_revision) = match create_revision {
+        Some(c) => (None, c),
+        None => {
+            let next = conn
+                .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'log'")
+                .map_err(backend)?
+                .query_row([], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(backend)?
+                .unwrap_or(0)
+                + 1;
+            (Some(next), next)
+        }
+    };
     conn.prepare_cached(
         "INSERT INTO log (id, key, deleted, create_revision, prev_revision, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
@@ -358,12 +365,12 @@ fn append_log(
         id,
         key,
         deleted as i64,
-        create_revision.unwrap_or(id),
+        create_revision,
         prev_revision,
         value
     ])
     .map_err(backend)?;
-    Ok(id)
+    Ok(conn.last_insert_rowid())
 }
 
 /// Keys written by the ops of the open transaction that succeeded so far, with their new state.
