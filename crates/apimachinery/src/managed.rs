@@ -155,17 +155,41 @@ pub fn fields_of(obj: &Value, meta: Option<&'static TypeMeta>) -> FieldSet {
     fields_under(obj, meta, &|_| true)
 }
 
+/// A tree of field paths being built: a `FieldSet`, or its `FieldsV1` JSON directly.
+trait Tree: Default {
+    fn put(&mut self, key: String, child: Self);
+    fn is_empty(&self) -> bool;
+}
+
+impl Tree for FieldSet {
+    fn put(&mut self, key: String, child: Self) {
+        self.0.insert(key, child);
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Tree for Map<String, Value> {
+    fn put(&mut self, key: String, child: Self) {
+        self.insert(key, Value::Object(child));
+    }
+    fn is_empty(&self) -> bool {
+        Map::is_empty(self)
+    }
+}
+
 /// The fields an object sets under the top-level members `top` accepts.
-fn fields_under(
+fn fields_under<T: Tree>(
     obj: &Value,
     meta: Option<&'static TypeMeta>,
     top: &dyn Fn(&str) -> bool,
-) -> FieldSet {
-    fn walk(
+) -> T {
+    fn walk<T: Tree>(
         obj: &Map<String, Value>,
         meta: Option<&'static TypeMeta>,
         path: &mut Vec<String>,
-        out: &mut FieldSet,
+        out: &mut T,
         top: &dyn Fn(&str) -> bool,
     ) {
         for (k, v) in obj {
@@ -176,7 +200,7 @@ fn fields_under(
                 continue;
             }
             let (list, ty) = field_meta(meta, k);
-            let mut node = FieldSet::default();
+            let mut node = T::default();
             match v {
                 Value::Object(m) if !m.is_empty() => {
                     path.push(k.clone());
@@ -191,27 +215,27 @@ fn fields_under(
                     ListStrategy::MergeByKey(key) => {
                         for item in items {
                             let Some(k) = key_of(item, key) else { continue };
-                            let mut element = FieldSet::default();
-                            element.0.insert(".".into(), FieldSet::default());
+                            let mut element = T::default();
+                            element.put(".".into(), T::default());
                             if let Value::Object(m) = item {
                                 walk(m, ty, &mut vec!["<element>".into()], &mut element, top);
                             }
-                            node.0.insert(k, element);
+                            node.put(k, element);
                         }
                     }
                     ListStrategy::MergePrimitive => {
                         for item in items {
-                            node.0.insert(format!("v:{item}"), FieldSet::default());
+                            node.put(format!("v:{item}"), T::default());
                         }
                     }
                     ListStrategy::Replace => {}
                 },
                 _ => {}
             }
-            out.0.insert(format!("f:{k}"), node);
+            out.put(format!("f:{k}"), node);
         }
     }
-    let mut out = FieldSet::default();
+    let mut out = T::default();
     if let Value::Object(m) = obj {
         walk(m, meta, &mut Vec::new(), &mut out, top);
     }
@@ -363,19 +387,38 @@ impl Entry {
     }
 
     fn into_json(self) -> Value {
-        let mut v = json!({
-            "manager": self.manager,
-            "operation": self.operation,
-            "apiVersion": self.api_version,
-            "time": self.time,
-            "fieldsType": "FieldsV1",
-            "fieldsV1": self.fields.into_json(),
-        });
-        if !self.subresource.is_empty() {
-            v["subresource"] = json!(self.subresource);
-        }
-        v
+        entry_json(
+            &self.manager,
+            &self.operation,
+            &self.api_version,
+            &self.time,
+            self.fields.into_json(),
+            &self.subresource,
+        )
     }
+}
+
+/// A `managedFields` entry as JSON.
+fn entry_json(
+    manager: &str,
+    operation: &str,
+    api_version: &str,
+    time: &str,
+    fields: Value,
+    subresource: &str,
+) -> Value {
+    let mut v = json!({
+        "manager": manager,
+        "operation": operation,
+        "apiVersion": api_version,
+        "time": time,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    });
+    if !subresource.is_empty() {
+        v["subresource"] = json!(subresource);
+    }
+    v
 }
 
 pub fn entries(obj: &Value) -> Vec<Entry> {
@@ -449,24 +492,28 @@ pub fn record_update(
     meta: Option<&'static TypeMeta>,
 ) {
     let Some(old) = old else {
-        // A create: every field is the creator's.
-        let after = fields_of(new, meta);
-        let entry = Entry {
-            manager: manager.into(),
-            operation: "Update".into(),
-            api_version: api_version.into(),
-            time: now.into(),
-            fields: after,
-            subresource: subresource.into(),
+        // A create: every field is the creator's, written as FieldsV1 in one pass.
+        let fields: Map<String, Value> = fields_under(new, meta, &|_| true);
+        let list = if fields.is_empty() {
+            Vec::new()
+        } else {
+            vec![entry_json(
+                manager,
+                "Update",
+                api_version,
+                now,
+                Value::Object(fields),
+                subresource,
+            )]
         };
-        set_entries(new, vec![entry]);
+        set_list(new, list);
         return;
     };
     // Only top-level members whose values differ can hold changed or removed fields: the others
     // (most of an object, in a status or binding update) are not walked at all.
     let differs = |k: &str| old.get(k) != new.get(k);
-    let after = fields_under(new, meta, &differs);
-    let before = fields_under(old, meta, &differs);
+    let after: FieldSet = fields_under(new, meta, &differs);
+    let before: FieldSet = fields_under(old, meta, &differs);
     // Each entry with its JSON as read: dropped (None) once the entry changes. The JSON is
     // taken out of `new` when it is still the stored one (a patch or a status update starts
     // from the stored object), copied otherwise; `new`'s own list is replaced below anyway.
@@ -670,6 +717,9 @@ mod tests {
         );
         assert_eq!(FieldSet::from_json(&fs.to_json()), fs);
         assert_eq!(FieldSet::from_json(&fs.clone().into_json()), fs);
+        // Built as JSON directly (as a create does), the same tree.
+        let direct: Map<String, Value> = fields_under(&obj(2, "nginx"), deploy(), &|_| true);
+        assert_eq!(Value::Object(direct), fs.to_json());
         assert_eq!(
             render_path(&fs.leaves()[3]),
             ".spec.template.spec.containers[name=\"web\"].image"

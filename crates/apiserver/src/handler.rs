@@ -10,7 +10,7 @@ use apimachinery::{managed, patch, patch_meta, strategic, ApiError};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use http_body_util::{combinators::BoxBody, BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use store::{RangeRequest, Revision, StoreError};
@@ -23,6 +23,10 @@ use crate::table::{self, IncludeObject};
 use crate::{discovery, protobuf, servicealloc, strategy, watch, State};
 
 pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A request's body: as it arrives on a connection, or whole from a component in this process
+/// (`crate::Local`).
+pub type RequestBody = Either<Incoming, Full<Bytes>>;
 
 /// Applies a patch document to a value in place.
 type Patcher<'a> = &'a (dyn Fn(&mut Value, &Value) -> Result<(), ApiError> + Sync);
@@ -142,7 +146,7 @@ fn accept(headers: &HeaderMap) -> String {
 pub async fn handle(
     state: Arc<State>,
     user: Option<Arc<UserInfo>>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -214,7 +218,7 @@ fn parse_target(group: &str, version: &str, segs: &[&str]) -> Result<Target, Api
 async fn route(
     state: Arc<State>,
     user: Option<Arc<UserInfo>>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     counted: &mut Option<crate::metrics::RequestLabels>,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
@@ -413,7 +417,7 @@ async fn route(
     }
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
+async fn read_body(body: RequestBody) -> Result<Bytes, ApiError> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
@@ -457,6 +461,30 @@ fn tracks_generation(kind: &Kind) -> bool {
 
 /// Whether `a` and `b` differ outside `metadata` and `status` (what bumps `generation`),
 /// compared in place.
+/// Make `new` equal to `cur` in every top-level field but `keep`. Only what differs is copied:
+/// a status write usually changed nothing else, and comparing costs less than cloning.
+fn restore_all_but(new: &mut Value, cur: &Value, keep: &str) {
+    let (Some(n), Some(c)) = (new.as_object_mut(), cur.as_object()) else {
+        let kept = new.get(keep).cloned();
+        *new = cur.clone();
+        match kept {
+            Some(v) => new[keep] = v,
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove(keep);
+                }
+            }
+        }
+        return;
+    };
+    n.retain(|k, _| k == keep || c.contains_key(k));
+    for (k, v) in c {
+        if k != keep && n.get(k) != Some(v) {
+            n.insert(k.clone(), v.clone());
+        }
+    }
+}
+
 fn spec_differs(a: &Value, b: &Value) -> bool {
     fn spec(o: &Value) -> Option<Vec<(&String, &Value)>> {
         o.as_object().map(|m| {
@@ -1130,18 +1158,7 @@ impl Ctx {
                 match sub {
                     // The binding subresource sets spec.nodeName and a status condition at once.
                     Some("binding") => {}
-                    Some("status") => {
-                        let status = new.get("status").cloned();
-                        new = cur.clone();
-                        match status {
-                            Some(s) => new["status"] = s,
-                            None => {
-                                if let Some(m) = new.as_object_mut() {
-                                    m.remove("status");
-                                }
-                            }
-                        }
-                    }
+                    Some("status") => restore_all_but(&mut new, &cur, "status"),
                     _ => match cur.get("status") {
                         Some(s) => new["status"] = s.clone(),
                         None => {
@@ -1702,8 +1719,11 @@ impl Ctx {
                 vec![apimachinery::Cause::required("target.name")],
             ));
         }
-        // One write, as upstream's binding storage does: the node name and PodScheduled=True.
-        self.guaranteed_update(name, Some("binding"), Some(&self.manager), |cur| {
+        let annotations = binding["metadata"]["annotations"].clone();
+        // One write, as upstream's binding storage does: the node name, the Binding's
+        // annotations and PodScheduled=True. Like upstream's (it writes to storage directly),
+        // a binding records no managedFields entry.
+        self.guaranteed_update(name, Some("binding"), None, |cur| {
             let bound = cur["spec"]["nodeName"].as_str().unwrap_or_default();
             if !bound.is_empty() {
                 return Err(ApiError::conflict(
@@ -1722,6 +1742,11 @@ impl Ctx {
             }
             let mut new = cur.clone();
             new["spec"]["nodeName"] = json!(node);
+            if let Some(extra) = annotations.as_object().filter(|a| !a.is_empty()) {
+                for (k, v) in extra {
+                    new["metadata"]["annotations"][k] = v.clone();
+                }
+            }
             let conds = new["status"]["conditions"].as_array().cloned().unwrap_or_default();
             let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
             conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now_rfc3339()}));
@@ -2340,6 +2365,31 @@ fn is_service(kind: &Kind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_write_keeps_only_the_new_status() {
+        let cur = json!({"metadata": {"name": "p", "labels": {"a": "b"}}, "spec": {"x": 1},
+                         "status": {"phase": "Pending"}});
+        let mut new = json!({"metadata": {"name": "p"}, "spec": {"x": 2}, "extra": true,
+                             "status": {"phase": "Running"}});
+        restore_all_but(&mut new, &cur, "status");
+        assert_eq!(
+            new,
+            json!({"metadata": {"name": "p", "labels": {"a": "b"}}, "spec": {"x": 1},
+                   "status": {"phase": "Running"}})
+        );
+        let mut cleared = json!({"metadata": {"name": "p"}});
+        restore_all_but(&mut cleared, &cur, "status");
+        assert_eq!(
+            cleared,
+            json!({"metadata": {"name": "p", "labels": {"a": "b"}}, "spec": {"x": 1}})
+        );
+        let mut not_an_object = json!([1]);
+        restore_all_but(&mut not_an_object, &cur, "status");
+        let mut want = cur.clone();
+        want.as_object_mut().unwrap().remove("status");
+        assert_eq!(not_an_object, want);
+    }
 
     #[test]
     fn only_changes_outside_metadata_and_status_bump_the_generation() {

@@ -169,9 +169,40 @@ impl ApiServer {
         }
     }
 
+    /// A way in for components running in this process, acting as `user`.
+    pub fn local(&self, user: UserInfo) -> Local {
+        Local {
+            state: self.state.clone(),
+            user: Arc::new(user),
+        }
+    }
+
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.done.await;
+    }
+}
+
+/// The API server for a component in the same process (`ApiServer::local`): each request goes
+/// straight to the handler, which authorizes it as `user` and then serves it exactly as one
+/// that came over HTTPS (admission, storage, watch), without a socket, TLS or HTTP framing.
+/// Streaming subresources that upgrade the connection (exec, attach, port-forward) need one,
+/// and are refused here.
+#[derive(Clone)]
+pub struct Local {
+    state: Arc<State>,
+    user: Arc<UserInfo>,
+}
+
+impl Local {
+    pub async fn call(&self, req: http::Request<bytes::Bytes>) -> http::Response<handler::Body> {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            return handler::error_response(&apimachinery::ApiError::bad_request(
+                "upgrading a request (exec, attach, port-forward) needs a connection: in-process components cannot",
+            ));
+        }
+        let req = req.map(|b| http_body_util::Either::Right(http_body_util::Full::new(b)));
+        handler::handle(self.state.clone(), Some(self.user.clone()), req).await
     }
 }
 
@@ -239,11 +270,15 @@ async fn accept_loop(
                 };
             let user = pipeline::authenticate_connection(tls.get_ref().1.peer_certificates());
             active.fetch_add(1, Ordering::SeqCst);
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                let user = user.clone();
-                async move { Ok::<_, std::convert::Infallible>(handler::handle(state, user, req).await) }
-            });
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    let user = user.clone();
+                    let req = req.map(http_body_util::Either::Left);
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handler::handle(state, user, req).await)
+                    }
+                });
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             let conn = watcher.watch(conn.into_owned());

@@ -7,10 +7,9 @@ use std::sync::{Arc, OnceLock};
 
 use apimachinery::ApiError;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use serde_json::Value;
 
-use crate::handler::{store_error, Body, Target};
+use crate::handler::{store_error, Body, RequestBody, Target};
 use crate::registry::lookup;
 use crate::State;
 
@@ -91,7 +90,7 @@ fn container(pod: &Value, name: &str, asked: Option<&str>, sub: &str) -> Result<
 pub async fn pod_stream(
     state: &State,
     target: &Target,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let ns = target.namespace.as_deref().unwrap_or("default");
     let name = target.name.as_deref().unwrap_or_default();

@@ -148,6 +148,22 @@ pub async fn client_from_kubeconfig(path: &std::path::Path) -> anyhow::Result<ku
     Ok(kube::Client::try_from(config)?)
 }
 
+/// A client for a component running inside `rkube server`: its requests go straight to the
+/// API server's handler (`apiserver::Local`), as the admin certificate in the kubeconfig would
+/// authenticate them, without a socket, TLS or HTTP framing.
+pub fn local_client(local: apiserver::Local) -> kube::Client {
+    use http_body_util::BodyExt;
+    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let local = local.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, kube::Error>(local.call(http::Request::from_parts(parts, body)).await)
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
 /// The scheduler while it holds the `kube-scheduler` lease (so two can run: the standby takes
 /// over within a lease duration), until `shutdown`.
 pub async fn run_scheduler(

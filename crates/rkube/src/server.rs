@@ -340,6 +340,15 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// Who the components inside `rkube server` act as: the identity of the admin certificate
+/// (CN=admin, O=system:masters) that the kubeconfig they used to read holds.
+fn in_process_user() -> apiserver::UserInfo {
+    apiserver::UserInfo {
+        name: "admin".into(),
+        groups: vec!["system:masters".into(), "system:authenticated".into()],
+    }
+}
+
 fn kubeconfig(server: &str, pki: &certs::Pki) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     format!(
@@ -452,11 +461,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
 
     publish_root_ca(&kubeconfig_path, &pki.ca_pem).await?;
 
-    // Components after the API server, each reaching it only through the kubeconfig.
+    // Components after the API server, each reaching it only through its handler: in this
+    // process, without a connection (`crate::local_client`), as the kubeconfig's admin.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut components = Vec::new();
     if !args.disable.iter().any(|d| d == "controller-manager") {
-        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let client = crate::local_client(api.local(in_process_user()));
         let mut stop = stop_rx.clone();
         let config = args.controllers.config()?;
         components.push(tokio::spawn(controllers::run(client, config, async move {
@@ -464,7 +474,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         })));
     }
     if !args.disable.iter().any(|d| d == "scheduler") {
-        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let client = crate::local_client(api.local(in_process_user()));
         let mut stop = stop_rx.clone();
         components.push(tokio::spawn(async move {
             let shutdown = async move {
@@ -496,7 +506,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         };
         write_atomic(&port_file, &format!("{}\n", server.addr.port()))?;
         publish_dns(&kubeconfig_path, dns_ip, server.addr).await?;
-        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let client = crate::local_client(api.local(in_process_user()));
         let mut stop = stop_rx.clone();
         let domain = args.node.cluster_domain.clone();
         let upstreams =
@@ -516,7 +526,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 "no kubelet on this machine: {why} (install containerd, runc and containernetworking-plugins, or pass --container-runtime-endpoint)"
             ),
             None => {
-                let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+                let client = crate::local_client(api.local(in_process_user()));
                 let mut stop = stop_rx.clone();
                 let mut opts = args.node.options(Some(args.data_dir.join("agent")))?;
                 opts.client_ca_pem = Some(pki.ca_pem.clone());
@@ -537,7 +547,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         }
     }
     if !args.disable.iter().any(|d| d == "proxy") {
-        let client = crate::client_from_kubeconfig(&kubeconfig_path).await?;
+        let client = crate::local_client(api.local(in_process_user()));
         let opts = args.node.proxy_options(
             &args.data_dir.join("agent"),
             Some(args.controllers.cluster_cidr.clone()),

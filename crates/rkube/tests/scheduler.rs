@@ -57,6 +57,52 @@ fn scheduler_cluster(also_disable: &[&str]) -> Cluster {
     Cluster::start_with(0, &["--disable", &disable.join(",")])
 }
 
+/// A Binding, as upstream's binding storage writes it: the node name, the Binding's
+/// annotations and PodScheduled=True in one write, no managedFields entry, and a second binding
+/// refused.
+#[test]
+fn a_binding_sets_the_node_annotations_and_condition() {
+    let c = scheduler_cluster(&["scheduler"]);
+    node(&c, "n1", "1", "", "");
+    pod(&c, "manual", "100m", "", "");
+    let binding = r#"{"apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": "manual", "annotations": {"example.com/placed-by": "hand"}},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": "n1"}}"#;
+    let managers = || {
+        c.kubectl(&[
+            "get",
+            "pod",
+            "manual",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+        ])
+    };
+    let before = managers();
+    assert!(!before.is_empty());
+    let path = "/api/v1/namespaces/default/pods/manual/binding";
+    let out = c.kubectl_stdin(&["create", "--raw", path, "-f", "-"], binding);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(node_of(&c, "manual"), "n1");
+    let got = c.kubectl(&[
+        "get",
+        "pod",
+        "manual",
+        "-o",
+        "jsonpath={.metadata.annotations.example\\.com/placed-by}|{.status.conditions[?(@.type==\"PodScheduled\")].status}",
+    ]);
+    assert_eq!(got, "hand|True");
+    assert_eq!(managers(), before);
+    let again = c.kubectl_stdin(&["create", "--raw", path, "-f", "-"], binding);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already assigned to node"), "{err}");
+}
+
 #[test]
 fn resources_selectors_taints_ports_and_the_reasons_users_read() {
     let c = scheduler_cluster(&[]);

@@ -52,11 +52,15 @@ pub fn body_of(b: Incoming) -> Body {
 
 /// Proxies `req` to `target` (scheme, host, port, path and query), over TLS when `tls` is given.
 /// The caller's Authorization header is never passed on.
-pub async fn proxy(
-    mut req: Request<Incoming>,
+pub async fn proxy<B>(
+    mut req: Request<B>,
     target: &Uri,
     tls: Option<Arc<rustls::ClientConfig>>,
-) -> Result<Response<Body>, Error> {
+) -> Result<Response<Body>, Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let host = target
         .host()
         .ok_or_else(|| Error::Address(target.to_string()))?
@@ -112,7 +116,7 @@ pub async fn proxy(
     Ok(Response::from_parts(parts, body_of(body)))
 }
 
-fn outgoing(req: Request<Incoming>, target: &Uri, upgrade: bool) -> Request<Incoming> {
+fn outgoing<B>(req: Request<B>, target: &Uri, upgrade: bool) -> Request<B> {
     let (parts, body) = req.into_parts();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
@@ -141,9 +145,11 @@ fn outgoing(req: Request<Incoming>, target: &Uri, upgrade: bool) -> Request<Inco
     out
 }
 
-async fn send<I>(io: I, req: Request<Incoming>, shown: &str) -> Result<Response<Incoming>, Error>
+async fn send<I, B>(io: I, req: Request<B>, shown: &str) -> Result<Response<Incoming>, Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
