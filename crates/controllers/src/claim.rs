@@ -82,6 +82,25 @@ where
     }
 }
 
+/// Merge-patch the status of a `K` named `name` and leave the answer unread: the status
+/// writers act on what their informers see next, not on the object the server returns.
+pub async fn patch_status_unread<K: Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    let req = kube::core::Request::new(K::url_path(&(), namespace))
+        .patch_subresource(
+            "status",
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .map_err(kube::Error::BuildRequest)?;
+    client.request_text(req).await.map(drop)
+}
+
 /// A write's result with "not found" counted as done (the object went away meanwhile).
 pub fn ok_or_gone<T>(r: Result<T, kube::Error>) -> anyhow::Result<()> {
     match r {

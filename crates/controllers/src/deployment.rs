@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apimachinery::slim::Slim;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -175,24 +174,24 @@ pub fn template_hash(t: &PodTemplateSpec, collision_count: Option<i32>) -> Strin
         .collect()
 }
 
-/// Templates equal once the hash label is set aside.
+/// Templates equal once the hash label is set aside (and empty label or annotation maps count
+/// as absent). Only the metadata is copied to compare: the spec, most of a template, is compared
+/// in place.
 fn equal_ignore_hash(a: &PodTemplateSpec, b: &PodTemplateSpec) -> bool {
     let strip = |t: &PodTemplateSpec| {
-        let mut t = t.clone();
-        if let Some(l) = t.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        let mut m = t.metadata.clone().unwrap_or_default();
+        if let Some(l) = m.labels.as_mut() {
             l.remove(HASH_LABEL);
-            if l.is_empty() {
-                t.metadata.as_mut().unwrap().labels = None;
-            }
         }
-        if let Some(m) = t.metadata.as_mut() {
-            if m.annotations.as_ref().is_some_and(|a| a.is_empty()) {
-                m.annotations = None;
-            }
+        if m.labels.as_ref().is_some_and(|l| l.is_empty()) {
+            m.labels = None;
         }
-        serde_json::to_value(t).unwrap_or(Value::Null)
+        if m.annotations.as_ref().is_some_and(|a| a.is_empty()) {
+            m.annotations = None;
+        }
+        m
     };
-    strip(a) == strip(b)
+    a.spec == b.spec && strip(a) == strip(b)
 }
 
 fn rv_num(rs: &ReplicaSet) -> u64 {
@@ -1128,8 +1127,6 @@ impl DeploymentController {
     }
 
     async fn patch_status(&self, d: &Deployment, status: Value) -> anyhow::Result<()> {
-        let api: Api<Deployment> =
-            Api::namespaced(self.client.clone(), &d.namespace().unwrap_or_default());
         // Replace the conditions list as a whole: a merge patch replaces lists.
         let mut patch = json!({"status": status});
         for k in COUNTS {
@@ -1146,10 +1143,15 @@ impl DeploymentController {
                 .unwrap()
                 .remove("collisionCount");
         }
+        let ns = d.namespace().unwrap_or_default();
         ok_or_gone(
-            Slim::api(&api)
-                .patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-                .await,
+            crate::claim::patch_status_unread::<Deployment>(
+                &self.client,
+                Some(&ns),
+                &d.name_any(),
+                &patch,
+            )
+            .await,
         )?;
         Ok(())
     }

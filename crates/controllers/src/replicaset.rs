@@ -11,7 +11,7 @@ use apimachinery::slim::Slim;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::core::{Selector, SelectorExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -345,15 +345,14 @@ impl<K: Replicated> ReplicaController<K> {
             "conditions": conditions,
         });
         if status_changed(&v.status, &status) {
-            let api: Api<K> = Api::namespaced(self.client.clone(), ns);
             ok_or_gone(
-                Slim::api(&api)
-                    .patch_status(
-                        name,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"status": status})),
-                    )
-                    .await,
+                crate::claim::patch_status_unread::<K>(
+                    &self.client,
+                    Some(ns),
+                    name,
+                    &json!({"status": status}),
+                )
+                .await,
             )?
         }
         if let Some(e) = create_error {
