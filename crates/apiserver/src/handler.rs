@@ -459,8 +459,6 @@ fn tracks_generation(kind: &Kind) -> bool {
     kind.status && !matches!(kind.kind, "Node" | "Namespace")
 }
 
-/// Whether `a` and `b` differ outside `metadata` and `status` (what bumps `generation`),
-/// compared in place.
 /// Make `new` equal to `cur` in every top-level field but `keep`. Only what differs is copied:
 /// a status write usually changed nothing else, and comparing costs less than cloning.
 fn restore_all_but(new: &mut Value, cur: &Value, keep: &str) {
@@ -485,6 +483,8 @@ fn restore_all_but(new: &mut Value, cur: &Value, keep: &str) {
     }
 }
 
+/// Whether `a` and `b` differ outside `metadata` and `status` (what bumps `generation`),
+/// compared in place.
 fn spec_differs(a: &Value, b: &Value) -> bool {
     fn spec(o: &Value) -> Option<Vec<(&String, &Value)>> {
         o.as_object().map(|m| {
