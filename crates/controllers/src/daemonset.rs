@@ -218,14 +218,9 @@ impl DaemonSetController {
             let key = format!("{}/{}", p.namespace().unwrap_or_default(), r.name);
             match (old, new) {
                 (None, Some(_)) => dc.expectations.observe_creation(&key),
-                (Some(o), None) if o.metadata.deletion_timestamp.is_none() => {
-                    dc.expectations.observe_deletion(&key)
-                }
-                (Some(o), Some(n))
-                    if o.metadata.deletion_timestamp.is_none()
-                        && n.metadata.deletion_timestamp.is_some() =>
-                {
-                    dc.expectations.observe_deletion(&key)
+                (Some(_), None) => dc.expectations.observe_deletion(&key, &pods::uid_of(p)),
+                (Some(_), Some(n)) if n.metadata.deletion_timestamp.is_some() => {
+                    dc.expectations.observe_deletion(&key, &pods::uid_of(p))
                 }
                 _ => {}
             }
@@ -518,8 +513,11 @@ impl DaemonSetController {
         if self.expectations.satisfied(key) {
             delete.sort_by_key(|p| p.metadata.uid.clone());
             delete.dedup_by_key(|p| p.metadata.uid.clone());
-            self.expectations
-                .expect(key, create_on.len() as i64, delete.len() as i64);
+            self.expectations.expect(
+                key,
+                create_on.len() as i64,
+                delete.iter().map(|p| pods::uid_of(p)),
+            );
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
             let pp = PostParams::default();
             let creates = futures::future::join_all(create_on.iter().map(|node| {
@@ -538,7 +536,7 @@ impl DaemonSetController {
                         format!("Created pod: {}", p.name_any()),
                     ),
                     Err(e) => {
-                        self.expectations.lower(key, 1, 0);
+                        self.expectations.creations_failed(key, 1);
                         self.recorder.record(
                             &*ds,
                             "Warning",
@@ -557,7 +555,7 @@ impl DaemonSetController {
                         "SuccessfulDelete",
                         format!("Deleted pod: {}", p.name_any()),
                     ),
-                    Err(_) => self.expectations.lower(key, 0, 1),
+                    Err(_) => self.expectations.observe_deletion(key, &pods::uid_of(&p)),
                 }
             }
         }

@@ -84,6 +84,11 @@ impl Rs {
     fn usable(&self) -> i32 {
         self.available().min(self.replicas)
     }
+    /// Pods this ReplicaSet may still have running: its size, or more while a scale-down has
+    /// not yet been carried out (its status still counts the pods it is deleting).
+    fn occupied(&self) -> i32 {
+        self.replicas.max(self.status().replicas)
+    }
     fn revision(&self) -> i64 {
         revision_of(&self.obj)
     }
@@ -1175,13 +1180,16 @@ fn copy_annotations(d: &Deployment, into: &mut BTreeMap<String, String>) {
     }
 }
 
-/// How big the new ReplicaSet may be now (upstream's NewRSNewReplicas).
+/// How big the new ReplicaSet may be now (upstream's NewRSNewReplicas). Upstream sums the
+/// ReplicaSets' sizes; we sum what they may still run, so that the new ReplicaSet grows only
+/// once an old one's scale-down has been carried out and there are never more than
+/// replicas + maxSurge pods at once.
 fn new_rs_replicas(all: &[Rs], new_rs: Option<&Rs>, p: &Params) -> i32 {
     let cur_new = new_rs.map(|r| r.replicas).unwrap_or(0);
     if !p.rolling {
         return p.replicas;
     }
-    let current: i32 = all.iter().map(|r| r.replicas).sum();
+    let current: i32 = all.iter().map(Rs::occupied).sum();
     let max_total = p.replicas + p.max_surge;
     if current >= max_total {
         return cur_new;
@@ -1418,5 +1426,31 @@ mod tests {
         assert!(!progressing(&done, &done));
         let p = params(&d);
         assert_eq!((p.max_surge, p.max_unavailable), (1, 0));
+    }
+
+    #[test]
+    fn the_new_replica_set_grows_once_old_pods_are_gone() {
+        let rs = |name: &str, spec: i32, status: i32| Rs {
+            obj: Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name},
+                    "spec": {"replicas": spec, "selector": {}}, "status": {"replicas": status}}))
+                .unwrap(),
+            ),
+            replicas: spec,
+        };
+        let d: Deployment = serde_json::from_value(json!({"metadata": {"name": "d"},
+            "spec": {"replicas": 6, "selector": {}, "template": {},
+                     "strategy": {"rollingUpdate": {"maxSurge": 2, "maxUnavailable": 1}}}}))
+        .unwrap();
+        let p = params(&d);
+        // Old scaled 6 -> 5 but still running 6; new at 2: 8 pods, no room yet.
+        let (old, new) = (rs("old", 5, 6), rs("new", 2, 2));
+        assert_eq!(new_rs_replicas(&[old, new.clone()], Some(&new), &p), 2);
+        // The scale-down is carried out: one more.
+        let old = rs("old", 5, 5);
+        assert_eq!(new_rs_replicas(&[old, new.clone()], Some(&new), &p), 3);
+        // The new ReplicaSet's own pods still being created count by its size.
+        let (old, new) = (rs("old", 4, 4), rs("new", 3, 1));
+        assert_eq!(new_rs_replicas(&[old, new.clone()], Some(&new), &p), 4);
     }
 }

@@ -185,12 +185,10 @@ impl<K: Replicated> ReplicaController<K> {
             }
             (Some(o), Some(p)) => {
                 let (ok, nk) = (Self::owner_key(o), Self::owner_key(p));
-                if o.metadata.deletion_timestamp.is_none()
-                    && p.metadata.deletion_timestamp.is_some()
-                {
+                if p.metadata.deletion_timestamp.is_some() {
                     // A pod being deleted counts as deleted (upstream does the same).
                     if let Some(k) = &nk {
-                        self.expectations.observe_deletion(k);
+                        self.expectations.observe_deletion(k, &pods::uid_of(p));
                     }
                 }
                 if ok != nk {
@@ -211,9 +209,7 @@ impl<K: Replicated> ReplicaController<K> {
             }
             (Some(o), None) => {
                 if let Some(k) = Self::owner_key(o) {
-                    if o.metadata.deletion_timestamp.is_none() {
-                        self.expectations.observe_deletion(&k);
-                    }
+                    self.expectations.observe_deletion(&k, &pods::uid_of(o));
                     self.queue.add(k);
                 }
             }
@@ -282,7 +278,8 @@ impl<K: Replicated> ReplicaController<K> {
             } else if diff > 0 {
                 let n = (diff as usize).min(BURST);
                 let victims = pods::rank_for_deletion(&mine, n);
-                self.expectations.expect(key, 0, victims.len() as i64);
+                self.expectations
+                    .expect(key, 0, victims.iter().map(|p| pods::uid_of(p)));
                 let api = self.api_pods(ns);
                 let results = pods::delete_all(&api, &victims).await;
                 for (p, r) in results {
@@ -294,7 +291,7 @@ impl<K: Replicated> ReplicaController<K> {
                             format!("Deleted pod: {}", p.name_any()),
                         ),
                         Err(e) => {
-                            self.expectations.lower(key, 0, 1);
+                            self.expectations.observe_deletion(key, &pods::uid_of(&p));
                             if !matches!(&e, kube::Error::Api(s) if s.code == 404) {
                                 create_error = Some(e.into());
                             }
@@ -366,7 +363,7 @@ impl<K: Replicated> ReplicaController<K> {
 
     /// Create `want` pods in slow-start batches (1, 2, 4, ...): a failing create stops early.
     async fn create_pods(&self, key: &str, owner: &K, v: &View, want: usize) -> anyhow::Result<()> {
-        self.expectations.expect(key, want as i64, 0);
+        self.expectations.expect(key, want as i64, []);
         let ns = owner.namespace().unwrap_or_default();
         let api = Slim::api(&self.api_pods(&ns));
         let pod = Slim(pods::from_template(
@@ -390,7 +387,7 @@ impl<K: Replicated> ReplicaController<K> {
                         format!("Created pod: {}", p.name_any()),
                     ),
                     Err(e) => {
-                        self.expectations.lower(key, 1, 0);
+                        self.expectations.creations_failed(key, 1);
                         failed = Some(e);
                     }
                 }
@@ -398,7 +395,8 @@ impl<K: Replicated> ReplicaController<K> {
             done += n;
             if let Some(e) = failed {
                 // The rest of this sync's creations will not happen: no longer expected.
-                self.expectations.lower(key, (want - done) as i64, 0);
+                self.expectations
+                    .creations_failed(key, (want - done) as i64);
                 self.recorder.record(
                     owner,
                     "Warning",

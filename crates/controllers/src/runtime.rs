@@ -445,12 +445,21 @@ impl Queue {
     }
 }
 
-/// Expectations: how many creations and deletions a controller has asked for and not yet seen in
-/// its cache, per controller key, so that it does not act again on a stale cache (upstream's
-/// ControllerExpectations). Expectations older than five minutes are treated as met.
+/// Expectations: how many creations a controller has asked for and which pods (by UID) it has
+/// asked to delete, not yet seen in its cache, per controller key, so that it does not act again
+/// on a stale cache (upstream's UIDTrackingControllerExpectations). A deletion is observed when
+/// the pod's deletionTimestamp appears or when it leaves the cache, whichever comes first; keyed
+/// by UID, seeing both (or a deletion someone else started before ours) counts once. Expectations
+/// older than five minutes are treated as met.
 #[derive(Default)]
 pub struct Expectations {
-    map: Mutex<HashMap<String, (i64, i64, std::time::Instant)>>,
+    map: Mutex<HashMap<String, Expected>>,
+}
+
+struct Expected {
+    adds: i64,
+    deletes: std::collections::HashSet<String>,
+    at: std::time::Instant,
 }
 
 const EXPECTATIONS_TTL: Duration = Duration::from_secs(300);
@@ -459,34 +468,40 @@ impl Expectations {
     pub fn satisfied(&self, key: &str) -> bool {
         match self.map.lock().unwrap().get(key) {
             None => true,
-            Some((add, del, at)) => (*add <= 0 && *del <= 0) || at.elapsed() > EXPECTATIONS_TTL,
+            Some(e) => (e.adds <= 0 && e.deletes.is_empty()) || e.at.elapsed() > EXPECTATIONS_TTL,
         }
     }
 
-    pub fn expect(&self, key: &str, adds: i64, dels: i64) {
-        self.map
-            .lock()
-            .unwrap()
-            .insert(key.to_string(), (adds, dels, std::time::Instant::now()));
+    /// Expect `adds` creations and the deletion of the pods with these UIDs.
+    pub fn expect(&self, key: &str, adds: i64, deletes: impl IntoIterator<Item = String>) {
+        self.map.lock().unwrap().insert(
+            key.to_string(),
+            Expected {
+                adds,
+                deletes: deletes.into_iter().collect(),
+                at: std::time::Instant::now(),
+            },
+        );
     }
 
     pub fn observe_creation(&self, key: &str) {
         if let Some(e) = self.map.lock().unwrap().get_mut(key) {
-            e.0 -= 1;
+            e.adds -= 1;
         }
     }
 
-    pub fn observe_deletion(&self, key: &str) {
+    /// The pod with this UID is terminating or gone. Also for a deletion that failed, which will
+    /// never be observed.
+    pub fn observe_deletion(&self, key: &str, uid: &str) {
         if let Some(e) = self.map.lock().unwrap().get_mut(key) {
-            e.1 -= 1;
+            e.deletes.remove(uid);
         }
     }
 
-    /// A creation or deletion that failed will never be observed.
-    pub fn lower(&self, key: &str, adds: i64, dels: i64) {
+    /// Creations that failed or were not attempted will never be observed.
+    pub fn creations_failed(&self, key: &str, n: i64) {
         if let Some(e) = self.map.lock().unwrap().get_mut(key) {
-            e.0 -= adds;
-            e.1 -= dels;
+            e.adds -= n;
         }
     }
 
@@ -521,12 +536,35 @@ mod tests {
     fn expectations_count_down() {
         let e = Expectations::default();
         assert!(e.satisfied("x"));
-        e.expect("x", 2, 0);
+        e.expect("x", 2, []);
         assert!(!e.satisfied("x"));
         e.observe_creation("x");
         assert!(!e.satisfied("x"));
-        e.lower("x", 1, 0);
+        e.creations_failed("x", 1);
         assert!(e.satisfied("x"));
+    }
+
+    #[test]
+    fn deletions_are_tracked_per_pod() {
+        let e = Expectations::default();
+        // A deletion observed before the expectation was set (someone else started it) is
+        // forgotten by `expect`; the pod leaving the cache still counts.
+        e.observe_deletion("x", "u1");
+        e.expect("x", 0, ["u1".to_string(), "u2".to_string()]);
+        assert!(!e.satisfied("x"));
+        // Terminating, then gone: counted once.
+        e.observe_deletion("x", "u2");
+        e.observe_deletion("x", "u2");
+        assert!(!e.satisfied("x"), "u1 is still expected");
+        // Another pod's deletion does not stand in for an expected one.
+        e.observe_deletion("x", "u3");
+        assert!(!e.satisfied("x"));
+        e.observe_deletion("x", "u1");
+        assert!(e.satisfied("x"));
+        // Other keys are separate.
+        e.expect("y", 0, ["u4".to_string()]);
+        e.observe_deletion("x", "u4");
+        assert!(!e.satisfied("y"));
     }
 
     #[test]
