@@ -240,11 +240,19 @@ impl DeploymentController {
         let weak = Arc::downgrade(&dc);
         replicasets.on(move |old, new| {
             let Some(dc) = weak.upgrade() else { return };
+            // A ReplicaSet whose status alone moved (pods created, ready): one sync per burst.
+            let status_only = matches!((old, new), (Some(o), Some(n))
+                if o.spec == n.spec && o.metadata.owner_references == n.metadata.owner_references
+                    && o.metadata.deletion_timestamp == n.metadata.deletion_timestamp);
             for rs in [old, new].into_iter().flatten() {
                 match runtime::controller_ref(rs) {
                     Some(r) if r.kind == "Deployment" => {
-                        dc.queue
-                            .add(format!("{}/{}", rs.namespace().unwrap_or_default(), r.name))
+                        let key = format!("{}/{}", rs.namespace().unwrap_or_default(), r.name);
+                        if status_only {
+                            dc.queue.add_soon(key)
+                        } else {
+                            dc.queue.add(key)
+                        }
                     }
                     Some(_) => {}
                     None => {

@@ -176,7 +176,7 @@ impl<K: Replicated> ReplicaController<K> {
             (None, Some(p)) => {
                 if let Some(k) = Self::owner_key(p) {
                     self.expectations.observe_creation(&k);
-                    self.queue.add(k);
+                    self.queue.add_soon(k);
                 } else {
                     for k in self.matching_owners(p) {
                         self.queue.add(k);
@@ -196,7 +196,11 @@ impl<K: Replicated> ReplicaController<K> {
                         self.queue.add(k.clone());
                     }
                 }
+                // Only status moved (a pod bound, started, ready): one sync for a burst.
+                let status_only =
+                    ok == nk && p.metadata.deletion_timestamp.is_none() && o.labels() == p.labels();
                 match nk {
+                    Some(k) if status_only => self.queue.add_soon(k),
                     Some(k) => self.queue.add(k),
                     None => {
                         if o.labels() != p.labels() || ok.is_some() {

@@ -339,9 +339,15 @@ where
 struct QueueState {
     /// Waiting to be handed to a worker (or to run again after the current run).
     dirty: HashSet<String>,
+    /// Due to be added once `SOON` has passed (`add_soon`).
+    soon: HashSet<String>,
     processing: HashSet<String>,
     failures: HashMap<String, u32>,
 }
+
+/// How long `Queue::add_soon` waits: long enough to gather a burst of status changes, short
+/// next to a pod's start.
+const SOON: Duration = Duration::from_millis(100);
 
 /// A deduplicating work queue of keys.
 pub struct Queue {
@@ -375,6 +381,26 @@ impl Queue {
         let (q, key) = (self.clone(), key.into());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
+            q.add(key);
+        });
+    }
+
+    /// Add the key once `SOON` has passed, unless it is already waiting: a burst of changes
+    /// that only move status (pods becoming ready, a ReplicaSet's counts) is handled by one
+    /// sync instead of one per change, as kube-runtime's debounce does. Changes a controller
+    /// must act on at once (creations, deletions) use `add`.
+    pub fn add_soon(self: &Arc<Self>, key: impl Into<String>) {
+        let key = key.into();
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.dirty.contains(&key) || !st.soon.insert(key.clone()) {
+                return;
+            }
+        }
+        let q = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SOON).await;
+            q.state.lock().unwrap().soon.remove(&key);
             q.add(key);
         });
     }
@@ -530,6 +556,31 @@ mod tests {
         assert_eq!(q.get().await.unwrap(), "a");
         q.done("a");
         assert!(q.state.lock().unwrap().dirty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn add_soon_gathers_a_burst_into_one_run() {
+        let q = Queue::new();
+        q.add_soon("a");
+        q.add_soon("a");
+        q.add_soon("b");
+        // Already waiting to run: nothing more to do.
+        q.add("c");
+        q.add_soon("c");
+        assert!(!q.state.lock().unwrap().soon.contains("c"));
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let k = tokio::time::timeout(Duration::from_secs(10), q.get())
+                .await
+                .expect("every key is handed out")
+                .unwrap();
+            q.done(&k);
+            got.push(k);
+        }
+        got.sort();
+        assert_eq!(got, ["a", "b", "c"]);
+        let st = q.state.lock().unwrap();
+        assert!(st.dirty.is_empty() && st.soon.is_empty());
     }
 
     #[test]
