@@ -103,8 +103,13 @@ pub async fn run(
         _ = shutdown => {}
     }
     s.queue.close();
-    for t in tasks {
+    for t in &tasks {
         t.abort();
+    }
+    // Gone before we return: a watch still running while the API server behind an in-process
+    // client shuts down would report its cancelled requests as errors.
+    for t in tasks {
+        let _ = t.await;
     }
     Ok(())
 }
