@@ -132,12 +132,12 @@ pub fn delete_params(pod: &Pod, grace_period_seconds: Option<u32>) -> kube::api:
     }
 }
 
-/// Delete these pods concurrently (uid-pinned); each with its result.
 /// The pod's UID (empty if it has none), the key of deletion expectations.
 pub fn uid_of(p: &Pod) -> String {
     p.metadata.uid.clone().unwrap_or_default()
 }
 
+/// Delete these pods concurrently (uid-pinned); each with its result.
 pub async fn delete_all(
     api: &kube::Api<Pod>,
     pods: &[Arc<Pod>],
