@@ -1127,6 +1127,8 @@ async fn deployments_bench(
     let created_deployments = start.elapsed();
     let (mut created, mut available) = (0usize, 0usize);
     let (mut last_created, mut last_available) = (start, start);
+    // When each tenth of the pods had been seen created and available.
+    let (mut created_at, mut available_at) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(1200);
     while available < total {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -1134,10 +1136,16 @@ async fn deployments_bench(
             Ok(Some((true, t))) => {
                 available += 1;
                 last_available = t;
+                if available * 10 % total == 0 {
+                    available_at.push(t);
+                }
             }
             Ok(Some((false, t))) => {
                 created += 1;
                 last_created = t;
+                if created * 10 % total == 0 {
+                    created_at.push(t);
+                }
             }
             _ => break,
         }
@@ -1176,6 +1184,17 @@ async fn deployments_bench(
         available as f64 / secs(last_available),
         all_reported.as_secs_f64(),
         server.rss_mib(),
+    );
+    let tenths = |at: &[Instant]| {
+        at.iter()
+            .map(|t| format!("{:.1}", secs(*t)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "each tenth of the pods, seconds from the first create: created {}; available {}",
+        tenths(&created_at),
+        tenths(&available_at)
     );
     println!(
         "CPU seconds since start, RSS: {}",

@@ -466,22 +466,27 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut components = Vec::new();
     if !args.disable.iter().any(|d| d == "controller-manager") {
-        let client = crate::local_client(api.local(in_process_user()));
+        let local = api.local(in_process_user());
         let mut stop = stop_rx.clone();
         let config = args.controllers.config()?;
-        components.push(tokio::spawn(controllers::run(client, config, async move {
-            let _ = stop.changed().await;
-        })));
+        components.push(on_own_thread("controller-manager", move || async move {
+            let client = crate::local_client(local);
+            controllers::run(client, config, async move {
+                let _ = stop.changed().await;
+            })
+            .await
+        })?);
     }
     if !args.disable.iter().any(|d| d == "scheduler") {
-        let client = crate::local_client(api.local(in_process_user()));
+        let local = api.local(in_process_user());
         let mut stop = stop_rx.clone();
-        components.push(tokio::spawn(async move {
+        components.push(on_own_thread("scheduler", move || async move {
+            let client = crate::local_client(local);
             let shutdown = async move {
                 let _ = stop.changed().await;
             };
             crate::run_scheduler(client, scheduler::Configuration::default(), shutdown).await;
-        }));
+        })?);
     }
     // Cluster DNS before the kubelet, so that the first pods already get it.
     let dns_ip = service_network.nth(10);
@@ -572,6 +577,41 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     api.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Run a component (the controller manager, the scheduler) on a thread of its own, with a
+/// single-threaded runtime, as its own process would (`rkube controller-manager` and `rkube
+/// scheduler` also run on one worker thread). The kernel then shares the cores between the
+/// component and the API server's workers; on the API server's runtime the component's tasks
+/// would queue behind every request's, and the stages of a burst would starve each other: the
+/// controllers' pod creations took the CPU while the scheduler and its bindings waited (the
+/// first tenth of a 10,000-pod burst available after 2-3 s instead of 1; BENCHMARKS.md,
+/// `deployments`). Finishes, for the caller to await, when the component returns.
+fn on_own_thread<F, Fut>(name: &str, run: F) -> Result<tokio::task::JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let component = name.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(run()),
+                Err(e) => {
+                    tracing::error!(%component, error = %e, "cannot start the component's runtime")
+                }
+            }
+            let _ = done_tx.send(());
+        })
+        .with_context(|| format!("starting the {name}'s thread"))?;
+    Ok(tokio::spawn(async move {
+        let _ = done_rx.await;
+    }))
 }
 
 /// The `kube-system/kube-dns` Service (the range's tenth address, port 53 over UDP and TCP)
